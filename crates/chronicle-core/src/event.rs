@@ -1,0 +1,183 @@
+//! Events before and after they are stored.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::{AggregateId, Position};
+
+/// Event metadata: who caused the event and why, and the schema version of
+/// its data. Stored in the `metadata` JSONB column; fields other than the
+/// named ones are kept in [`Metadata::extra`].
+///
+/// ```
+/// use chronicle_core::Metadata;
+/// use uuid::Uuid;
+///
+/// let m = Metadata::default()
+///     .with_correlation_id(Uuid::nil())
+///     .with_actor("alice");
+/// let json = serde_json::to_value(&m).unwrap();
+/// assert_eq!(json["actor"], "alice");
+/// assert_eq!(json["schema_version"], 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Ties together every event caused by one request or workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<Uuid>,
+    /// The event or command that directly caused this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
+    /// Who or what caused the event (a user id, a service name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Version of the event's data schema; absent in stored JSON means 1.
+    #[serde(default = "one")]
+    pub schema_version: u32,
+    /// Any other metadata fields.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Metadata {
+            correlation_id: None,
+            causation_id: None,
+            actor: None,
+            schema_version: 1,
+            extra: Map::new(),
+        }
+    }
+}
+
+impl Metadata {
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, id: Uuid) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn with_causation_id(mut self, id: Uuid) -> Self {
+        self.causation_id = Some(id);
+        self
+    }
+
+    /// Sets the actor.
+    pub fn with_actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
+    }
+
+    /// Sets the schema version of the event's data.
+    pub fn with_schema_version(mut self, version: u32) -> Self {
+        self.schema_version = version;
+        self
+    }
+
+    /// Reads metadata from the stored JSON; `null` or a missing column gives
+    /// the default, unknown fields land in `extra`.
+    pub fn from_json(value: Option<Value>) -> Self {
+        match value {
+            Some(v @ Value::Object(_)) => serde_json::from_value(v.clone()).unwrap_or_else(|_| {
+                // Named fields of the wrong type: keep everything as extra.
+                let Value::Object(extra) = v else {
+                    unreachable!("matched an object above")
+                };
+                Metadata {
+                    extra,
+                    ..Metadata::default()
+                }
+            }),
+            _ => Metadata::default(),
+        }
+    }
+
+    /// The metadata as the JSON object stored in the `metadata` column.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).expect("metadata is always serializable")
+    }
+}
+
+/// An event to append: its type, its data (a JSON object) and its metadata.
+///
+/// The event id defaults to a fresh UUIDv7, which sorts by creation time.
+/// Appending the same event ids again is idempotent.
+///
+/// ```
+/// use chronicle_core::NewEvent;
+/// use serde_json::json;
+///
+/// let e = NewEvent::new("EmailChanged", json!({ "email": "new@example.com" }));
+/// assert_eq!(e.event_id.get_version_num(), 7);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// The event's unique id.
+    pub event_id: Uuid,
+    /// The event type, at most 100 characters.
+    pub event_type: String,
+    /// The event's data; must be a JSON object.
+    pub data: Value,
+    /// The event's metadata.
+    pub metadata: Metadata,
+    /// JSON pointers of fields in `data` that hold ciphertext envelopes.
+    pub encrypted_fields: Vec<String>,
+}
+
+impl NewEvent {
+    /// A new event with a fresh UUIDv7 id and default metadata.
+    pub fn new(event_type: impl Into<String>, data: Value) -> Self {
+        NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: event_type.into(),
+            data,
+            metadata: Metadata::default(),
+            encrypted_fields: Vec::new(),
+        }
+    }
+
+    /// Sets the event id (for idempotent retries of the same append).
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.event_id = id;
+        self
+    }
+
+    /// Sets the metadata.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// A stored event, as read back: the spec's columns plus its feed position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    /// The event's unique id.
+    pub event_id: Uuid,
+    /// The aggregate the event belongs to.
+    pub aggregate_id: AggregateId,
+    /// The aggregate's type.
+    pub aggregate_type: String,
+    /// The event's type.
+    pub event_type: String,
+    /// The event's data (a JSON object).
+    pub event_data: Value,
+    /// The event's metadata.
+    pub metadata: Metadata,
+    /// The event's version within its aggregate, from 1.
+    pub version: u32,
+    /// When the event was stored.
+    pub timestamp: DateTime<Utc>,
+    /// JSON pointers of encrypted fields in `event_data`.
+    pub encrypted_fields: Vec<String>,
+    /// Where the event stands in the global feed.
+    pub position: Position,
+}
