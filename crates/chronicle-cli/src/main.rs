@@ -1,1 +1,5 @@
-fn main() {}
+//! The `chronicle` binary.
+
+fn main() -> std::process::ExitCode {
+    chronicle_cli::main()
+}

@@ -1,1 +1,47 @@
-//! placeholder
+//! The Chronicle event store on PostgreSQL.
+//!
+//! - [`PgOptions`] parses a database URL (TLS by `sslmode`, a pool,
+//!   connection retries for databases that scale to zero) and builds a
+//!   [`PgPool`].
+//! - [`migrate`] applies the versioned schema: the spec's `events` table plus
+//!   `global_position` and `transaction_id`, and the `chronicle_append`
+//!   function.
+//! - [`PgEventStore`] implements [`chronicle_core::EventAppender`] and
+//!   [`chronicle_core::EventReader`]: one-round-trip appends with optimistic
+//!   concurrency and idempotency, per-aggregate reads, reads as of a time,
+//!   reads by type and time range, and the gap-safe global feed.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use chronicle_core::{EventAppender, ExpectedVersion, NewEvent};
+//! use chronicle_postgres::{migrate, MigrateOptions, PgEventStore, PgOptions};
+//! use serde_json::json;
+//!
+//! let pool = PgOptions::from_url("postgres://localhost/app?sslmode=require")?
+//!     .connect()
+//!     .await?;
+//! migrate(&pool, MigrateOptions::default()).await?;
+//! let store = PgEventStore::new(pool);
+//! let outcome = store
+//!     .append(uuid::Uuid::now_v7(), "user", ExpectedVersion::NoStream, vec![
+//!         NewEvent::new("UserRegistered", json!({ "name": "Ada" })),
+//!     ])
+//!     .await?;
+//! assert_eq!(outcome.version, 1);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod backoff;
+mod connect;
+mod error;
+pub mod migrate;
+mod status;
+mod store;
+mod types;
+
+pub use connect::{PgOptions, PgPool, SslMode};
+pub use error::{Error, Result};
+pub use migrate::{MigrateOptions, MigrateReport, ensure_schema, migrate};
+pub use status::{OpenTransaction, StoreStatus};
+pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, PgEventStore};

@@ -1,1 +1,11 @@
+//! Integration tests of the PostgreSQL event store, against a real server.
+//!
+//! Every scenario in `store.rs` runs twice: directly, and through PgBouncer
+//! in transaction-pooling mode.
 
+mod support;
+
+mod concurrency;
+mod migrations;
+mod store;
+mod tls;

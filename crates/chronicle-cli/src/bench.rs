@@ -1,0 +1,537 @@
+//! `chronicle bench append`: the store against raw PostgreSQL, same run.
+//!
+//! Every case runs the store's operation and the nearest raw SQL equivalent
+//! on the same server, in a scratch schema that is dropped afterwards, and
+//! prints both rates and their ratio. Round trips per append are counted on
+//! the wire: each switch from reading the server's answer to writing the
+//! next request is one.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chronicle_core::{EventAppender, EventReader, ExpectedVersion, NewEvent, Position};
+use chronicle_postgres::{MigrateOptions, PgEventStore, PgOptions, PgPool, migrate};
+use clap::Args;
+use deadpool_postgres::Connect;
+use futures_util::TryStreamExt;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::task::JoinHandle;
+use tokio_postgres::config::Host;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use crate::Database;
+use crate::output::OutputFormat;
+
+/// `chronicle bench append` arguments.
+#[derive(Debug, Args)]
+pub struct AppendBenchArgs {
+    /// Single-event appends per case (split across the writers).
+    #[arg(long, default_value_t = 4000)]
+    events: usize,
+    /// 100-event batches per batch case (split across the writers).
+    #[arg(long, default_value_t = 200)]
+    batches: usize,
+    /// Events in the feed-read case.
+    #[arg(long, default_value_t = 100_000)]
+    feed_events: usize,
+    /// Run only the `synchronous_commit` setting given (default: both).
+    #[arg(long)]
+    synchronous_commit: Option<bool>,
+}
+
+/// One measured case.
+#[derive(Debug, Clone, Serialize)]
+pub struct Case {
+    /// What was measured.
+    pub name: String,
+    /// The store's rate.
+    pub events_per_sec: f64,
+    /// The raw SQL rate on the same run.
+    pub raw_events_per_sec: f64,
+    /// `events_per_sec / raw_events_per_sec`.
+    pub ratio: f64,
+    /// Protocol round trips per store call, where measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round_trips_per_call: Option<f64>,
+}
+
+impl Case {
+    fn new(name: String, ours: f64, raw: f64, round_trips: Option<f64>) -> Case {
+        Case {
+            name,
+            events_per_sec: ours,
+            raw_events_per_sec: raw,
+            ratio: if raw > 0.0 { ours / raw } else { 0.0 },
+            round_trips_per_call: round_trips,
+        }
+    }
+}
+
+/// A scratch schema on the target database, dropped on [`Scratch::drop_schema`].
+struct Scratch {
+    options: PgOptions,
+    schema: String,
+}
+
+impl Scratch {
+    async fn create(db: &Database) -> Result<Scratch> {
+        let schema = format!("chronicle_bench_{}", std::process::id());
+        let admin = PgOptions::from_url(&db.url)?.connect().await?;
+        admin
+            .get()
+            .await?
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .await
+            .context(
+                "cannot create the benchmark's scratch schema (needs CREATE on the database)",
+            )?;
+        let options = PgOptions::from_url(&db.url)?;
+        let scratch = Scratch { options, schema };
+        migrate(&scratch.pool(true, 1, None)?, MigrateOptions::default()).await?;
+        Ok(scratch)
+    }
+
+    /// A pool whose sessions see only the scratch schema.
+    fn pool(
+        &self,
+        synchronous_commit: bool,
+        size: usize,
+        counter: Option<Arc<Counter>>,
+    ) -> Result<PgPool> {
+        let mut options = self.options.clone();
+        options.config_mut().options(format!(
+            "-c search_path={} -c synchronous_commit={}",
+            self.schema,
+            if synchronous_commit { "on" } else { "off" }
+        ));
+        options.max_connections(size);
+        Ok(match counter {
+            Some(counter) => options.pool_with(CountingConnect { counter })?,
+            None => options.pool()?,
+        })
+    }
+
+    async fn truncate(&self) -> Result<()> {
+        let pool = self.pool(true, 1, None)?;
+        pool.get().await?.batch_execute("TRUNCATE events").await?;
+        Ok(())
+    }
+
+    async fn drop_schema(self) -> Result<()> {
+        let pool = self.pool(true, 1, None)?;
+        pool.get()
+            .await?
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Runs `chronicle bench append`.
+pub async fn append(db: &Database, args: AppendBenchArgs, format: OutputFormat) -> Result<()> {
+    let scratch = Scratch::create(db).await?;
+    let result = run_cases(&scratch, &args, format).await;
+    scratch.drop_schema().await?;
+    let cases = result?;
+    match format {
+        OutputFormat::Json => println!("{}", json!({ "benchmark": "append", "cases": cases })),
+        OutputFormat::Table => print_cases(&cases),
+    }
+    Ok(())
+}
+
+/// Prints cases as a table with ratios.
+pub fn print_cases(cases: &[Case]) {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_header(vec![
+            "case",
+            "chronicle ev/s",
+            "raw ev/s",
+            "ratio",
+            "round trips/call",
+        ]);
+    for c in cases {
+        table.add_row(vec![
+            c.name.clone(),
+            format!("{:.0}", c.events_per_sec),
+            format!("{:.0}", c.raw_events_per_sec),
+            format!("{:.2}x", c.ratio),
+            c.round_trips_per_call
+                .map(|r| format!("{r:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    println!("{table}");
+}
+
+async fn run_cases(
+    scratch: &Scratch,
+    args: &AppendBenchArgs,
+    format: OutputFormat,
+) -> Result<Vec<Case>> {
+    let progress = match format {
+        OutputFormat::Table => indicatif::ProgressBar::new_spinner(),
+        OutputFormat::Json => indicatif::ProgressBar::hidden(),
+    };
+    progress.enable_steady_tick(Duration::from_millis(200));
+    let mut cases = Vec::new();
+    let modes: Vec<bool> = match args.synchronous_commit {
+        Some(m) => vec![m],
+        None => vec![true, false],
+    };
+    for sync in modes {
+        let tag = if sync { "sync on" } else { "sync off" };
+        for writers in [1usize, 4, 16] {
+            progress.set_message(format!("single-event appends, {writers} writers, {tag}"));
+            let counter = Arc::new(Counter::default());
+            let store = PgEventStore::new(scratch.pool(sync, writers, Some(counter.clone()))?);
+            let raw = scratch.pool(sync, writers, None)?;
+            warm(&store, &raw, writers).await?;
+            counter.reset();
+            let ours = appends(&store, writers, args.events, 1).await?;
+            let trips = counter.round_trips() as f64 / args.events as f64;
+            let theirs = raw_inserts(&raw, writers, args.events, 1).await?;
+            cases.push(Case::new(
+                format!("append 1 event, {writers} writers, {tag}"),
+                ours,
+                theirs,
+                Some(trips),
+            ));
+            scratch.truncate().await?;
+        }
+        for writers in [1usize, 4] {
+            progress.set_message(format!("100-event batches, {writers} writers, {tag}"));
+            let counter = Arc::new(Counter::default());
+            let store = PgEventStore::new(scratch.pool(sync, writers, Some(counter.clone()))?);
+            let raw = scratch.pool(sync, writers, None)?;
+            warm(&store, &raw, writers).await?;
+            counter.reset();
+            let ours = appends(&store, writers, args.batches, 100).await?;
+            let trips = counter.round_trips() as f64 / args.batches as f64;
+            let theirs = raw_inserts(&raw, writers, args.batches, 100).await?;
+            cases.push(Case::new(
+                format!("append 100-event batch, {writers} writers, {tag}"),
+                ours,
+                theirs,
+                Some(trips),
+            ));
+            scratch.truncate().await?;
+        }
+    }
+
+    progress.set_message("loading a 1,000-event aggregate");
+    let pool = scratch.pool(false, 4, None)?;
+    let store = PgEventStore::new(pool.clone());
+    let id = Uuid::now_v7();
+    for chunk in 0..10 {
+        let events = (0..100).map(|i| event(chunk * 100 + i)).collect();
+        store
+            .append(id, "bench", ExpectedVersion::Any, events)
+            .await?;
+    }
+    let rounds = 50;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let events = store.read_stream(id, 1, None).await?;
+        anyhow::ensure!(
+            events.len() == 1000,
+            "the aggregate has {} events",
+            events.len()
+        );
+    }
+    let ours = 1000.0 * rounds as f64 / started.elapsed().as_secs_f64();
+    let client = pool.get().await?;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let rows = client
+            .query_typed(
+                "SELECT * FROM events WHERE aggregate_id = $1 ORDER BY version",
+                &[(&id, Type::UUID)],
+            )
+            .await?;
+        anyhow::ensure!(rows.len() == 1000);
+    }
+    let theirs = 1000.0 * rounds as f64 / started.elapsed().as_secs_f64();
+    drop(client);
+    cases.push(Case::new(
+        "load a 1,000-event aggregate (vs raw SELECT)".into(),
+        ours,
+        theirs,
+        None,
+    ));
+
+    progress.set_message(format!("filling the feed with {} events", args.feed_events));
+    let writers = 4;
+    appends(&store, writers, args.feed_events.div_ceil(100), 100).await?;
+    let total = {
+        let c = pool.get().await?;
+        c.query_typed_one("SELECT count(*) FROM events", &[])
+            .await?
+            .get::<_, i64>(0)
+    };
+    progress.set_message("reading the feed");
+    let started = Instant::now();
+    let mut after = Position::START;
+    let mut read = 0i64;
+    loop {
+        let batch = store.read_all(after, 5000).await?;
+        if batch.events.is_empty() {
+            break;
+        }
+        read += batch.events.len() as i64;
+        after = batch.next;
+    }
+    anyhow::ensure!(read == total, "the feed returned {read} of {total} events");
+    let ours = read as f64 / started.elapsed().as_secs_f64();
+    let client = pool.get().await?;
+    let started = Instant::now();
+    let stream = client.copy_out("COPY events TO STDOUT").await?;
+    let bytes: usize = stream
+        .map_ok(|b| b.len())
+        .try_fold(0, |a, n| async move { Ok(a + n) })
+        .await?;
+    anyhow::ensure!(bytes > 0);
+    let theirs = total as f64 / started.elapsed().as_secs_f64();
+    cases.push(Case::new(
+        format!("read the global feed, {total} events (vs raw COPY TO STDOUT)"),
+        ours,
+        theirs,
+        None,
+    ));
+    progress.finish_and_clear();
+    Ok(cases)
+}
+
+fn event(i: usize) -> NewEvent {
+    NewEvent::new(
+        "BenchEvent",
+        json!({ "n": i, "email": "someone@example.com", "name": "A. Person", "tags": ["a", "b"] }),
+    )
+}
+
+/// One connection of each pool opened, so neither side pays for connecting.
+async fn warm(store: &PgEventStore, raw: &PgPool, writers: usize) -> Result<()> {
+    let mut held = Vec::new();
+    for _ in 0..writers {
+        held.push(store.pool().get().await?);
+        held.push(raw.get().await?);
+    }
+    Ok(())
+}
+
+/// `calls` appends of `size` events, spread over `writers` tasks, each on
+/// its own aggregates with exact expected versions. Returns events/s.
+async fn appends(store: &PgEventStore, writers: usize, calls: usize, size: usize) -> Result<f64> {
+    let started = Instant::now();
+    let tasks: Vec<JoinHandle<Result<()>>> = (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            let mine = calls / writers + usize::from(w < calls % writers);
+            tokio::spawn(async move {
+                let mut id = Uuid::now_v7();
+                let mut version = 0u32;
+                for i in 0..mine {
+                    if version >= 1000 {
+                        id = Uuid::now_v7();
+                        version = 0;
+                    }
+                    let expected = if version == 0 {
+                        ExpectedVersion::NoStream
+                    } else {
+                        ExpectedVersion::Exact(version)
+                    };
+                    let events = (0..size).map(|j| event(i * size + j)).collect();
+                    version = store.append(id, "bench", expected, events).await?.version;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok((calls * size) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The same rows with plain INSERTs, one statement per call.
+async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -> Result<f64> {
+    let started = Instant::now();
+    let tasks: Vec<JoinHandle<Result<()>>> = (0..writers)
+        .map(|w| {
+            let pool = pool.clone();
+            let mine = calls / writers + usize::from(w < calls % writers);
+            tokio::spawn(async move {
+                let client = pool.get().await?;
+                let mut id = Uuid::now_v7();
+                let mut version = 0i32;
+                for i in 0..mine {
+                    if version >= 1000 {
+                        id = Uuid::now_v7();
+                        version = 0;
+                    }
+                    let ids: Vec<Uuid> = (0..size).map(|_| Uuid::now_v7()).collect();
+                    let data: Vec<serde_json::Value> = (0..size).map(|j| event(i * size + j).data).collect();
+                    let meta: Vec<serde_json::Value> = (0..size).map(|_| json!({ "schema_version": 1 })).collect();
+                    client
+                        .execute_typed(
+                            "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version) \
+                             SELECT t.id, $2, 'bench', 'BenchEvent', t.d, t.m, $3 + t.n::int \
+                               FROM unnest($1::uuid[], $4::jsonb[], $5::jsonb[]) WITH ORDINALITY AS t(id, d, m, n)",
+                            &[
+                                (&ids, Type::UUID_ARRAY),
+                                (&id, Type::UUID),
+                                (&version, Type::INT4),
+                                (&data, Type::JSONB_ARRAY),
+                                (&meta, Type::JSONB_ARRAY),
+                            ],
+                        )
+                        .await?;
+                    version += size as i32;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok((calls * size) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Counts request/response round trips on the sockets it creates.
+#[derive(Debug, Default)]
+struct Counter {
+    round_trips: AtomicU64,
+}
+
+impl Counter {
+    fn reset(&self) {
+        self.round_trips.store(0, Ordering::Relaxed);
+    }
+
+    fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+}
+
+/// A socket that counts each first write after a read (or at the start) as
+/// one round trip.
+struct CountingStream<S> {
+    inner: S,
+    counter: Arc<Counter>,
+    awaiting_reply: AtomicBool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountingStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.awaiting_reply.store(false, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0)
+            && !self.awaiting_reply.swap(true, Ordering::Relaxed)
+        {
+            self.counter.round_trips.fetch_add(1, Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Opens plain (non-TLS) connections through a [`CountingStream`].
+struct CountingConnect {
+    counter: Arc<Counter>,
+}
+
+impl Connect for CountingConnect {
+    fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> BoxFuture<'_, Result<(tokio_postgres::Client, JoinHandle<()>), tokio_postgres::Error>>
+    {
+        let config = config.clone();
+        let counter = self.counter.clone();
+        Box::pin(async move {
+            let port = config.get_ports().first().copied().unwrap_or(5432);
+            let host = config.get_hosts().first().cloned();
+            macro_rules! finish {
+                ($socket:expr) => {{
+                    let stream = CountingStream {
+                        inner: $socket,
+                        counter,
+                        awaiting_reply: AtomicBool::new(false),
+                    };
+                    let (client, connection) =
+                        config.connect_raw(stream, tokio_postgres::NoTls).await?;
+                    let handle = tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    Ok((client, handle))
+                }};
+            }
+            match host {
+                Some(Host::Unix(dir)) => {
+                    if let Ok(socket) =
+                        tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await
+                    {
+                        return finish!(socket);
+                    }
+                }
+                Some(Host::Tcp(h)) => {
+                    if let Ok(socket) = tokio::net::TcpStream::connect((h.as_str(), port)).await {
+                        let _ = socket.set_nodelay(true);
+                        return finish!(socket);
+                    }
+                }
+                None => {}
+            }
+            // The socket could not be opened: let tokio-postgres try, so the
+            // error it reports is its own.
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+            Ok((
+                client,
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                }),
+            ))
+        })
+    }
+}

@@ -1,0 +1,506 @@
+//! The subcommands and what they do.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use chronicle_core::{
+    EventAppender, EventReader, ExpectedVersion, Metadata, NewEvent, Position, TimeRange,
+};
+use chronicle_embedded::EmbeddedPostgres;
+use chronicle_postgres::{MigrateOptions, migrate};
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::output::{OutputFormat, event_json, print_events, print_record};
+use crate::{Cli, Database};
+
+/// A command line that parsed but makes no sense (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Nothing exists where the command looked (exit code 4).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the schema (idempotent; safe to run concurrently).
+    Migrate {
+        /// Hash-partition `events` by aggregate_id into N partitions (only
+        /// when the table is first created).
+        #[arg(long, value_name = "N")]
+        partitions: Option<u16>,
+    },
+    /// Append one event from flags, or JSON lines from --file or stdin.
+    Append(AppendArgs),
+    /// Read events.
+    Read {
+        /// Which events.
+        #[command(subcommand)]
+        what: ReadCommand,
+    },
+    /// An aggregate's state (its events' data merged in order, RFC 7396),
+    /// now or as of a version or a time.
+    State {
+        /// The aggregate.
+        aggregate_id: Uuid,
+        /// A version number, or an RFC 3339 time such as 2026-11-27T08:00:00Z.
+        #[arg(long, value_name = "VERSION|TIMESTAMP")]
+        as_of: Option<String>,
+    },
+    /// Schema version, event count, head position and what holds the feed back.
+    Status,
+    /// A guided walkthrough of the event store (uses the embedded default
+    /// unless --database-url is given).
+    Demo,
+    /// Manage the embedded development cluster.
+    Dev {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: DevCommand,
+    },
+    /// Benchmarks that print figures and ratios against raw PostgreSQL.
+    Bench {
+        /// Which benchmark.
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+/// `chronicle append` arguments.
+#[derive(Debug, Args)]
+pub struct AppendArgs {
+    /// The aggregate's id.
+    #[arg(long)]
+    aggregate_id: Option<Uuid>,
+    /// The aggregate's type (at most 50 characters).
+    #[arg(long)]
+    aggregate_type: Option<String>,
+    /// The event's type (at most 100 characters).
+    #[arg(long)]
+    event_type: Option<String>,
+    /// The event's data: a JSON object.
+    #[arg(long)]
+    data: Option<String>,
+    /// The event's metadata: a JSON object (correlation_id, causation_id,
+    /// actor, schema_version, anything else).
+    #[arg(long)]
+    metadata: Option<String>,
+    /// The event id (default: a new UUIDv7); reuse it to retry idempotently.
+    #[arg(long)]
+    event_id: Option<Uuid>,
+    /// The version the aggregate must be at: a number, `any` or `no-stream`.
+    #[arg(long, default_value = "any")]
+    expected_version: ExpectedVersion,
+    /// Read JSON lines from this file (`-` for stdin) instead of flags. Each
+    /// line: {"aggregate_id", "aggregate_type", "event_type", "data",
+    /// "metadata"?, "event_id"?, "expected_version"?}.
+    #[arg(long, conflicts_with_all = ["aggregate_id", "aggregate_type", "event_type", "data"])]
+    file: Option<PathBuf>,
+}
+
+/// `chronicle read` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ReadCommand {
+    /// One aggregate's events, by version range.
+    Stream {
+        /// The aggregate.
+        aggregate_id: Uuid,
+        /// First version.
+        #[arg(long, default_value_t = 1)]
+        from: u32,
+        /// Last version (default: the latest).
+        #[arg(long)]
+        to: Option<u32>,
+    },
+    /// The global feed, resumable from a checkpoint.
+    All {
+        /// Read after this checkpoint (as printed by a previous read).
+        #[arg(long, default_value = "0-0")]
+        after: Position,
+        /// At most this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Events of one type in a time range.
+    Type {
+        /// The event type.
+        event_type: String,
+        /// From this time (inclusive, RFC 3339).
+        #[arg(long)]
+        from: Option<DateTime<Utc>>,
+        /// Until this time (exclusive, RFC 3339).
+        #[arg(long)]
+        to: Option<DateTime<Utc>>,
+        /// At most this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+/// `chronicle dev` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Start the embedded cluster (it also starts on demand).
+    Start,
+    /// Stop the embedded cluster; its data stays.
+    Stop,
+    /// Stop the embedded cluster and delete its data.
+    Reset,
+    /// Whether it runs, where, and its URL.
+    Status,
+}
+
+/// `chronicle bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Appends against plain INSERTs, stream loads, feed reads against COPY.
+    Append(crate::bench::AppendBenchArgs),
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    let format = cli.output;
+    match cli.command {
+        Command::Dev { action } => return dev(action, format),
+        Command::Demo => return crate::demo::run(cli.database_url.as_deref()).await,
+        Command::Bench { what } => {
+            let db = Database::resolve(cli.database_url.as_deref())?;
+            return match what {
+                BenchCommand::Append(args) => crate::bench::append(&db, args, format).await,
+            };
+        }
+        _ => {}
+    }
+    let db = Database::resolve(cli.database_url.as_deref())?;
+    match cli.command {
+        Command::Migrate { partitions } => {
+            let pool = db.pool().await?;
+            let report = migrate(&pool, MigrateOptions { partitions }).await?;
+            print_record(
+                &json!({ "schema_version": report.version, "applied": report.applied }),
+                format,
+            );
+        }
+        Command::Append(args) => append(&db, args, format).await?,
+        Command::Read { what } => read(&db, what, format).await?,
+        Command::State {
+            aggregate_id,
+            as_of,
+        } => state(&db, aggregate_id, as_of, format).await?,
+        Command::Status => {
+            let status = db.store().await?.status().await?;
+            let mut value = serde_json::to_value(&status)?;
+            if let Some(head) = status.head {
+                value["head"] = json!(head.to_string());
+            }
+            value["database"] = json!(if db.embedded {
+                "embedded"
+            } else {
+                "DATABASE_URL"
+            });
+            print_record(&value, format);
+        }
+        Command::Dev { .. } | Command::Demo | Command::Bench { .. } => {
+            unreachable!("handled above")
+        }
+    }
+    Ok(())
+}
+
+fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
+    let dir = EmbeddedPostgres::default_dir();
+    match action {
+        DevCommand::Start => {
+            let pg = EmbeddedPostgres::start(&dir)?;
+            print_record(
+                &json!({ "running": true, "dir": dir, "url": pg.url() }),
+                format,
+            );
+        }
+        DevCommand::Stop => {
+            let was = EmbeddedPostgres::stop(&dir)?;
+            print_record(&json!({ "stopped": was, "dir": dir }), format);
+        }
+        DevCommand::Reset => {
+            EmbeddedPostgres::reset(&dir)?;
+            print_record(&json!({ "reset": true, "dir": dir }), format);
+        }
+        DevCommand::Status => {
+            print_record(
+                &json!({ "running": EmbeddedPostgres::is_running(&dir), "dir": dir }),
+                format,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One JSON line of `chronicle append --file`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppendLine {
+    aggregate_id: Uuid,
+    aggregate_type: String,
+    event_type: String,
+    #[serde(alias = "event_data")]
+    data: Value,
+    #[serde(default)]
+    metadata: Option<Value>,
+    #[serde(default)]
+    event_id: Option<Uuid>,
+    #[serde(default)]
+    expected_version: Option<Value>,
+}
+
+fn parse_metadata(raw: Option<Value>, what: &str) -> Result<Metadata> {
+    match raw {
+        None | Some(Value::Null) => Ok(Metadata::default()),
+        Some(v @ Value::Object(_)) => serde_json::from_value(v).map_err(|e| {
+            UsageError(format!("{what}: metadata fields have the wrong type: {e}")).into()
+        }),
+        Some(_) => Err(UsageError(format!("{what}: metadata must be a JSON object")).into()),
+    }
+}
+
+fn parse_expected(raw: Option<Value>, what: &str) -> Result<ExpectedVersion> {
+    Ok(match raw {
+        None | Some(Value::Null) => ExpectedVersion::Any,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(ExpectedVersion::Exact)
+            .ok_or_else(|| UsageError(format!("{what}: expected_version {n} is not a version")))?,
+        Some(Value::String(s)) => s
+            .parse()
+            .map_err(|e: String| UsageError(format!("{what}: {e}")))?,
+        Some(other) => bail!(UsageError(format!(
+            "{what}: expected_version must be a number, \"any\" or \"no-stream\", got {other}"
+        ))),
+    })
+}
+
+async fn append(db: &Database, args: AppendArgs, format: OutputFormat) -> Result<()> {
+    let mut batch: Vec<(String, Uuid, String, ExpectedVersion, NewEvent)> = Vec::new();
+    let from_flags = args.aggregate_id.is_some()
+        || args.aggregate_type.is_some()
+        || args.event_type.is_some()
+        || args.data.is_some();
+    if from_flags {
+        let missing: Vec<&str> = [
+            ("--aggregate-id", args.aggregate_id.is_none()),
+            ("--aggregate-type", args.aggregate_type.is_none()),
+            ("--event-type", args.event_type.is_none()),
+            ("--data", args.data.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, missing)| missing.then_some(flag))
+        .collect();
+        if !missing.is_empty() {
+            bail!(UsageError(format!(
+                "append from flags needs {}; or pass --file PATH (or pipe JSON lines to stdin)",
+                missing.join(", ")
+            )));
+        }
+        let data: Value = serde_json::from_str(args.data.as_deref().unwrap_or_default())
+            .map_err(|e| UsageError(format!("--data is not valid JSON: {e}")))?;
+        let metadata = match args.metadata.as_deref() {
+            Some(raw) => parse_metadata(
+                Some(
+                    serde_json::from_str(raw)
+                        .map_err(|e| UsageError(format!("--metadata is not valid JSON: {e}")))?,
+                ),
+                "--metadata",
+            )?,
+            None => Metadata::default(),
+        };
+        let mut event =
+            NewEvent::new(args.event_type.unwrap_or_default(), data).with_metadata(metadata);
+        if let Some(id) = args.event_id {
+            event = event.with_id(id);
+        }
+        batch.push((
+            "flags".into(),
+            args.aggregate_id.unwrap_or_default(),
+            args.aggregate_type.unwrap_or_default(),
+            args.expected_version,
+            event,
+        ));
+    } else {
+        let reader: Box<dyn BufRead> = match args.file.as_deref() {
+            Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
+                std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
+            )),
+            _ => Box::new(std::io::stdin().lock()),
+        };
+        for (i, line) in reader.lines().enumerate() {
+            let line = line.context("cannot read input")?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let what = format!("line {}", i + 1);
+            let parsed: AppendLine =
+                serde_json::from_str(&line).map_err(|e| UsageError(format!("{what}: {e}")))?;
+            let metadata = parse_metadata(parsed.metadata, &what)?;
+            let expected = parse_expected(parsed.expected_version, &what)?;
+            let mut event = NewEvent::new(parsed.event_type, parsed.data).with_metadata(metadata);
+            if let Some(id) = parsed.event_id {
+                event = event.with_id(id);
+            }
+            batch.push((
+                what,
+                parsed.aggregate_id,
+                parsed.aggregate_type,
+                expected,
+                event,
+            ));
+        }
+        if batch.is_empty() {
+            bail!(UsageError(
+                "no events given: pass --aggregate-id, --aggregate-type, --event-type and --data, or JSON lines on stdin / --file".into()
+            ));
+        }
+    }
+    let store = db.store().await?;
+    for (what, aggregate_id, aggregate_type, expected, event) in batch {
+        let event_id = event.event_id;
+        let outcome = store
+            .append(aggregate_id, &aggregate_type, expected, vec![event])
+            .await
+            .with_context(|| format!("{what}: append to aggregate {aggregate_id} failed"))?;
+        print_record(
+            &json!({
+                "aggregate_id": aggregate_id,
+                "event_id": event_id,
+                "version": outcome.version,
+                "appended": outcome.appended,
+            }),
+            format,
+        );
+    }
+    Ok(())
+}
+
+async fn read(db: &Database, what: ReadCommand, format: OutputFormat) -> Result<()> {
+    let store = db.store().await?;
+    match what {
+        ReadCommand::Stream {
+            aggregate_id,
+            from,
+            to,
+        } => {
+            let events = store.read_stream(aggregate_id, from, to).await?;
+            if events.is_empty() && from <= 1 {
+                bail!(NotFound(format!("aggregate {aggregate_id} has no events")));
+            }
+            print_events(&events, format);
+        }
+        ReadCommand::All { after, limit } => {
+            let batch = store.read_all(after, limit).await?;
+            print_events(&batch.events, format);
+            eprintln!(
+                "next checkpoint: {}  (resume with --after {})",
+                batch.next, batch.next
+            );
+        }
+        ReadCommand::Type {
+            event_type,
+            from,
+            to,
+            limit,
+        } => {
+            let events = store
+                .read_by_type(&event_type, TimeRange { from, to }, limit)
+                .await?;
+            print_events(&events, format);
+        }
+    }
+    Ok(())
+}
+
+/// JSON merge patch (RFC 7396) of `patch` into `target`.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+async fn state(db: &Database, id: Uuid, as_of: Option<String>, format: OutputFormat) -> Result<()> {
+    let store = db.store().await?;
+    let events = match as_of.as_deref() {
+        None => store.read_stream(id, 1, None).await?,
+        Some(s) => match s.parse::<u32>() {
+            Ok(version) => store.read_stream(id, 1, Some(version)).await?,
+            Err(_) => {
+                let at: DateTime<Utc> = s.parse().map_err(|_| {
+                    UsageError(format!(
+                        "--as-of `{s}` is neither a version number nor an RFC 3339 time such as 2026-11-27T08:00:00Z"
+                    ))
+                })?;
+                store.read_stream_as_of(id, at).await?
+            }
+        },
+    };
+    let Some(last) = events.last() else {
+        bail!(NotFound(format!(
+            "aggregate {id} has no events{}",
+            as_of.map(|a| format!(" as of {a}")).unwrap_or_default()
+        )));
+    };
+    let mut state = Value::Object(Default::default());
+    for e in &events {
+        merge(&mut state, &e.event_data);
+    }
+    let record = json!({
+        "aggregate_id": id,
+        "aggregate_type": last.aggregate_type,
+        "version": last.version,
+        "last_event": event_json(last)["event_type"],
+        "as_of": last.timestamp,
+        "state": state,
+    });
+    print_record(&record, format);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc_7396() {
+        let mut v = json!({ "a": 1, "b": { "c": 2, "d": 3 } });
+        merge(&mut v, &json!({ "a": null, "b": { "c": 4 }, "e": [1] }));
+        assert_eq!(v, json!({ "b": { "c": 4, "d": 3 }, "e": [1] }));
+    }
+
+    #[test]
+    fn expected_version_from_json_lines() {
+        assert_eq!(
+            parse_expected(Some(json!(3)), "l").unwrap(),
+            ExpectedVersion::Exact(3)
+        );
+        assert_eq!(
+            parse_expected(Some(json!("no-stream")), "l").unwrap(),
+            ExpectedVersion::NoStream
+        );
+        assert_eq!(parse_expected(None, "l").unwrap(), ExpectedVersion::Any);
+        assert!(parse_expected(Some(json!(true)), "l").is_err());
+    }
+}

@@ -1,0 +1,56 @@
+//! Which database a command talks to: `--database-url`, or the embedded
+//! default cluster.
+
+use anyhow::{Context, Result};
+use chronicle_embedded::EmbeddedPostgres;
+use chronicle_postgres::{PgEventStore, PgOptions, PgPool, ensure_schema};
+
+/// A resolved database: its URL and, lazily, a pool.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// The URL connected to.
+    pub url: String,
+    /// Whether it is the embedded default cluster.
+    pub embedded: bool,
+}
+
+impl Database {
+    /// `url` if given, else the embedded default cluster (started if it is
+    /// not running).
+    pub fn resolve(url: Option<&str>) -> Result<Database> {
+        match url {
+            Some(url) => Ok(Database {
+                url: url.to_owned(),
+                embedded: false,
+            }),
+            None => {
+                let dir = EmbeddedPostgres::default_dir();
+                let pg = EmbeddedPostgres::start(&dir).with_context(|| {
+                    format!(
+                        "no DATABASE_URL given, and the embedded PostgreSQL in {} could not start",
+                        dir.display()
+                    )
+                })?;
+                Ok(Database {
+                    url: pg.url(),
+                    embedded: true,
+                })
+            }
+        }
+    }
+
+    /// A connected pool.
+    pub async fn pool(&self) -> Result<PgPool> {
+        let options = PgOptions::from_url(&self.url)?;
+        Ok(options.connect().await?)
+    }
+
+    /// A store on a schema at this binary's version.
+    pub async fn store(&self) -> Result<PgEventStore> {
+        let pool = self.pool().await?;
+        let client = pool.get().await.map_err(chronicle_postgres::Error::from)?;
+        ensure_schema(&**client).await?;
+        drop(client);
+        Ok(PgEventStore::new(pool))
+    }
+}

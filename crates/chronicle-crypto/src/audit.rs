@@ -1,0 +1,920 @@
+//! The audit trail: one [`AuditEntry`] per key or field operation, chained
+//! into [`AuditRecord`]s by SHA-256 so that [`verify_chain`] detects edited,
+//! deleted and inserted rows.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::keys::{DataKeyId, KekId, SubjectId};
+use crate::{Error, Result};
+
+/// Who asks, and why. Every audit entry carries both.
+///
+/// ```
+/// use chronicle_crypto::AccessContext;
+///
+/// let ctx = AccessContext::new("support:alice", "ticket-4711");
+/// assert_eq!(ctx.actor, "support:alice");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AccessContext {
+    /// The user or service acting.
+    pub actor: String,
+    /// The declared purpose (a ticket, a job name, "projection:user-profile").
+    pub purpose: String,
+}
+
+impl AccessContext {
+    /// A context for `actor` acting for `purpose`.
+    pub fn new(actor: impl Into<String>, purpose: impl Into<String>) -> Self {
+        AccessContext {
+            actor: actor.into(),
+            purpose: purpose.into(),
+        }
+    }
+}
+
+/// What was done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum AuditOperation {
+    /// A field was encrypted.
+    Encrypt,
+    /// A field was decrypted (or redacted: see the outcome).
+    Decrypt,
+    /// A field was re-encrypted under its subject's newest data key.
+    Reencrypt,
+    /// A subject's first data key was made.
+    CreateKey,
+    /// A subject got a new current data key.
+    Rotate,
+    /// A data key was re-wrapped under a new key-encryption key.
+    Rewrap,
+    /// A subject's data keys were destroyed.
+    Shred,
+}
+
+impl AuditOperation {
+    /// The operation's name: `encrypt`, `decrypt`, `reencrypt`,
+    /// `create-key`, `rotate`, `rewrap` or `shred`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOperation::Encrypt => "encrypt",
+            AuditOperation::Decrypt => "decrypt",
+            AuditOperation::Reencrypt => "reencrypt",
+            AuditOperation::CreateKey => "create-key",
+            AuditOperation::Rotate => "rotate",
+            AuditOperation::Rewrap => "rewrap",
+            AuditOperation::Shred => "shred",
+        }
+    }
+}
+
+impl fmt::Display for AuditOperation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AuditOperation {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "encrypt" => AuditOperation::Encrypt,
+            "decrypt" => AuditOperation::Decrypt,
+            "reencrypt" => AuditOperation::Reencrypt,
+            "create-key" => AuditOperation::CreateKey,
+            "rotate" => AuditOperation::Rotate,
+            "rewrap" => AuditOperation::Rewrap,
+            "shred" => AuditOperation::Shred,
+            other => {
+                return Err(Error::InvalidOperation {
+                    reason: format!("unknown audit operation {other:?}"),
+                });
+            }
+        })
+    }
+}
+
+/// How it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum AuditOutcome {
+    /// Done.
+    Success,
+    /// Refused by the access policy; the reader got a redaction marker.
+    Denied,
+    /// The subject was shredded; the reader got a redaction marker.
+    Shredded,
+    /// Failed (authentication failure, unknown key); the caller got an error.
+    Failed,
+}
+
+impl AuditOutcome {
+    /// The outcome's name: `success`, `denied`, `shredded` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOutcome::Success => "success",
+            AuditOutcome::Denied => "denied",
+            AuditOutcome::Shredded => "shredded",
+            AuditOutcome::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for AuditOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AuditOutcome {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "success" => AuditOutcome::Success,
+            "denied" => AuditOutcome::Denied,
+            "shredded" => AuditOutcome::Shredded,
+            "failed" => AuditOutcome::Failed,
+            other => {
+                return Err(Error::InvalidOperation {
+                    reason: format!("unknown audit outcome {other:?}"),
+                });
+            }
+        })
+    }
+}
+
+/// One audited operation, before it is chained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When, truncated to microseconds (the precision of PostgreSQL's
+    /// `timestamptz`, so a stored row hashes the same as the original).
+    pub at: DateTime<Utc>,
+    /// What was done.
+    pub operation: AuditOperation,
+    /// How it ended.
+    pub outcome: AuditOutcome,
+    /// Whose data (absent when unknown, e.g. an unknown key id).
+    pub subject: Option<SubjectId>,
+    /// The data key used, made or destroyed.
+    pub key_id: Option<DataKeyId>,
+    /// The key-encryption key involved (rotate, rewrap, create-key).
+    pub kek_id: Option<KekId>,
+    /// The event whose field was processed.
+    pub event_id: Option<Uuid>,
+    /// The field's JSON pointer.
+    pub field: Option<String>,
+    /// The actor, from the caller's [`AccessContext`].
+    pub actor: String,
+    /// The purpose, from the caller's [`AccessContext`].
+    pub purpose: String,
+}
+
+impl AuditEntry {
+    /// An entry stamped now, for `context`, with no subject, key or field.
+    pub fn new(operation: AuditOperation, outcome: AuditOutcome, context: &AccessContext) -> Self {
+        AuditEntry {
+            at: Utc::now().trunc_subsecs(6),
+            operation,
+            outcome,
+            subject: None,
+            key_id: None,
+            kek_id: None,
+            event_id: None,
+            field: None,
+            actor: context.actor.clone(),
+            purpose: context.purpose.clone(),
+        }
+    }
+
+    /// Sets the subject.
+    pub fn with_subject(mut self, subject: &SubjectId) -> Self {
+        self.subject = Some(subject.clone());
+        self
+    }
+
+    /// Sets the data key.
+    pub fn with_key(mut self, key_id: DataKeyId) -> Self {
+        self.key_id = Some(key_id);
+        self
+    }
+
+    /// Sets the key-encryption key.
+    pub fn with_kek(mut self, kek_id: &KekId) -> Self {
+        self.kek_id = Some(kek_id.clone());
+        self
+    }
+
+    /// Sets the event and field.
+    pub fn with_field(mut self, event_id: Uuid, field: &str) -> Self {
+        self.event_id = Some(event_id);
+        self.field = Some(field.to_owned());
+        self
+    }
+
+    /// The canonical serialisation hashed into the chain: the compact JSON
+    /// array `["chronicle-audit/v1", at (microseconds since the epoch),
+    /// operation, outcome, subject, key_id, kek_id, event_id, field, actor,
+    /// purpose]`, absent values as `null`, ids in their string forms.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let tuple = (
+            "chronicle-audit/v1",
+            self.at.timestamp_micros(),
+            self.operation.as_str(),
+            self.outcome.as_str(),
+            self.subject.as_ref().map(SubjectId::as_str),
+            self.key_id.map(|k| k.to_string()),
+            self.kek_id.as_ref().map(KekId::as_str),
+            self.event_id.map(|e| e.to_string()),
+            self.field.as_deref(),
+            self.actor.as_str(),
+            self.purpose.as_str(),
+        );
+        // Strings, integers and nulls always serialize.
+        serde_json::to_vec(&tuple).unwrap_or_default()
+    }
+}
+
+/// A SHA-256 chain hash, written as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChainHash([u8; 32]);
+
+impl ChainHash {
+    /// The all-zero hash that the first record follows.
+    pub const ZERO: ChainHash = ChainHash([0; 32]);
+
+    /// A hash from its bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        ChainHash(bytes)
+    }
+
+    /// The hash's bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Display for ChainHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ChainHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChainHash({self})")
+    }
+}
+
+impl FromStr for ChainHash {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidOperation {
+            reason: format!("{s:?} is not a chain hash (64 hex digits)"),
+        };
+        if s.len() != 64 || !s.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(ChainHash(out))
+    }
+}
+
+impl Serialize for ChainHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChainHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A chained audit row: `hash = SHA-256(prev_hash || entry.canonical_bytes())`.
+///
+/// `seq` numbers the rows for lookup and gap detection; it is not hashed,
+/// the order is fixed by the `prev_hash` links.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+    /// The previous record's hash ([`ChainHash::ZERO`] for the first).
+    pub prev_hash: ChainHash,
+    /// This record's hash.
+    pub hash: ChainHash,
+}
+
+impl AuditRecord {
+    /// The hash of `entry` following `prev_hash`.
+    pub fn compute_hash(prev_hash: &ChainHash, entry: &AuditEntry) -> ChainHash {
+        let mut hasher = Sha256::new();
+        hasher.update(prev_hash.0);
+        hasher.update(entry.canonical_bytes());
+        ChainHash(hasher.finalize().into())
+    }
+
+    /// Whether the stored hash matches the record's contents.
+    pub fn is_self_consistent(&self) -> bool {
+        self.hash == AuditRecord::compute_hash(&self.prev_hash, &self.entry)
+    }
+}
+
+/// The end of a chain: the last record's number and hash. Sinks keep it to
+/// link the next batch; keeping a copy elsewhere (an anchor) lets
+/// [`verify_chain_from`] detect rows deleted from the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    /// The last record's `seq` (0 for an empty chain).
+    pub seq: u64,
+    /// The last record's hash ([`ChainHash::ZERO`] for an empty chain).
+    pub hash: ChainHash,
+}
+
+impl ChainHead {
+    /// The head of an empty chain.
+    pub const GENESIS: ChainHead = ChainHead {
+        seq: 0,
+        hash: ChainHash::ZERO,
+    };
+
+    /// Chains `entry` after this head and advances the head to it.
+    ///
+    /// ```
+    /// use chronicle_crypto::{AccessContext, AuditEntry, AuditOperation, AuditOutcome, ChainHead, verify_chain};
+    ///
+    /// let ctx = AccessContext::new("ops", "test");
+    /// let mut head = ChainHead::GENESIS;
+    /// let records: Vec<_> = (0..3)
+    ///     .map(|_| head.link(AuditEntry::new(AuditOperation::Rotate, AuditOutcome::Success, &ctx)))
+    ///     .collect();
+    /// assert_eq!(head.seq, 3);
+    /// assert!(verify_chain(&records).is_intact());
+    /// ```
+    pub fn link(&mut self, entry: AuditEntry) -> AuditRecord {
+        let hash = AuditRecord::compute_hash(&self.hash, &entry);
+        let record = AuditRecord {
+            seq: self.seq + 1,
+            entry,
+            prev_hash: self.hash,
+            hash,
+        };
+        *self = ChainHead {
+            seq: record.seq,
+            hash,
+        };
+        record
+    }
+}
+
+/// A break in the audit chain, naming the rows concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChainProblem {
+    /// The row's contents no longer match its hash.
+    Edited {
+        /// The row.
+        seq: u64,
+    },
+    /// Rows are missing between two rows.
+    Deleted {
+        /// The first missing number.
+        first_seq: u64,
+        /// The last missing number.
+        last_seq: u64,
+    },
+    /// The row is not part of the chain: it links to an earlier row that
+    /// another row already follows.
+    Inserted {
+        /// The row.
+        seq: u64,
+    },
+    /// The row does not follow its predecessor: the predecessor was
+    /// rewritten with a recomputed hash, or rows were deleted and the rest
+    /// renumbered.
+    BrokenLink {
+        /// The row.
+        seq: u64,
+        /// The row before it.
+        after_seq: u64,
+    },
+    /// The chain ends before the expected head: rows were deleted from the
+    /// end.
+    Truncated {
+        /// The last row found.
+        last_seq: u64,
+        /// The expected last row.
+        expected_seq: u64,
+    },
+    /// The row at the expected head's number does not have the expected
+    /// hash: the chain was rewritten from there or before.
+    HeadMismatch {
+        /// The row.
+        seq: u64,
+    },
+}
+
+impl ChainProblem {
+    fn seq(&self) -> u64 {
+        match *self {
+            ChainProblem::Edited { seq }
+            | ChainProblem::Inserted { seq }
+            | ChainProblem::BrokenLink { seq, .. }
+            | ChainProblem::HeadMismatch { seq } => seq,
+            ChainProblem::Deleted { first_seq, .. } => first_seq,
+            ChainProblem::Truncated { last_seq, .. } => last_seq,
+        }
+    }
+}
+
+impl fmt::Display for ChainProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainProblem::Edited { seq } => {
+                write!(
+                    f,
+                    "row {seq} was edited: its contents do not match its hash"
+                )
+            }
+            ChainProblem::Deleted {
+                first_seq,
+                last_seq,
+            } if first_seq == last_seq => write!(f, "row {first_seq} was deleted"),
+            ChainProblem::Deleted {
+                first_seq,
+                last_seq,
+            } => write!(f, "rows {first_seq} to {last_seq} were deleted"),
+            ChainProblem::Inserted { seq } => {
+                write!(f, "row {seq} was inserted: it is not part of the chain")
+            }
+            ChainProblem::BrokenLink { seq, after_seq } => write!(
+                f,
+                "row {seq} does not follow row {after_seq}: row {after_seq} was rewritten with a recomputed hash, or rows were deleted and the rest renumbered"
+            ),
+            ChainProblem::Truncated {
+                last_seq,
+                expected_seq,
+            } => write!(
+                f,
+                "the chain ends at row {last_seq} but the anchor says {expected_seq}: rows were deleted from the end"
+            ),
+            ChainProblem::HeadMismatch { seq } => write!(
+                f,
+                "row {seq} does not have the anchored hash: the chain was rewritten up to there"
+            ),
+        }
+    }
+}
+
+/// The result of verifying a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainReport {
+    /// Rows examined.
+    pub checked: usize,
+    /// The head after the last row that belongs to the chain.
+    pub head: ChainHead,
+    /// Everything wrong, in row order; empty if the chain is intact.
+    pub problems: Vec<ChainProblem>,
+}
+
+impl ChainReport {
+    /// Whether no problem was found.
+    pub fn is_intact(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Verifies a whole chain, from the first record, in `seq` order.
+///
+/// Detects edited rows (contents changed), deleted rows (a link to a hash
+/// not present, with a gap in `seq`), inserted rows (a second row linking to
+/// the same predecessor) and rewritten rows (a link that does not match).
+/// Rows deleted from the end leave no trace inside the chain: compare with
+/// an anchored head using [`verify_chain_from`].
+pub fn verify_chain(records: &[AuditRecord]) -> ChainReport {
+    verify_chain_from(&ChainHead::GENESIS, records, None)
+}
+
+/// Verifies records that follow `start` (e.g. a page of the audit table,
+/// starting after a head verified earlier), optionally against an anchored
+/// `expected_head` kept outside the table.
+///
+/// When a row and its successor both link to the same earlier row and no
+/// later row decides which branch continues the chain, the later row is
+/// reported as inserted.
+pub fn verify_chain_from(
+    start: &ChainHead,
+    records: &[AuditRecord],
+    expected_head: Option<&ChainHead>,
+) -> ChainReport {
+    let mut found: Vec<(usize, ChainProblem)> = Vec::new();
+    let mut inserted = vec![false; records.len()];
+    // Hash → index of the row that has it (`None`: the start).
+    let mut seen: HashMap<ChainHash, Option<usize>> = HashMap::with_capacity(records.len() + 1);
+    seen.insert(start.hash, None);
+    let mut prev = *start;
+
+    for (i, r) in records.iter().enumerate() {
+        if !r.is_self_consistent() {
+            found.push((i, ChainProblem::Edited { seq: r.seq }));
+        }
+        if r.prev_hash != prev.hash {
+            if let Some(&j) = seen.get(&r.prev_hash) {
+                // A fork: `r` and the row after `j` both follow row `j`.
+                let next_follows_prev = records
+                    .get(i + 1)
+                    .is_none_or(|next| next.prev_hash == prev.hash);
+                if next_follows_prev {
+                    // `r` is a branch off the chain; the chain continues
+                    // from `prev`.
+                    inserted[i] = true;
+                    continue;
+                }
+                // The chain continues from `r`; the rows between are
+                // not part of it.
+                for flag in &mut inserted[j.map_or(0, |j| j + 1)..i] {
+                    *flag = true;
+                }
+            } else if r.seq > prev.seq + 1 {
+                found.push((
+                    i,
+                    ChainProblem::Deleted {
+                        first_seq: prev.seq + 1,
+                        last_seq: r.seq - 1,
+                    },
+                ));
+            } else {
+                found.push((
+                    i,
+                    ChainProblem::BrokenLink {
+                        seq: r.seq,
+                        after_seq: prev.seq,
+                    },
+                ));
+            }
+        }
+        seen.insert(r.hash, Some(i));
+        prev = ChainHead {
+            seq: r.seq,
+            hash: r.hash,
+        };
+    }
+
+    let mut problems: Vec<(usize, ChainProblem)> = found
+        .into_iter()
+        .filter(|(i, _)| !inserted[*i])
+        .chain(
+            inserted
+                .iter()
+                .enumerate()
+                .filter(|(_, flag)| **flag)
+                .map(|(i, _)| {
+                    (
+                        i,
+                        ChainProblem::Inserted {
+                            seq: records[i].seq,
+                        },
+                    )
+                }),
+        )
+        .collect();
+    problems.sort_by_key(|(i, p)| (*i, p.seq()));
+    let mut problems: Vec<ChainProblem> = problems.into_iter().map(|(_, p)| p).collect();
+
+    if let Some(anchor) = expected_head {
+        if prev.seq < anchor.seq {
+            problems.push(ChainProblem::Truncated {
+                last_seq: prev.seq,
+                expected_seq: anchor.seq,
+            });
+        } else if let Some(r) = records
+            .iter()
+            .zip(&inserted)
+            .find(|(r, ins)| !**ins && r.seq == anchor.seq)
+            .map(|(r, _)| r)
+        {
+            if r.hash != anchor.hash {
+                problems.push(ChainProblem::HeadMismatch { seq: anchor.seq });
+            }
+        } else if anchor.seq > start.seq {
+            problems.push(ChainProblem::HeadMismatch { seq: anchor.seq });
+        }
+    }
+
+    ChainReport {
+        checked: records.len(),
+        head: prev,
+        problems,
+    }
+}
+
+/// Where audit entries go. Implementations chain each batch after their
+/// current head (see [`ChainHead::link`]) and store it atomically; the
+/// PostgreSQL sink does so in one transaction holding the head's row lock.
+///
+/// `append` must return only once the batch is durable: callers release
+/// plaintext after it returns, and never if it fails.
+#[async_trait]
+pub trait AuditSink: Send + Sync {
+    /// Appends `entries`, in order, as one batch.
+    async fn append(&self, entries: Vec<AuditEntry>) -> Result<()>;
+}
+
+struct MemoryAudit {
+    head: ChainHead,
+    records: Vec<AuditRecord>,
+}
+
+/// An [`AuditSink`] in memory, for tests and examples. It can be told to
+/// fail, to test that nothing is released without an audit record.
+pub struct MemoryAuditSink {
+    inner: Mutex<MemoryAudit>,
+    failing: AtomicBool,
+}
+
+impl Default for MemoryAuditSink {
+    fn default() -> Self {
+        MemoryAuditSink {
+            inner: Mutex::new(MemoryAudit {
+                head: ChainHead::GENESIS,
+                records: Vec::new(),
+            }),
+            failing: AtomicBool::new(false),
+        }
+    }
+}
+
+impl MemoryAuditSink {
+    /// An empty sink.
+    pub fn new() -> Self {
+        MemoryAuditSink::default()
+    }
+
+    /// Every record so far.
+    pub fn records(&self) -> Vec<AuditRecord> {
+        self.lock().records.clone()
+    }
+
+    /// The number of records.
+    pub fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    /// Whether there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.lock().records.is_empty()
+    }
+
+    /// The chain's head.
+    pub fn head(&self) -> ChainHead {
+        self.lock().head
+    }
+
+    /// Makes every following `append` fail (or succeed again).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemoryAudit> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl AuditSink for MemoryAuditSink {
+    async fn append(&self, entries: Vec<AuditEntry>) -> Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(Error::Audit {
+                message: "the memory audit sink was set to fail".into(),
+                source: None,
+            });
+        }
+        let mut inner = self.lock();
+        let MemoryAudit { head, records } = &mut *inner;
+        records.extend(entries.into_iter().map(|e| head.link(e)));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: usize) -> Vec<AuditRecord> {
+        let ctx = AccessContext::new("tester", "audit-test");
+        let mut head = ChainHead::GENESIS;
+        (0..n)
+            .map(|i| {
+                head.link(
+                    AuditEntry::new(AuditOperation::Decrypt, AuditOutcome::Success, &ctx)
+                        .with_subject(&SubjectId::new(format!("s{i}")))
+                        .with_key(DataKeyId::new())
+                        .with_field(Uuid::now_v7(), "/email"),
+                )
+            })
+            .collect()
+    }
+
+    fn forge(after: &AuditRecord, seq: u64) -> AuditRecord {
+        let ctx = AccessContext::new("mallory", "cover-up");
+        let mut head = ChainHead {
+            seq: after.seq,
+            hash: after.hash,
+        };
+        let mut r = head.link(AuditEntry::new(
+            AuditOperation::Shred,
+            AuditOutcome::Success,
+            &ctx,
+        ));
+        r.seq = seq;
+        r
+    }
+
+    #[test]
+    fn intact_chain_verifies() {
+        let records = chain(5);
+        let report = verify_chain(&records);
+        assert!(report.is_intact(), "{:?}", report.problems);
+        assert_eq!(report.head.seq, 5);
+        assert_eq!(report.head.hash, records[4].hash);
+        assert!(verify_chain(&[]).is_intact());
+    }
+
+    #[test]
+    fn edited_row_is_named() {
+        let mut records = chain(5);
+        records[2].entry.actor = "someone-else".into();
+        let report = verify_chain(&records);
+        assert_eq!(report.problems, vec![ChainProblem::Edited { seq: 3 }]);
+        assert!(report.problems[0].to_string().contains("row 3 was edited"));
+    }
+
+    #[test]
+    fn edited_and_rehashed_row_breaks_the_next_link() {
+        let mut records = chain(5);
+        records[2].entry.purpose = "nothing to see".into();
+        records[2].hash = AuditRecord::compute_hash(&records[2].prev_hash, &records[2].entry);
+        let report = verify_chain(&records);
+        assert_eq!(
+            report.problems,
+            vec![ChainProblem::BrokenLink {
+                seq: 4,
+                after_seq: 3
+            }]
+        );
+    }
+
+    #[test]
+    fn deleted_rows_are_named() {
+        let mut records = chain(6);
+        records.remove(2);
+        assert_eq!(
+            verify_chain(&records).problems,
+            vec![ChainProblem::Deleted {
+                first_seq: 3,
+                last_seq: 3
+            }]
+        );
+        records.remove(0);
+        assert_eq!(
+            verify_chain(&records).problems,
+            vec![
+                ChainProblem::Deleted {
+                    first_seq: 1,
+                    last_seq: 1
+                },
+                ChainProblem::Deleted {
+                    first_seq: 3,
+                    last_seq: 3
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn inserted_rows_are_named() {
+        // A forged, correctly hashed row after row 2, later rows renumbered.
+        let mut records = chain(5);
+        let forged = forge(&records[1], 3);
+        records.insert(2, forged);
+        for (i, r) in records.iter_mut().enumerate().skip(3) {
+            r.seq = i as u64 + 1;
+        }
+        assert_eq!(
+            verify_chain(&records).problems,
+            vec![ChainProblem::Inserted { seq: 3 }]
+        );
+
+        // The same without renumbering (a duplicate number), sorted after
+        // the original.
+        let mut records = chain(5);
+        let forged = forge(&records[1], 2);
+        records.insert(2, forged);
+        assert_eq!(
+            verify_chain(&records).problems,
+            vec![ChainProblem::Inserted { seq: 2 }]
+        );
+
+        // A copy of an existing row.
+        let mut records = chain(4);
+        let copy = records[1].clone();
+        records.insert(2, copy);
+        assert_eq!(
+            verify_chain(&records).problems,
+            vec![ChainProblem::Inserted { seq: 2 }]
+        );
+
+        // A row with a made-up hash and link.
+        let mut records = chain(4);
+        let mut junk = forge(&records[1], 3);
+        junk.prev_hash = ChainHash::from_bytes([7; 32]);
+        records.insert(2, junk);
+        let report = verify_chain(&records);
+        assert_eq!(report.problems, vec![ChainProblem::Inserted { seq: 3 }]);
+    }
+
+    #[test]
+    fn truncation_needs_an_anchor() {
+        let mut records = chain(5);
+        let anchor = ChainHead {
+            seq: 5,
+            hash: records[4].hash,
+        };
+        assert!(verify_chain_from(&ChainHead::GENESIS, &records, Some(&anchor)).is_intact());
+        records.truncate(3);
+        assert!(verify_chain(&records).is_intact());
+        assert_eq!(
+            verify_chain_from(&ChainHead::GENESIS, &records, Some(&anchor)).problems,
+            vec![ChainProblem::Truncated {
+                last_seq: 3,
+                expected_seq: 5
+            }]
+        );
+    }
+
+    #[test]
+    fn pages_verify_from_a_known_head() {
+        let records = chain(6);
+        let start = ChainHead {
+            seq: 3,
+            hash: records[2].hash,
+        };
+        assert!(verify_chain_from(&start, &records[3..], None).is_intact());
+        let wrong = ChainHead {
+            seq: 3,
+            hash: records[1].hash,
+        };
+        assert!(!verify_chain_from(&wrong, &records[3..], None).is_intact());
+    }
+
+    #[test]
+    fn canonical_form_is_stable_and_hashes_round_trip() {
+        let records = chain(1);
+        let r = &records[0];
+        let text = String::from_utf8(r.entry.canonical_bytes()).unwrap();
+        assert!(text.starts_with("[\"chronicle-audit/v1\","), "{text}");
+        assert!(text.contains("\"decrypt\",\"success\""), "{text}");
+        assert_eq!(r.hash.to_string().parse::<ChainHash>().unwrap(), r.hash);
+        let json = serde_json::to_string(r).unwrap();
+        let back: AuditRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(&back, r);
+        assert!(back.is_self_consistent());
+        for op in [
+            "encrypt",
+            "decrypt",
+            "reencrypt",
+            "create-key",
+            "rotate",
+            "rewrap",
+            "shred",
+        ] {
+            assert_eq!(op.parse::<AuditOperation>().unwrap().as_str(), op);
+        }
+    }
+}

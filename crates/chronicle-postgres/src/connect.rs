@@ -1,0 +1,541 @@
+//! Neon-ready connections: TLS by `sslmode`, a pool, and connection retries.
+//!
+//! Settings come from a libpq-style URL or key/value string. `sslmode`
+//! follows libpq: `disable`, `prefer` (TLS when offered, unverified),
+//! `require` (TLS, unverified unless `sslrootcert` is given), `verify-ca`
+//! (chain checked), `verify-full` (chain and host name checked). Roots come
+//! from `sslrootcert` or, without it, from the system store.
+//!
+//! Connecting retries with exponential backoff and jitter while the server
+//! is unreachable or starting up (a Neon compute waking from scale-to-zero),
+//! up to [`PgOptions::connect_timeout`]. Checkouts from the pool do not ping.
+//! Every query the store sends uses the unnamed statement, so the store works
+//! behind PgBouncer or Neon's pooler in transaction mode.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Connect, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::future::BoxFuture;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::{Error, Result};
+
+/// A pool of PostgreSQL connections.
+pub type PgPool = Pool;
+
+/// libpq's `sslmode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS when the server offers it, without verification (libpq's default).
+    Prefer,
+    /// TLS always; the certificate is verified only when `sslrootcert` is set.
+    Require,
+    /// TLS, the certificate chain verified, not the host name.
+    VerifyCa,
+    /// TLS, the chain and the host name verified.
+    VerifyFull,
+}
+
+impl FromStr for SslMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(Error::Config(format!(
+                    "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
+                )));
+            }
+        })
+    }
+}
+
+/// Connection settings: where, how securely, how many, how patiently.
+///
+/// ```
+/// use chronicle_postgres::{PgOptions, SslMode};
+///
+/// let mut options = PgOptions::from_url(
+///     "postgres://app@db.example.com/app?sslmode=verify-full",
+/// ).unwrap();
+/// options.max_connections(32);
+/// assert_eq!(options.ssl_mode(), SslMode::VerifyFull);
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    config: Config,
+    ssl_mode: SslMode,
+    ssl_root_cert: Option<PathBuf>,
+    max_connections: usize,
+    connect_timeout: Duration,
+}
+
+impl PgOptions {
+    /// Parses a `postgres://` URL or a libpq key/value string.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let (rest, ssl_mode, ssl_root_cert) = split_ssl_params(url)?;
+        let mut config = Config::from_str(&rest).map_err(|e| {
+            Error::Config(format!(
+                "cannot parse the database URL ({e}); expected e.g. postgres://user:password@host:5432/dbname?sslmode=require"
+            ))
+        })?;
+        // As libpq: sslmode does not apply to Unix-domain sockets.
+        let unix_only = !config.get_hosts().is_empty()
+            && config
+                .get_hosts()
+                .iter()
+                .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        let ssl_mode = if unix_only {
+            SslMode::Disable
+        } else {
+            ssl_mode
+        };
+        config.ssl_mode(match ssl_mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("chronicle");
+        }
+        Ok(PgOptions {
+            config,
+            ssl_mode,
+            ssl_root_cert,
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// The TLS mode in force.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    /// The parsed tokio-postgres configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The parsed configuration, to change (e.g. the database name).
+    pub fn config_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+
+    /// The pool's size (default 16).
+    pub fn max_connections(&mut self, n: usize) -> &mut Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long to keep retrying while the database is unreachable or
+    /// starting (default 30 s; a Neon compute usually wakes within a few).
+    pub fn connect_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Builds the pool; connections are opened on first use.
+    pub fn pool(&self) -> Result<PgPool> {
+        let connector = RetryingConnect {
+            tls: self.tls()?,
+            deadline: self.connect_timeout,
+        };
+        self.pool_with(connector)
+    }
+
+    /// Builds the pool over a connector of your own (e.g. one that wraps
+    /// the socket to count protocol round trips).
+    pub fn pool_with(&self, connect: impl Connect + 'static) -> Result<PgPool> {
+        let manager = Manager::from_connect(
+            self.config.clone(),
+            connect,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Pool::builder(manager)
+            .max_size(self.max_connections)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Builds the pool and opens one connection, waiting (with retries) for
+    /// the database to accept it.
+    pub async fn connect(&self) -> Result<PgPool> {
+        let pool = self.pool()?;
+        drop(pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => Error::Connect(format!(
+                "{}; check the URL, that the server runs, and its TLS settings",
+                crate::error::describe(&e)
+            )),
+            other => Error::Pool(other.to_string()),
+        })?);
+        Ok(pool)
+    }
+
+    fn tls(&self) -> Result<Tls> {
+        if self.ssl_mode == SslMode::Disable {
+            return Ok(Tls::None);
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("TLS setup failed: {e}")))?;
+        let verify = match (self.ssl_mode, &self.ssl_root_cert) {
+            (SslMode::Prefer | SslMode::Require, None) => None,
+            (SslMode::VerifyFull, _) => Some(true),
+            _ => Some(false),
+        };
+        let config = match verify {
+            None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+                .with_no_client_auth(),
+            Some(check_host) => {
+                let roots = Arc::new(self.roots()?);
+                let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| Error::Config(format!("TLS root certificates: {e}")))?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(WebPki { inner, check_host }))
+                    .with_no_client_auth()
+            }
+        };
+        Ok(Tls::Rustls(MakeRustlsConnect::new(config)))
+    }
+
+    fn roots(&self) -> Result<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        match &self.ssl_root_cert {
+            Some(path) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+                    .map_err(|e| {
+                        Error::Config(format!(
+                            "cannot read sslrootcert {}: {e}; point it at a PEM file of CA certificates",
+                            path.display()
+                        ))
+                    })?;
+                roots.add_parsable_certificates(certs);
+            }
+            None => {
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            }
+        }
+        if roots.is_empty() {
+            return Err(Error::Config(
+                "no trusted root certificates: install ca-certificates or set sslrootcert".into(),
+            ));
+        }
+        Ok(roots)
+    }
+}
+
+/// Takes `sslmode` and `sslrootcert` out of a URL or key/value string
+/// (tokio-postgres knows neither verify mode nor root files).
+fn split_ssl_params(url: &str) -> Result<(String, SslMode, Option<PathBuf>)> {
+    let mut mode = None;
+    let mut root = None;
+    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match url.split_once('?') {
+            None => url.to_owned(),
+            Some((base, query)) => {
+                let mut kept = Vec::new();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    match pair.split_once('=') {
+                        Some(("sslmode", v)) => mode = Some(v.parse()?),
+                        Some(("sslrootcert", v)) => root = Some(PathBuf::from(percent_decode(v))),
+                        _ => kept.push(pair),
+                    }
+                }
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        }
+    } else {
+        let mut kept = Vec::new();
+        for token in url.split_whitespace() {
+            match token.split_once('=') {
+                Some(("sslmode", v)) => mode = Some(v.parse()?),
+                Some(("sslrootcert", v)) => root = Some(PathBuf::from(v)),
+                _ => kept.push(token),
+            }
+        }
+        kept.join(" ")
+    };
+    Ok((rest, mode.unwrap_or(SslMode::Prefer), root))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+enum Tls {
+    None,
+    Rustls(MakeRustlsConnect),
+}
+
+/// Opens connections, retrying with exponential backoff and jitter while
+/// the server is unreachable or starting.
+struct RetryingConnect {
+    tls: Tls,
+    deadline: Duration,
+}
+
+impl Connect for RetryingConnect {
+    fn connect(
+        &self,
+        config: &Config,
+    ) -> BoxFuture<'_, std::result::Result<(Client, JoinHandle<()>), tokio_postgres::Error>> {
+        let config = config.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let mut delay = Duration::from_millis(100);
+            loop {
+                let attempt = match &self.tls {
+                    Tls::None => config
+                        .connect(NoTls)
+                        .await
+                        .map(|(c, conn)| (c, spawn(conn))),
+                    Tls::Rustls(tls) => config
+                        .connect(tls.clone())
+                        .await
+                        .map(|(c, conn)| (c, spawn(conn))),
+                };
+                match attempt {
+                    Ok(ok) => return Ok(ok),
+                    Err(e) if is_transient(&e) && started.elapsed() + delay < self.deadline => {
+                        tracing::warn!(error = %crate::error::describe(&e), retry_in = ?delay, "database not reachable yet, retrying");
+                        tokio::time::sleep(crate::backoff::jitter(delay)).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+}
+
+fn spawn<F>(connection: F) -> JoinHandle<()>
+where
+    F: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>
+        + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    })
+}
+
+/// Whether a failed connection attempt is worth retrying: the server is
+/// unreachable, starting, shutting down or out of connection slots. Bad
+/// credentials, a missing database or a TLS failure are not.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        return code.starts_with("08") || matches!(code, "57P03" | "53300" | "57P01");
+    }
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | NotFound
+                    | TimedOut
+                    | UnexpectedEof
+                    | BrokenPipe
+                    | AddrNotAvailable
+            );
+        }
+        source = s.source();
+    }
+    // A timeout or closed connection without an io error underneath.
+    e.is_closed() || e.to_string().contains("timeout")
+}
+
+/// `sslmode=prefer|require` without a root file: encrypt, do not verify
+/// (libpq's behaviour), but still check the handshake signatures.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca` and `verify-full`: the WebPKI verifier, with the host name
+/// check waived for `verify-ca`.
+#[derive(Debug)]
+struct WebPki {
+    inner: Arc<WebPkiServerVerifier>,
+    check_host: bool,
+}
+
+impl ServerCertVerifier for WebPki {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        use rustls::{CertificateError, Error as E};
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(E::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if !self.check_host => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssl_params_are_taken_out_of_urls() {
+        let (rest, mode, root) = split_ssl_params(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(rest, "postgres://u@h/db?application_name=x");
+        assert_eq!(mode, SslMode::VerifyFull);
+        assert_eq!(root, Some(PathBuf::from("/tmp/ca.pem")));
+
+        let (rest, mode, _) = split_ssl_params("host=h user=u sslmode=require").unwrap();
+        assert_eq!(rest, "host=h user=u");
+        assert_eq!(mode, SslMode::Require);
+
+        let (_, mode, _) = split_ssl_params("postgres://u@h/db").unwrap();
+        assert_eq!(mode, SslMode::Prefer);
+
+        let unix = PgOptions::from_url("postgresql://u@/db?host=/tmp/s&sslmode=require").unwrap();
+        assert_eq!(
+            unix.ssl_mode(),
+            SslMode::Disable,
+            "sslmode does not apply to Unix sockets"
+        );
+    }
+
+    #[test]
+    fn unknown_sslmode_is_refused_by_name() {
+        let err = PgOptions::from_url("postgres://u@h/db?sslmode=maybe").unwrap_err();
+        assert!(err.to_string().contains("sslmode `maybe`"), "{err}");
+    }
+}

@@ -1,0 +1,113 @@
+//! Errors of connecting, migrating and talking to PostgreSQL.
+
+/// A result whose error defaults to this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong setting up or using the PostgreSQL store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A connection setting is wrong.
+    #[error("invalid database configuration: {0}")]
+    Config(String),
+    /// The database could not be reached (after retrying).
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(String),
+    /// A query failed.
+    #[error("PostgreSQL error: {}", describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection could be taken from the pool.
+    #[error("cannot get a database connection from the pool: {0}")]
+    Pool(String),
+    /// The database was migrated by a newer binary.
+    #[error(
+        "the database schema is at version {database}, newer than this binary knows ({binary}); upgrade chronicle"
+    )]
+    SchemaTooNew {
+        /// The version recorded in the database.
+        database: i32,
+        /// The newest version this binary knows.
+        binary: i32,
+    },
+    /// The database lacks migrations this binary needs.
+    #[error(
+        "the database schema is at version {database}, this binary needs {binary}; run `chronicle migrate`"
+    )]
+    SchemaTooOld {
+        /// The version recorded in the database.
+        database: i32,
+        /// The version this binary needs.
+        binary: i32,
+    },
+    /// A recorded migration's text differs from this binary's copy.
+    #[error(
+        "migration {version} ({name}) recorded in the database differs from this binary's; the schema was changed by another build: do not edit applied migrations, add a new one"
+    )]
+    MigrationChanged {
+        /// The migration's version.
+        version: i32,
+        /// The migration's name.
+        name: &'static str,
+    },
+    /// A migration's SQL failed; nothing of the run was applied.
+    #[error("migration {version} ({name}) failed, nothing was applied: {}", describe(.source))]
+    Migration {
+        /// The migration's version.
+        version: i32,
+        /// The migration's name.
+        name: &'static str,
+        /// The database error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A store operation failed.
+    #[error(transparent)]
+    Store(#[from] chronicle_core::Error),
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => Error::Postgres(e),
+            other => Error::Pool(other.to_string()),
+        }
+    }
+}
+
+impl From<Error> for chronicle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Store(inner) => inner,
+            other => chronicle_core::Error::Backend {
+                message: other.to_string(),
+                source: Some(Box::new(other)),
+            },
+        }
+    }
+}
+
+/// The database's own message (with detail and hint) when there is one;
+/// tokio-postgres's top-level text is only "db error".
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(": ");
+                s.push_str(d);
+            }
+            if let Some(h) = db.hint() {
+                s.push_str("; hint: ");
+                s.push_str(h);
+            }
+            s
+        }
+        None => {
+            use std::error::Error as _;
+            match e.source() {
+                Some(src) => format!("{e}: {src}"),
+                None => e.to_string(),
+            }
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! [`PgEventStore`]: appends and reads on the `events` table.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use chronicle_core::{
+    AggregateId, AppendOutcome, Error as CoreError, EventAppender, EventEnvelope, EventReader,
+    ExpectedVersion, FeedBatch, Metadata, NewEvent, Position, TimeRange, Validation,
+};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use uuid::Uuid;
+
+use crate::types::{JsonbText, Xid8};
+use crate::{Error, PgPool};
+
+/// The columns every read selects, in the order [`envelope`] decodes them.
+const COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, \
+                       version, timestamp, encrypted_fields, transaction_id, global_position";
+
+/// The default per-event limit on serialized data plus metadata: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
+
+/// The event store on PostgreSQL.
+///
+/// One append is one round trip: a call of the `chronicle_append` function,
+/// which takes the aggregate's advisory transaction lock, checks
+/// idempotency and the expected version, and inserts the batch. Reads of the
+/// global feed follow `(transaction_id, global_position)` below the
+/// snapshot's xmin, so they never skip a late-committing transaction.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use chronicle_core::{EventAppender, EventReader, ExpectedVersion, NewEvent, Position};
+/// use chronicle_postgres::{PgEventStore, PgOptions};
+/// use serde_json::json;
+///
+/// let pool = PgOptions::from_url("postgres://localhost/app")?.connect().await?;
+/// let store = PgEventStore::new(pool);
+/// let user = uuid::Uuid::now_v7();
+/// store
+///     .append(user, "user", ExpectedVersion::NoStream, vec![
+///         NewEvent::new("UserRegistered", json!({ "email": "ada@example.com" })),
+///     ])
+///     .await?;
+/// let batch = store.read_all(Position::START, 100).await?;
+/// println!("{} events, resume after {}", batch.events.len(), batch.next);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgEventStore {
+    pool: PgPool,
+    max_payload_bytes: usize,
+}
+
+impl std::fmt::Debug for PgEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgEventStore")
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One event's columns, checked and serialized, ready to bind.
+struct Prepared {
+    ids: Vec<Uuid>,
+    types: Vec<String>,
+    data: Vec<JsonbText>,
+    metadata: Vec<JsonbText>,
+    encrypted: Vec<Option<JsonbText>>,
+}
+
+impl PgEventStore {
+    /// A store over `pool`. The schema must be migrated
+    /// ([`crate::migrate`]).
+    pub fn new(pool: PgPool) -> Self {
+        PgEventStore {
+            pool,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// The largest serialized `event_data` plus `metadata` of one event,
+    /// in bytes (default [`DEFAULT_MAX_PAYLOAD_BYTES`], 1 MiB). Larger
+    /// events are refused before anything is sent.
+    pub fn max_payload_bytes(&mut self, bytes: usize) -> &mut Self {
+        self.max_payload_bytes = bytes;
+        self
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn prepare(
+        &self,
+        aggregate_id: AggregateId,
+        aggregate_type: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<Prepared, Validation> {
+        if aggregate_id.is_nil() {
+            return Err(Validation::new(
+                "aggregate_id",
+                "is the nil UUID; give the aggregate a real id (e.g. a UUIDv7)",
+            ));
+        }
+        check_name("aggregate_type", aggregate_type, 50)?;
+        if events.is_empty() {
+            return Err(Validation::new(
+                "events",
+                "nothing to append; pass at least one event",
+            ));
+        }
+        let last = u64::from(expected.as_option().unwrap_or(0)) + events.len() as u64;
+        if last > i32::MAX as u64 {
+            return Err(Validation::new(
+                "expected_version",
+                format!(
+                    "the aggregate's versions would pass {}, the largest a version can be",
+                    i32::MAX
+                ),
+            ));
+        }
+        let mut seen = HashSet::with_capacity(events.len());
+        let mut prepared = Prepared {
+            ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            data: Vec::with_capacity(events.len()),
+            metadata: Vec::with_capacity(events.len()),
+            encrypted: Vec::with_capacity(events.len()),
+        };
+        for (i, e) in events.iter().enumerate() {
+            let field = |name: &str| format!("events[{i}].{name}");
+            if e.event_id.is_nil() {
+                return Err(Validation::new(
+                    field("event_id"),
+                    "is the nil UUID; leave the default (a fresh UUIDv7) or pass a real id",
+                ));
+            }
+            if !seen.insert(e.event_id) {
+                return Err(Validation::new(
+                    field("event_id"),
+                    format!(
+                        "{} appears twice in the batch; every event needs its own id",
+                        e.event_id
+                    ),
+                ));
+            }
+            check_name(&field("event_type"), &e.event_type, 100)?;
+            if !e.data.is_object() {
+                return Err(Validation::new(
+                    field("event_data"),
+                    format!("must be a JSON object, got {}", json_kind(&e.data)),
+                ));
+            }
+            if e.metadata.schema_version == 0 {
+                return Err(Validation::new(
+                    field("metadata.schema_version"),
+                    "must be 1 or more (absent means 1)",
+                ));
+            }
+            for pointer in &e.encrypted_fields {
+                if !pointer.starts_with('/') {
+                    return Err(Validation::new(
+                        field("encrypted_fields"),
+                        format!("`{pointer}` is not a JSON pointer; pointers start with `/`"),
+                    ));
+                }
+            }
+            let data = serde_json::to_string(&e.data).expect("a Value always serializes");
+            let metadata = serde_json::to_string(&e.metadata).expect("metadata always serializes");
+            let size = data.len() + metadata.len();
+            if size > self.max_payload_bytes {
+                return Err(Validation::new(
+                    field("event_data"),
+                    format!(
+                        "data and metadata are {size} bytes, over the limit of {} bytes; store large blobs elsewhere and reference them, or raise the limit (PgEventStore::max_payload_bytes)",
+                        self.max_payload_bytes
+                    ),
+                ));
+            }
+            for (name, text) in [("event_data", &data), ("metadata", &metadata)] {
+                if text.contains("\\u0000") {
+                    return Err(Validation::new(
+                        field(name),
+                        "contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot store; remove or encode it",
+                    ));
+                }
+            }
+            prepared.ids.push(e.event_id);
+            prepared.types.push(e.event_type.clone());
+            prepared.data.push(JsonbText(data));
+            prepared.metadata.push(JsonbText(metadata));
+            prepared.encrypted.push(if e.encrypted_fields.is_empty() {
+                None
+            } else {
+                Some(JsonbText(
+                    serde_json::to_string(&e.encrypted_fields).expect("strings serialize"),
+                ))
+            });
+        }
+        Ok(prepared)
+    }
+
+    /// Which of `ids` are already stored (for the error of a partial
+    /// duplicate).
+    async fn first_stored(&self, ids: &[Uuid]) -> Result<Option<Uuid>, Error> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_typed_opt(
+                "SELECT event_id FROM events WHERE event_id = ANY($1) LIMIT 1",
+                &[(&ids, Type::UUID_ARRAY)],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<EventEnvelope>, Error> {
+        let client = self.pool.get().await?;
+        let rows = client.query_typed(sql, params).await?;
+        rows.iter().map(envelope).collect()
+    }
+}
+
+fn check_name(field: &str, value: &str, max: usize) -> Result<(), Validation> {
+    if value.trim().is_empty() {
+        return Err(Validation::new(field, "is empty; give it a name"));
+    }
+    let chars = value.chars().count();
+    if chars > max {
+        return Err(Validation::new(
+            field,
+            format!("is {chars} characters long, the column holds at most {max}"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(Validation::new(
+            field,
+            "contains a NUL character, which PostgreSQL text cannot store",
+        ));
+    }
+    Ok(())
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Decodes a row selected with [`COLUMNS`].
+pub(crate) fn envelope(row: &Row) -> Result<EventEnvelope, Error> {
+    let version: i32 = row.try_get(6)?;
+    let timestamp: Option<DateTime<Utc>> = row.try_get(7)?;
+    let encrypted: Option<Vec<String>> = row.try_get(8)?;
+    let xid: Xid8 = row.try_get(9)?;
+    Ok(EventEnvelope {
+        event_id: row.try_get(0)?,
+        aggregate_id: row.try_get(1)?,
+        aggregate_type: row.try_get(2)?,
+        event_type: row.try_get(3)?,
+        event_data: row.try_get(4)?,
+        metadata: Metadata::from_json(row.try_get(5)?),
+        version: u32::try_from(version).unwrap_or(0),
+        timestamp: timestamp.unwrap_or_default(),
+        encrypted_fields: encrypted.unwrap_or_default(),
+        position: Position::new(xid.0, row.try_get(10)?),
+    })
+}
+
+#[async_trait]
+impl EventAppender for PgEventStore {
+    #[tracing::instrument(level = "debug", skip(self, events), fields(events = events.len()))]
+    async fn append(
+        &self,
+        aggregate_id: AggregateId,
+        aggregate_type: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> chronicle_core::Result<AppendOutcome> {
+        let p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
+        let expected_param: Option<i32> = expected.as_option().map(|v| v as i32);
+        let client = self.pool.get().await.map_err(Error::from)?;
+        let result = client
+            .query_typed_one(
+                "SELECT status, version FROM chronicle_append($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    (&aggregate_id, Type::UUID),
+                    (&aggregate_type, Type::TEXT),
+                    (&expected_param, Type::INT4),
+                    (&p.ids, Type::UUID_ARRAY),
+                    (&p.types, Type::TEXT_ARRAY),
+                    (&p.data, Type::JSONB_ARRAY),
+                    (&p.metadata, Type::JSONB_ARRAY),
+                    (&p.encrypted, Type::JSONB_ARRAY),
+                ],
+            )
+            .await;
+        drop(client);
+        let row = match result {
+            Ok(row) => row,
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                let stored = self.first_stored(&p.ids).await?;
+                return Err(match stored {
+                    Some(event_id) => CoreError::DuplicateEventId { event_id },
+                    None => CoreError::backend(
+                        "a concurrent writer inserted into this aggregate without chronicle_append's lock; retry",
+                        e,
+                    ),
+                });
+            }
+            Err(e) => return Err(Error::from(e).into()),
+        };
+        let (status, version): (i32, i32) = (row.get(0), row.get(1));
+        let version = u32::try_from(version).unwrap_or(0);
+        match status {
+            0 => Ok(AppendOutcome {
+                version,
+                appended: true,
+            }),
+            1 => Ok(AppendOutcome {
+                version,
+                appended: false,
+            }),
+            2 => Err(CoreError::Conflict {
+                aggregate_id,
+                expected,
+                actual: version,
+            }),
+            _ => Err(CoreError::DuplicateEventId { event_id: p.ids[0] }),
+        }
+    }
+}
+
+#[async_trait]
+impl EventReader for PgEventStore {
+    async fn read_stream(
+        &self,
+        aggregate_id: AggregateId,
+        from: u32,
+        to: Option<u32>,
+    ) -> chronicle_core::Result<Vec<EventEnvelope>> {
+        let from = i32::try_from(from).unwrap_or(i32::MAX);
+        let to = to.map_or(i32::MAX, |t| i32::try_from(t).unwrap_or(i32::MAX));
+        Ok(self
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM events WHERE aggregate_id = $1 AND version BETWEEN $2 AND $3 ORDER BY version"
+                ),
+                &[(&aggregate_id, Type::UUID), (&from, Type::INT4), (&to, Type::INT4)],
+            )
+            .await?)
+    }
+
+    async fn read_stream_as_of(
+        &self,
+        aggregate_id: AggregateId,
+        at: DateTime<Utc>,
+    ) -> chronicle_core::Result<Vec<EventEnvelope>> {
+        Ok(self
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM events WHERE aggregate_id = $1 AND timestamp <= $2 ORDER BY version"
+                ),
+                &[(&aggregate_id, Type::UUID), (&at, Type::TIMESTAMPTZ)],
+            )
+            .await?)
+    }
+
+    async fn read_all(&self, after: Position, limit: usize) -> chronicle_core::Result<FeedBatch> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let events = self
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM events \
+                      WHERE (transaction_id, global_position) > ($1, $2) \
+                        AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                      ORDER BY transaction_id, global_position LIMIT $3"
+                ),
+                &[
+                    (&Xid8(after.transaction_id), Type::XID8),
+                    (&after.global_position, Type::INT8),
+                    (&limit, Type::INT8),
+                ],
+            )
+            .await?;
+        let next = events.last().map_or(after, |e| e.position);
+        Ok(FeedBatch { events, next })
+    }
+
+    async fn read_by_type(
+        &self,
+        event_type: &str,
+        range: TimeRange,
+        limit: usize,
+    ) -> chronicle_core::Result<Vec<EventEnvelope>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(self
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM events \
+                      WHERE event_type = $1 \
+                        AND timestamp >= coalesce($2, '-infinity'::timestamptz) \
+                        AND timestamp < coalesce($3, 'infinity'::timestamptz) \
+                      ORDER BY timestamp, global_position LIMIT $4"
+                ),
+                &[
+                    (&event_type, Type::TEXT),
+                    (&range.from, Type::TIMESTAMPTZ),
+                    (&range.to, Type::TIMESTAMPTZ),
+                    (&limit, Type::INT8),
+                ],
+            )
+            .await?)
+    }
+}
