@@ -234,8 +234,15 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
             print_record(&json!({ "reset": true, "dir": dir }), format);
         }
         DevCommand::Status => {
+            let status = EmbeddedPostgres::status(&dir);
             print_record(
-                &json!({ "running": EmbeddedPostgres::is_running(&dir), "dir": dir }),
+                &json!({
+                    "running": EmbeddedPostgres::is_running(&dir),
+                    "dir": status.cluster_dir,
+                    "pid": status.pid,
+                    "postgres_version": status.pg_version,
+                    "url": status.url,
+                }),
                 format,
             );
         }

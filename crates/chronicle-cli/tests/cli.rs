@@ -1,0 +1,277 @@
+//! The `chronicle` binary, run as a user would: exit codes, JSON output,
+//! JSON lines on stdin, and the embedded default across invocations.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use chronicle_embedded::EmbeddedPostgres;
+use serde_json::Value;
+
+/// One throwaway cluster for this test binary; each test uses a database
+/// of its own on it.
+fn server() -> &'static EmbeddedPostgres {
+    static PG: OnceLock<EmbeddedPostgres> = OnceLock::new();
+    PG.get_or_init(|| EmbeddedPostgres::throwaway().expect("start a throwaway PostgreSQL"))
+}
+
+fn fresh_database() -> String {
+    let name = format!("cli_{}", uuid::Uuid::new_v4().simple());
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-d",
+            &server().url(),
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .output()
+        .expect("psql is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server().url_for(&name)
+}
+
+fn chronicle(url: Option<&str>, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chronicle"));
+    cmd.args(args).env_remove("DATABASE_URL");
+    if let Some(url) = url {
+        cmd.env("DATABASE_URL", url);
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run chronicle");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("chronicle finishes")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[test]
+fn append_read_state_and_exit_codes() {
+    let url = fresh_database();
+    let url = Some(url.as_str());
+    let migrated = json_lines(&ok(&chronicle(url, &["migrate", "--output", "json"], None)));
+    assert_eq!(
+        migrated[0]["applied"].as_array().map(Vec::len),
+        Some(migrated[0]["schema_version"].as_u64().unwrap() as usize)
+    );
+    let again = json_lines(&ok(&chronicle(url, &["migrate", "--output", "json"], None)));
+    assert_eq!(again[0]["applied"], serde_json::json!([]));
+
+    let id = "0193a1b2-0000-7000-8000-000000000001";
+    let append = |data: &str, expected: &str| {
+        chronicle(
+            url,
+            &[
+                "append",
+                "--aggregate-id",
+                id,
+                "--aggregate-type",
+                "user",
+                "--event-type",
+                "Renamed",
+                "--data",
+                data,
+                "--metadata",
+                r#"{"actor":"cli-test"}"#,
+                "--expected-version",
+                expected,
+                "--output",
+                "json",
+            ],
+            None,
+        )
+    };
+    let first = json_lines(&ok(&append(r#"{"name":"Ada"}"#, "no-stream")));
+    assert_eq!(first[0]["version"], 1);
+    ok(&append(r#"{"name":"Ada L.","city":"London"}"#, "1"));
+
+    let conflict = append(r#"{"name":"B"}"#, "1");
+    assert_eq!(
+        conflict.status.code(),
+        Some(3),
+        "a conflict exits 3: {}",
+        String::from_utf8_lossy(&conflict.stderr)
+    );
+    assert!(String::from_utf8_lossy(&conflict.stderr).contains("actual version is 2"));
+
+    let bad = append(r#"[1,2]"#, "any");
+    assert_eq!(bad.status.code(), Some(2), "bad input exits 2");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("event_data"),
+        "the field is named"
+    );
+
+    let usage = chronicle(url, &["append", "--aggregate-id", id], None);
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("--event-type"));
+
+    let missing = chronicle(
+        url,
+        &["read", "stream", "0193a1b2-0000-7000-8000-0000000000ff"],
+        None,
+    );
+    assert_eq!(missing.status.code(), Some(4), "not found exits 4");
+
+    let rows = json_lines(&ok(&chronicle(
+        url,
+        &["read", "stream", id, "--output", "json"],
+        None,
+    )));
+    assert_eq!(rows.len(), 2);
+    for key in [
+        "event_id",
+        "aggregate_id",
+        "aggregate_type",
+        "event_type",
+        "event_data",
+        "metadata",
+        "version",
+        "timestamp",
+        "encrypted_fields",
+        "global_position",
+    ] {
+        assert!(
+            rows[0].get(key).is_some(),
+            "read json has `{key}`: {}",
+            rows[0]
+        );
+    }
+    assert_eq!(rows[0]["metadata"]["actor"], "cli-test");
+    assert_eq!(rows[1]["version"], 2);
+
+    let state = json_lines(&ok(&chronicle(
+        url,
+        &["state", id, "--as-of", "1", "--output", "json"],
+        None,
+    )));
+    assert_eq!(state[0]["state"], serde_json::json!({ "name": "Ada" }));
+    let state = json_lines(&ok(&chronicle(
+        url,
+        &["state", id, "--output", "json"],
+        None,
+    )));
+    assert_eq!(
+        state[0]["state"],
+        serde_json::json!({ "name": "Ada L.", "city": "London" })
+    );
+    let bad_time = chronicle(url, &["state", id, "--as-of", "yesterday"], None);
+    assert_eq!(bad_time.status.code(), Some(2));
+
+    let all = json_lines(&ok(&chronicle(
+        url,
+        &["read", "all", "--output", "json"],
+        None,
+    )));
+    assert_eq!(all.len(), 2);
+    let typed = json_lines(&ok(&chronicle(
+        url,
+        &["read", "type", "Renamed", "--output", "json"],
+        None,
+    )));
+    assert_eq!(typed.len(), 2);
+    let status = json_lines(&ok(&chronicle(url, &["status", "--output", "json"], None)));
+    assert_eq!(status[0]["event_count"], 2);
+}
+
+#[test]
+fn json_lines_on_stdin_are_checked_before_anything_is_stored() {
+    let url = fresh_database();
+    let url = Some(url.as_str());
+    ok(&chronicle(url, &["migrate"], None));
+    let good = r#"{"aggregate_id":"0193a1b2-0000-7000-8000-000000000002","aggregate_type":"order","event_type":"Placed","data":{"n":1},"expected_version":"no-stream"}"#;
+    let broken = r#"{"aggregate_id":"0193a1b2-0000-7000-8000-000000000002","aggregate_type":"order","event_type":"Paid","data":{"n":2},"surprise":true}"#;
+    let out = chronicle(url, &["append"], Some(&format!("{good}\n{broken}\n")));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = json_lines(&ok(&chronicle(url, &["status", "--output", "json"], None)));
+    assert_eq!(
+        status[0]["event_count"], 0,
+        "nothing of the input was stored"
+    );
+
+    let second = good
+        .replace("Placed", "Shipped")
+        .replace("\"no-stream\"", "1");
+    let out = json_lines(&ok(&chronicle(
+        url,
+        &["append", "--output", "json"],
+        Some(&format!("{good}\n\n{second}\n")),
+    )));
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[1]["version"], 2);
+}
+
+#[test]
+fn the_embedded_default_keeps_data_between_invocations() {
+    let home = tempfile::Builder::new()
+        .prefix("chronicle-cli-home")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap();
+    let home_path = home.path().join("pg");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_chronicle"))
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env("CHRONICLE_HOME", &home_path)
+            .output()
+            .expect("run chronicle");
+        ok(&out)
+    };
+    run(&["migrate"]);
+    run(&[
+        "append",
+        "--aggregate-id",
+        "0193a1b2-0000-7000-8000-000000000003",
+        "--aggregate-type",
+        "note",
+        "--event-type",
+        "Written",
+        "--data",
+        r#"{"text":"persisted"}"#,
+    ]);
+    let all = json_lines(&run(&["read", "all", "--output", "json"]));
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0]["event_data"]["text"], "persisted");
+    let status = json_lines(&run(&["dev", "status", "--output", "json"]));
+    assert_eq!(status[0]["running"], true);
+    run(&["dev", "stop"]);
+    // Stopped, the data stays: the next command starts the cluster again.
+    let all = json_lines(&run(&["read", "all", "--output", "json"]));
+    assert_eq!(all.len(), 1);
+    run(&["dev", "reset"]);
+    assert!(
+        !home_path.join("data").exists(),
+        "reset deletes the cluster"
+    );
+}
