@@ -45,3 +45,21 @@ pub use error::{Error, Result};
 pub use migrate::{MigrateOptions, MigrateReport, ensure_schema, migrate};
 pub use status::{OpenTransaction, StoreStatus};
 pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, PgEventStore};
+
+#[cfg(test)]
+mod tests {
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn public_types_are_send_and_sync() {
+        send_sync::<crate::PgEventStore>();
+        send_sync::<crate::PgOptions>();
+        send_sync::<crate::PgPool>();
+        send_sync::<crate::Error>();
+        send_sync::<crate::StoreStatus>();
+        send_sync::<chronicle_core::Error>();
+        send_sync::<chronicle_core::EventEnvelope>();
+        send_sync::<chronicle_core::NewEvent>();
+        send_sync::<chronicle_core::Repository<crate::PgEventStore>>();
+    }
+}

@@ -42,6 +42,15 @@ impl TlsServer {
     }
 
     fn start() -> TlsServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> TlsServer {
         let bin = server_bin_dir();
         let dir = std::env::temp_dir().join(format!(
             "chronicle-tls-{}-{}",
@@ -54,11 +63,6 @@ impl TlsServer {
             .output()
             .map(|o| o.stdout.starts_with(b"0"))
             .unwrap_or(false);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let server = TlsServer {
             dir: dir.clone(),
             pg_ctl: bin.join("pg_ctl"),
@@ -269,4 +273,54 @@ async fn sslmode_is_honoured_against_a_self_signed_server() {
             .ssl_mode(),
         SslMode::VerifyFull
     );
+}
+
+/// A database that is not up yet (a Neon compute waking from scale-to-zero)
+/// is waited for: connecting retries with backoff until it accepts.
+#[tokio::test]
+async fn connecting_waits_for_a_server_that_starts_late() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgresql://postgres@localhost:{port}/postgres?sslmode=require");
+    let connecting = tokio::spawn(async move {
+        let mut options = PgOptions::from_url(&url).unwrap();
+        options.connect_timeout(std::time::Duration::from_secs(60));
+        let started = std::time::Instant::now();
+        let pool = options.connect().await?;
+        let client = pool.get().await?;
+        let one: i32 = client.query_typed_one("SELECT 1", &[]).await?.get(0);
+        Ok::<_, chronicle_postgres::Error>((one, started.elapsed()))
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        !connecting.is_finished(),
+        "nothing listens yet, so the connect is still retrying"
+    );
+    let _server = tokio::task::spawn_blocking(move || TlsServer::start_on(port))
+        .await
+        .unwrap();
+    let (one, waited) = connecting
+        .await
+        .unwrap()
+        .expect("connected once the server came up");
+    assert_eq!(one, 1);
+    assert!(waited >= std::time::Duration::from_millis(1500));
+
+    // Refused for good reasons is not retried: a wrong database fails at once.
+    let started = std::time::Instant::now();
+    let err = PgOptions::from_url(&format!(
+        "postgresql://postgres@localhost:{port}/no_such_db?sslmode=require"
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap_err();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no_such_db"), "{err}");
 }
