@@ -84,18 +84,32 @@ impl Metadata {
 
     /// Reads metadata from the stored JSON; `null` or a missing column gives
     /// the default, unknown fields land in `extra`.
+    ///
+    /// ```
+    /// use chronicle_core::Metadata;
+    /// use serde_json::json;
+    ///
+    /// let m = Metadata::from_json(Some(json!({ "actor": "svc", "tenant": "t1" })));
+    /// assert_eq!(m.actor.as_deref(), Some("svc"));
+    /// assert_eq!(m.extra["tenant"], "t1");
+    /// // A named field of the wrong type: everything is kept, as extra fields.
+    /// let odd = Metadata::from_json(Some(json!({ "schema_version": "two" })));
+    /// assert_eq!(odd.schema_version, 1);
+    /// assert_eq!(odd.extra["schema_version"], "two");
+    /// ```
     pub fn from_json(value: Option<Value>) -> Self {
         match value {
-            Some(v @ Value::Object(_)) => serde_json::from_value(v.clone()).unwrap_or_else(|_| {
+            Some(value @ Value::Object(_)) => match Metadata::deserialize(&value) {
+                Ok(metadata) => metadata,
                 // Named fields of the wrong type: keep everything as extra.
-                let Value::Object(extra) = v else {
-                    unreachable!("matched an object above")
-                };
-                Metadata {
-                    extra,
+                Err(_) => Metadata {
+                    extra: match value {
+                        Value::Object(map) => map,
+                        _ => Map::new(),
+                    },
                     ..Metadata::default()
-                }
-            }),
+                },
+            },
             _ => Metadata::default(),
         }
     }

@@ -2,10 +2,12 @@
 
 use std::collections::HashSet;
 
+use futures_util::TryStreamExt;
+
 use async_trait::async_trait;
 use chronicle_core::{
     AggregateId, AppendOutcome, Error as CoreError, EventAppender, EventEnvelope, EventReader,
-    ExpectedVersion, FeedBatch, Metadata, NewEvent, Position, TimeRange, Validation,
+    ExpectedVersion, FeedBatch, NewEvent, Position, TimeRange, Validation,
 };
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -14,7 +16,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
-use crate::types::{JsonbText, Xid8};
+use crate::types::{JsonbText, MetadataColumn, Xid8};
 use crate::{Error, PgPool};
 
 /// The columns every read selects, in the order [`envelope`] decodes them.
@@ -274,7 +276,7 @@ pub(crate) fn envelope(row: &Row) -> Result<EventEnvelope, Error> {
         aggregate_type: row.try_get(2)?,
         event_type: row.try_get(3)?,
         event_data: row.try_get(4)?,
-        metadata: Metadata::from_json(row.try_get(5)?),
+        metadata: row.try_get::<_, MetadataColumn>(5)?.0,
         version: u32::try_from(version).unwrap_or(0),
         timestamp: timestamp.unwrap_or_default(),
         encrypted_fields: encrypted.unwrap_or_default(),

@@ -3,6 +3,7 @@
 use std::error::Error as StdError;
 
 use bytes::BytesMut;
+use chronicle_core::Metadata;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 /// A PostgreSQL `xid8` (a 64-bit transaction id), sent and read in binary.
@@ -58,4 +59,36 @@ impl ToSql for JsonbText {
     }
 
     to_sql_checked!();
+}
+
+/// The `metadata` column decoded straight from the wire into [`Metadata`],
+/// without building a JSON tree first. `NULL` or a non-object gives the
+/// default metadata, as [`Metadata::from_json`] does.
+pub(crate) struct MetadataColumn(pub Metadata);
+
+impl<'a> FromSql<'a> for MetadataColumn {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
+        let text = if *ty == Type::JSONB {
+            match raw.split_first() {
+                Some((1, rest)) => rest,
+                _ => return Err("unsupported jsonb encoding version".into()),
+            }
+        } else {
+            raw
+        };
+        Ok(MetadataColumn(
+            match serde_json::from_slice::<Metadata>(text) {
+                Ok(m) => m,
+                Err(_) => Metadata::from_json(serde_json::from_slice(text).ok()),
+            },
+        ))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn StdError + Sync + Send>> {
+        Ok(MetadataColumn(Metadata::default()))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
 }
