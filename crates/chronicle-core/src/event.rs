@@ -22,7 +22,7 @@ use crate::{AggregateId, Position};
 /// assert_eq!(json["actor"], "alice");
 /// assert_eq!(json["schema_version"], 1);
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Metadata {
     /// Ties together every event caused by one request or workflow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -34,15 +34,49 @@ pub struct Metadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
     /// Version of the event's data schema; absent in stored JSON means 1.
-    #[serde(default = "one")]
     pub schema_version: u32,
     /// Any other metadata fields.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-fn one() -> u32 {
-    1
+/// Hand-written rather than derived: `#[serde(flatten)]` buffers every
+/// field through an intermediate tree, and metadata is decoded for every
+/// event read.
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Metadata;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a metadata object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Metadata, A::Error> {
+                let mut m = Metadata::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "correlation_id" => m.correlation_id = map.next_value()?,
+                        "causation_id" => m.causation_id = map.next_value()?,
+                        "actor" => m.actor = map.next_value()?,
+                        "schema_version" => m.schema_version = map.next_value()?,
+                        _ => {
+                            let value: Value = map.next_value()?;
+                            m.extra.insert(key.into_owned(), value);
+                        }
+                    }
+                }
+                Ok(m)
+            }
+        }
+
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 impl Default for Metadata {
@@ -194,4 +228,30 @@ pub struct EventEnvelope {
     pub encrypted_fields: Vec<String>,
     /// Where the event stands in the global feed.
     pub position: Position,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn metadata_round_trips_named_and_extra_fields() {
+        let id = Uuid::now_v7();
+        let stored = json!({
+            "correlation_id": id, "actor": null, "schema_version": 3,
+            "tenant": "t1", "trace": { "span": 7 }
+        });
+        let m: Metadata = serde_json::from_value(stored).unwrap();
+        assert_eq!(m.correlation_id, Some(id));
+        assert_eq!(m.actor, None);
+        assert_eq!(m.schema_version, 3);
+        assert_eq!(m.extra["trace"]["span"], 7);
+        let back: Metadata = serde_json::from_value(m.to_json()).unwrap();
+        assert_eq!(back, m);
+        let empty: Metadata = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, Metadata::default());
+        assert!(serde_json::from_str::<Metadata>("[1]").is_err());
+    }
 }
