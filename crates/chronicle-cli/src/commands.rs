@@ -1,6 +1,6 @@
 //! The subcommands and what they do.
 
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -341,6 +341,11 @@ async fn append(db: &Database, args: AppendArgs, format: OutputFormat) -> Result
             event,
         ));
     } else {
+        if args.file.is_none() && std::io::stdin().is_terminal() {
+            bail!(UsageError(
+                "no events given: pass --aggregate-id, --aggregate-type, --event-type and --data, or --file PATH, or pipe JSON lines to stdin".into()
+            ));
+        }
         let reader: Box<dyn BufRead> = match args.file.as_deref() {
             Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
                 std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,

@@ -6,6 +6,8 @@
 mod support;
 
 mod concurrency;
+mod crypto;
 mod migrations;
+mod repository;
 mod store;
 mod tls;
