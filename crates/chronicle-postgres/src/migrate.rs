@@ -38,11 +38,6 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "append",
         sql: include_str!("../migrations/0002_append.sql"),
     },
-    Migration {
-        version: 4,
-        name: "crypto",
-        sql: include_str!("../migrations/0004_crypto.sql"),
-    },
 ];
 
 /// The newest schema version this binary knows.

@@ -6,7 +6,6 @@
 mod support;
 
 mod concurrency;
-mod crypto;
 mod migrations;
 mod repository;
 mod store;
