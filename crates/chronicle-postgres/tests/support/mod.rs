@@ -311,3 +311,37 @@ pub async fn event_count(db: &TestDb) -> i64 {
         .expect("count events")
         .get(0)
 }
+
+/// Reads the whole feed until `expected` events have arrived. Open
+/// transactions of other tests on the cluster hold the feed's horizon back
+/// for a moment (xids are cluster-wide), so this waits, up to 30 s, then
+/// checks nothing more follows.
+pub async fn read_feed(
+    store: &PgEventStore,
+    expected: usize,
+) -> Vec<chronicle_core::EventEnvelope> {
+    use chronicle_core::{EventReader, Position};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut after = Position::START;
+    let mut events = Vec::new();
+    while events.len() < expected {
+        let batch = store.read_all(after, 1000).await.expect("read the feed");
+        if batch.events.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the feed stalled at {after} with {} of {expected} events",
+                events.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        after = batch.next;
+        events.extend(batch.events);
+    }
+    let rest = store.read_all(after, 1000).await.expect("read the feed");
+    assert!(
+        rest.events.is_empty(),
+        "more events than expected: {}",
+        events.len() + rest.events.len()
+    );
+    events
+}
