@@ -64,7 +64,11 @@ async fn concurrent_commands_retry_on_conflict_and_all_land() {
         Err(CommandError::Domain(Limit(1000))) => {}
         other => panic!("expected the domain error, got {other:?}"),
     }
-    assert_eq!(repo.load::<Counter>(id).await.unwrap().1, 16, "a refused command stores nothing");
+    assert_eq!(
+        repo.load::<Counter>(id).await.unwrap().1,
+        16,
+        "a refused command stores nothing"
+    );
 }
 
 #[tokio::test]
