@@ -3,7 +3,7 @@
 //! - [`PgOptions`] parses a database URL (TLS by `sslmode`, a pool,
 //!   connection retries for databases that scale to zero) and builds a
 //!   [`PgPool`].
-//! - [`migrate`] applies the versioned schema: the spec's `events` table plus
+//! - [`migrate()`] applies the versioned schema: the spec's `events` table plus
 //!   `global_position` and `transaction_id`, and the `chronicle_append`
 //!   function.
 //! - [`PgEventStore`] implements [`chronicle_core::EventAppender`] and

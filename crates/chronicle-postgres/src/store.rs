@@ -77,7 +77,7 @@ struct Prepared {
 
 impl PgEventStore {
     /// A store over `pool`. The schema must be migrated
-    /// ([`crate::migrate`]).
+    /// ([`crate::migrate()`]).
     pub fn new(pool: PgPool) -> Self {
         PgEventStore {
             pool,
@@ -222,14 +222,26 @@ impl PgEventStore {
         Ok(row.map(|r| r.get(0)))
     }
 
+    /// Runs a read and decodes rows as they stream in, so decoding on the
+    /// client overlaps the server producing the rest.
     async fn query(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<EventEnvelope>, Error> {
         let client = self.pool.get().await?;
-        let rows = client.query_typed(sql, params).await?;
-        rows.iter().map(envelope).collect()
+        let rows = client
+            .query_typed_raw(
+                sql,
+                params.iter().map(|(v, t)| (*v as &dyn ToSql, t.clone())),
+            )
+            .await?;
+        futures_util::pin_mut!(rows);
+        let mut events = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            events.push(envelope(&row)?);
+        }
+        Ok(events)
     }
 }
 
