@@ -438,6 +438,14 @@ pub enum ChainProblem {
         /// The row.
         seq: u64,
     },
+    /// Rows follow the expected head: they were added without moving the
+    /// anchor, i.e. not by the audit sink.
+    BeyondHead {
+        /// The first row after the head.
+        first_seq: u64,
+        /// The last row.
+        last_seq: u64,
+    },
 }
 
 impl ChainProblem {
@@ -447,7 +455,8 @@ impl ChainProblem {
             | ChainProblem::Inserted { seq }
             | ChainProblem::BrokenLink { seq, .. }
             | ChainProblem::HeadMismatch { seq } => seq,
-            ChainProblem::Deleted { first_seq, .. } => first_seq,
+            ChainProblem::Deleted { first_seq, .. }
+            | ChainProblem::BeyondHead { first_seq, .. } => first_seq,
             ChainProblem::Truncated { last_seq, .. } => last_seq,
         }
     }
@@ -487,6 +496,13 @@ impl fmt::Display for ChainProblem {
             ChainProblem::HeadMismatch { seq } => write!(
                 f,
                 "row {seq} does not have the anchored hash: the chain was rewritten up to there"
+            ),
+            ChainProblem::BeyondHead {
+                first_seq,
+                last_seq,
+            } => write!(
+                f,
+                "rows {first_seq} to {last_seq} come after the anchored head: they were added outside the audit sink"
             ),
         }
     }
@@ -624,6 +640,12 @@ pub fn verify_chain_from(
             }
         } else if anchor.seq > start.seq {
             problems.push(ChainProblem::HeadMismatch { seq: anchor.seq });
+        }
+        if prev.seq > anchor.seq {
+            problems.push(ChainProblem::BeyondHead {
+                first_seq: anchor.seq + 1,
+                last_seq: prev.seq,
+            });
         }
     }
 
@@ -867,6 +889,15 @@ mod tests {
             hash: records[4].hash,
         };
         assert!(verify_chain_from(&ChainHead::GENESIS, &records, Some(&anchor)).is_intact());
+        let forged = forge(&records[4], 6);
+        records.push(forged);
+        assert_eq!(
+            verify_chain_from(&ChainHead::GENESIS, &records, Some(&anchor)).problems,
+            vec![ChainProblem::BeyondHead {
+                first_seq: 6,
+                last_seq: 6
+            }]
+        );
         records.truncate(3);
         assert!(verify_chain(&records).is_intact());
         assert_eq!(

@@ -223,4 +223,39 @@ impl Error {
     pub fn is_integrity_failure(&self) -> bool {
         matches!(self, Error::Tampered { .. } | Error::UnwrapFailed { .. })
     }
+
+    /// The crypto error inside a store error, if it is one: what an
+    /// [`crate::EncryptedStore`] returned as [`chronicle_core::Error`].
+    pub fn in_store_error(error: &chronicle_core::Error) -> Option<&Error> {
+        match error {
+            chronicle_core::Error::Backend {
+                source: Some(source),
+                ..
+            } => source.downcast_ref::<Error>(),
+            _ => None,
+        }
+    }
+}
+
+/// Crypto errors as store errors: an event that cannot be encrypted as
+/// configured is [`chronicle_core::Error::Invalid`], everything else
+/// [`chronicle_core::Error::Backend`] with the same message and the crypto
+/// error as its source ([`Error::in_store_error`] gets it back).
+impl From<Error> for chronicle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidEvent {
+                event_id,
+                event_type,
+                reason,
+            } => {
+                chronicle_core::Validation::new(format!("event {event_id} ({event_type})"), reason)
+                    .into()
+            }
+            other => chronicle_core::Error::Backend {
+                message: other.to_string(),
+                source: Some(Box::new(other)),
+            },
+        }
+    }
 }

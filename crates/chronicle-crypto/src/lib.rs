@@ -19,7 +19,17 @@
 //!   KMS adapters for production); [`SecretStore`] for secrets.
 //! - [`DataKeyStore`]: wrapped data keys per subject.
 //! - [`AuditSink`], [`AuditRecord`], [`verify_chain`]: the hash-chained audit
-//!   trail.
+//!   trail; [`GroupCommitAuditSink`] merges concurrent readers' audit
+//!   batches into one append.
+//! - [`EncryptedStore`]: wraps any [`EventStore`](chronicle_core::EventStore)
+//!   so appends encrypt before the event leaves the process and reads
+//!   decrypt for an [`AccessContext`] (or redact, or return ciphertext:
+//!   [`ReadMode`]).
+//!
+//! On PostgreSQL, `chronicle-postgres` provides `PgDataKeyStore` and
+//! `PgAuditSink` (migration 4: `chronicle_key_subjects`,
+//! `chronicle_data_keys`, `chronicle_audit_log`, `chronicle_audit_head`);
+//! the in-memory [`MemoryDataKeyStore`] and [`MemoryAuditSink`] serve tests.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -178,9 +188,11 @@
 mod audit;
 mod cache;
 mod config;
+mod encrypted_store;
 mod encryptor;
 mod envelope;
 mod error;
+mod group_commit;
 mod keyring;
 mod keys;
 mod secrets;
@@ -191,6 +203,7 @@ pub use audit::{
     ChainHead, ChainProblem, ChainReport, MemoryAuditSink, verify_chain, verify_chain_from,
 };
 pub use config::{EncryptionConfig, EventRule, FieldPointer};
+pub use encrypted_store::{EncryptedStore, ReadMode};
 pub use encryptor::{
     AccessPolicy, AllowAll, DecryptSummary, FieldAccess, FieldEncryptor, FieldEncryptorBuilder,
     RewrapPage, RewrapProgress,
@@ -199,6 +212,7 @@ pub use envelope::{
     ENVELOPE_TAG, ENVELOPE_VERSION, REDACTED_TAG, Redaction, is_envelope, redact_event,
 };
 pub use error::{ConfigError, Error, Result};
+pub use group_commit::GroupCommitAuditSink;
 pub use keyring::LocalKeyring;
 pub use keys::{
     DataKey, DataKeyId, KEY_LEN, KekId, KeyProvider, SubjectId, WrapContext, WrappedKey,

@@ -32,17 +32,25 @@
 //! ```
 #![deny(missing_docs)]
 
+mod audit;
 mod backoff;
 mod connect;
 mod error;
+mod keys;
 pub mod migrate;
+mod reencrypt;
 mod status;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod types;
 
+pub use audit::{AuditQuery, DEFAULT_VERIFY_PAGE, PgAuditSink};
 pub use connect::{PgOptions, PgPool, SslMode};
 pub use error::{Error, Result};
+pub use keys::{DataKeyInfo, PgDataKeyStore};
 pub use migrate::{MigrateOptions, MigrateReport, ensure_schema, migrate};
+pub use reencrypt::{PgReencryptor, ReencryptProgress};
 pub use status::{OpenTransaction, StoreStatus};
 pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, PgEventStore};
 

@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "append",
         sql: include_str!("../migrations/0002_append.sql"),
     },
+    Migration {
+        version: 3,
+        name: "crypto",
+        sql: include_str!("../migrations/0003_crypto.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

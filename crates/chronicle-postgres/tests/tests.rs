@@ -6,6 +6,7 @@
 mod support;
 
 mod concurrency;
+mod crypto;
 mod migrations;
 mod repository;
 mod store;
