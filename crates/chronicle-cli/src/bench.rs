@@ -281,29 +281,41 @@ async fn run_cases(
             .await?
             .get::<_, i64>(0)
     };
-    progress.set_message("reading the feed");
-    let started = Instant::now();
-    let mut after = Position::START;
-    let mut read = 0i64;
-    loop {
-        let batch = store.read_all(after, 5000).await?;
-        if batch.events.is_empty() {
-            break;
-        }
-        read += batch.events.len() as i64;
-        after = batch.next;
-    }
-    anyhow::ensure!(read == total, "the feed returned {read} of {total} events");
-    let ours = read as f64 / started.elapsed().as_secs_f64();
-    let client = pool.get().await?;
-    let started = Instant::now();
-    let stream = client.copy_out("COPY events TO STDOUT").await?;
-    let bytes: usize = stream
-        .map_ok(|b| b.len())
-        .try_fold(0, |a, n| async move { Ok(a + n) })
+    // Settle the table first (hint bits, visibility map, statistics), as a
+    // feed in steady state is; otherwise whichever side reads first pays for
+    // setting hint bits on every fresh row. Then best of two for each side.
+    pool.get()
+        .await?
+        .batch_execute("VACUUM ANALYZE events")
         .await?;
-    anyhow::ensure!(bytes > 0);
-    let theirs = total as f64 / started.elapsed().as_secs_f64();
+    progress.set_message("reading the feed");
+    let mut ours: f64 = 0.0;
+    let mut theirs: f64 = 0.0;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let mut after = Position::START;
+        let mut read = 0i64;
+        loop {
+            let batch = store.read_all(after, 5000).await?;
+            if batch.events.is_empty() {
+                break;
+            }
+            read += batch.events.len() as i64;
+            after = batch.next;
+        }
+        anyhow::ensure!(read == total, "the feed returned {read} of {total} events");
+        ours = ours.max(read as f64 / started.elapsed().as_secs_f64());
+
+        let client = pool.get().await?;
+        let started = Instant::now();
+        let stream = client.copy_out("COPY events TO STDOUT").await?;
+        let bytes: usize = stream
+            .map_ok(|b| b.len())
+            .try_fold(0, |a, n| async move { Ok(a + n) })
+            .await?;
+        anyhow::ensure!(bytes > 0);
+        theirs = theirs.max(total as f64 / started.elapsed().as_secs_f64());
+    }
     cases.push(Case::new(
         format!("read the global feed, {total} events (vs raw COPY TO STDOUT)"),
         ours,
