@@ -150,6 +150,181 @@ pub async fn append(db: &Database, args: AppendBenchArgs, format: OutputFormat) 
     Ok(())
 }
 
+/// `chronicle bench crypto` arguments.
+#[derive(Debug, Args)]
+pub struct CryptoBenchArgs {
+    /// Events appended per side.
+    #[arg(long, default_value_t = 4000)]
+    events: usize,
+    /// Events per aggregate (each aggregate is one data subject with one
+    /// data key).
+    #[arg(long, default_value_t = 20)]
+    per_aggregate: usize,
+    /// Concurrent writers and readers.
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+}
+
+/// Runs `chronicle bench crypto`: appends and per-aggregate reads with two
+/// encrypted fields per event (local keyring, data keys and a hash-chained
+/// audit record per field operation in PostgreSQL), against the same
+/// without encryption.
+pub async fn crypto(db: &Database, args: CryptoBenchArgs, format: OutputFormat) -> Result<()> {
+    let scratch = Scratch::create(db).await?;
+    let result = crypto_cases(&scratch, &args).await;
+    scratch.drop_schema().await?;
+    let cases = result?;
+    match format {
+        OutputFormat::Json => println!("{}", json!({ "benchmark": "crypto", "cases": cases })),
+        OutputFormat::Table => print_cases(&cases),
+    }
+    Ok(())
+}
+
+async fn crypto_cases(scratch: &Scratch, args: &CryptoBenchArgs) -> Result<Vec<Case>> {
+    use chronicle_crypto::{
+        AccessContext, EncryptedStore, EncryptionConfig, FieldEncryptorBuilder,
+        GroupCommitAuditSink, LocalKeyring,
+    };
+    use chronicle_postgres::{PgAuditSink, PgDataKeyStore};
+
+    let pool = scratch.pool(true, args.writers * 2, None)?;
+    let plain = PgEventStore::new(pool.clone());
+    let config = EncryptionConfig::from_yaml(
+        "encryption:\n  events:\n    UserRegistered:\n      fields: [\"/email\", \"/address/street\"]\n",
+    )?;
+    let encryptor = FieldEncryptorBuilder::new(
+        config,
+        Arc::new(LocalKeyring::generate()?),
+        Arc::new(PgDataKeyStore::new(pool.clone())),
+        Arc::new(GroupCommitAuditSink::new(Arc::new(PgAuditSink::new(
+            pool.clone(),
+        )))),
+    )
+    .build();
+    let encrypted: Arc<dyn chronicle_core::EventStore> = Arc::new(EncryptedStore::new(
+        Arc::new(plain.clone()),
+        Arc::new(encryptor),
+        AccessContext::new("bench", "benchmark"),
+    ));
+    let plain: Arc<dyn chronicle_core::EventStore> = Arc::new(plain);
+
+    let aggregates = args.events.div_ceil(args.per_aggregate.max(1));
+    let plain_ids: Vec<Uuid> = (0..aggregates).map(|_| Uuid::now_v7()).collect();
+    let secret_ids: Vec<Uuid> = (0..aggregates).map(|_| Uuid::now_v7()).collect();
+    let mut cases = Vec::new();
+
+    // Appends, alternating sides so drift hits both alike.
+    let ours = user_appends(&encrypted, &secret_ids, args).await?;
+    let theirs = user_appends(&plain, &plain_ids, args).await?;
+    cases.push(Case::new(
+        format!(
+            "append, 2 encrypted fields, {} writers (vs plain)",
+            args.writers
+        ),
+        ours,
+        theirs,
+        None,
+    ));
+    pool.get()
+        .await?
+        .batch_execute("VACUUM ANALYZE events")
+        .await?;
+    let ours = user_reads(&encrypted, &secret_ids, args.writers).await?;
+    let theirs = user_reads(&plain, &plain_ids, args.writers).await?;
+    cases.push(Case::new(
+        format!(
+            "read + decrypt + audit, {} readers (vs plain)",
+            args.writers
+        ),
+        ours,
+        theirs,
+        None,
+    ));
+    Ok(cases)
+}
+
+fn user_event(n: usize) -> NewEvent {
+    NewEvent::new(
+        "UserRegistered",
+        json!({
+            "email": format!("user{n}@example.com"),
+            "name": "A. Person",
+            "address": { "street": format!("{n} Long Road"), "city": "Leeds" },
+            "plan": "pro",
+        }),
+    )
+}
+
+/// Appends `per_aggregate` single-event appends to each aggregate, the
+/// aggregates spread over the writers. Returns events/s.
+async fn user_appends(
+    store: &Arc<dyn chronicle_core::EventStore>,
+    ids: &[Uuid],
+    args: &CryptoBenchArgs,
+) -> Result<f64> {
+    let started = Instant::now();
+    let mut tasks: Vec<JoinHandle<Result<usize>>> = Vec::new();
+    for w in 0..args.writers {
+        let store = store.clone();
+        let mine: Vec<Uuid> = ids.iter().skip(w).step_by(args.writers).copied().collect();
+        let per = args.per_aggregate;
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            for id in mine {
+                for v in 0..per {
+                    let expected = if v == 0 {
+                        ExpectedVersion::NoStream
+                    } else {
+                        ExpectedVersion::Exact(v as u32)
+                    };
+                    store
+                        .append(id, "user", expected, vec![user_event(n)])
+                        .await?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Reads every aggregate's stream, spread over the readers. Returns events/s.
+async fn user_reads(
+    store: &Arc<dyn chronicle_core::EventStore>,
+    ids: &[Uuid],
+    readers: usize,
+) -> Result<f64> {
+    let started = Instant::now();
+    let mut tasks: Vec<JoinHandle<Result<usize>>> = Vec::new();
+    for r in 0..readers {
+        let store = store.clone();
+        let mine: Vec<Uuid> = ids.iter().skip(r).step_by(readers).copied().collect();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            for id in mine {
+                let events = store.read_stream(id, 1, None).await?;
+                anyhow::ensure!(
+                    events.iter().all(|e| e.event_data["email"].is_string()),
+                    "a read returned an undecrypted or redacted field"
+                );
+                n += events.len();
+            }
+            Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Prints cases as a table with ratios.
 pub fn print_cases(cases: &[Case]) {
     let mut table = comfy_table::Table::new();

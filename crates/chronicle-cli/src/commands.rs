@@ -163,6 +163,9 @@ pub enum DevCommand {
 pub enum BenchCommand {
     /// Appends against plain INSERTs, stream loads, feed reads against COPY.
     Append(crate::bench::AppendBenchArgs),
+    /// Appends and reads with two encrypted fields per event against the
+    /// same without encryption.
+    Crypto(crate::bench::CryptoBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -175,6 +178,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let db = Database::resolve(cli.database_url.as_deref())?;
             return match what {
                 BenchCommand::Append(args) => crate::bench::append(&db, args, format).await,
+                BenchCommand::Crypto(args) => crate::bench::crypto(&db, args, format).await,
             };
         }
         _ => {}
