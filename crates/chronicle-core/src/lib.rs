@@ -22,6 +22,7 @@ mod aggregate;
 mod error;
 mod event;
 mod position;
+mod projection;
 mod repository;
 mod store;
 #[cfg(feature = "testing")]
@@ -32,6 +33,10 @@ pub use aggregate::{Aggregate, DecodeError, DomainEvent};
 pub use error::{Error, Result, Validation};
 pub use event::{EventEnvelope, Metadata, NewEvent};
 pub use position::{Position, PositionParseError};
+pub use projection::{
+    Alert, AlertSink, BoxError, DeploymentResult, HealthStatus, ProjectionAdapter,
+    ProjectionHandler, ProjectionResult, ProjectionState, ProjectionStatus,
+};
 pub use repository::{CommandError, Repository};
 pub use store::{AppendOutcome, EventAppender, EventReader, EventStore, FeedBatch, TimeRange};
 pub use version::ExpectedVersion;

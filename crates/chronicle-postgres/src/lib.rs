@@ -54,6 +54,13 @@ pub use reencrypt::{PgReencryptor, ReencryptProgress};
 pub use status::{OpenTransaction, StoreStatus};
 pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, PgEventStore};
 
+/// Wire types and row decoding for crates that query the store's tables
+/// themselves.
+pub mod sql {
+    pub use crate::store::{EVENT_COLUMNS, decode_event};
+    pub use crate::types::Xid8;
+}
+
 #[cfg(test)]
 mod tests {
     fn send_sync<T: Send + Sync>() {}

@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "crypto",
         sql: include_str!("../migrations/0003_crypto.sql"),
     },
+    Migration {
+        version: 4,
+        name: "projections",
+        sql: include_str!("../migrations/0004_projections.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

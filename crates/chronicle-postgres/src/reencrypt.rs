@@ -9,12 +9,8 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::keys::PgDataKeyStore;
-use crate::store::envelope;
+use crate::store::{EVENT_COLUMNS as COLUMNS, decode_event};
 use crate::{Error, PgPool};
-
-/// The columns `crate::store::envelope` decodes, in order.
-const COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, \
-                       version, timestamp, encrypted_fields, transaction_id, global_position";
 
 /// How far a re-encryption run got.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -156,8 +152,8 @@ impl PgReencryptor {
             drop(client);
             let mut events = rows
                 .iter()
-                .map(envelope)
-                .collect::<Result<Vec<_>, Error>>()
+                .map(decode_event)
+                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
                 .map_err(|e| failed("decode events", e))?;
             let Some(last) = events.last() else {
                 progress(&total);

@@ -19,8 +19,9 @@ use uuid::Uuid;
 use crate::types::{JsonbText, MetadataColumn, Xid8};
 use crate::{Error, PgPool};
 
-/// The columns every read selects, in the order [`envelope`] decodes them.
-const COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, \
+/// The columns every read of `events` selects, in the order
+/// [`decode_event`] decodes them.
+pub const EVENT_COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, \
                        version, timestamp, encrypted_fields, transaction_id, global_position";
 
 /// The default per-event limit on serialized data plus metadata: 1 MiB.
@@ -239,7 +240,7 @@ impl PgEventStore {
         futures_util::pin_mut!(rows);
         let mut events = Vec::new();
         while let Some(row) = rows.try_next().await? {
-            events.push(envelope(&row)?);
+            events.push(decode_event(&row)?);
         }
         Ok(events)
     }
@@ -276,8 +277,9 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Decodes a row selected with [`COLUMNS`].
-pub(crate) fn envelope(row: &Row) -> Result<EventEnvelope, Error> {
+/// Decodes a row of `events` selected with [`EVENT_COLUMNS`] (for crates
+/// that run their own queries on the table, such as the projection step).
+pub fn decode_event(row: &Row) -> Result<EventEnvelope, tokio_postgres::Error> {
     let version: i32 = row.try_get(6)?;
     let timestamp: Option<DateTime<Utc>> = row.try_get(7)?;
     let encrypted: Option<Vec<String>> = row.try_get(8)?;
@@ -373,7 +375,7 @@ impl EventReader for PgEventStore {
         Ok(self
             .query(
                 &format!(
-                    "SELECT {COLUMNS} FROM events WHERE aggregate_id = $1 AND version BETWEEN $2 AND $3 ORDER BY version"
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 AND version BETWEEN $2 AND $3 ORDER BY version"
                 ),
                 &[(&aggregate_id, Type::UUID), (&from, Type::INT4), (&to, Type::INT4)],
             )
@@ -388,7 +390,7 @@ impl EventReader for PgEventStore {
         Ok(self
             .query(
                 &format!(
-                    "SELECT {COLUMNS} FROM events WHERE aggregate_id = $1 AND timestamp <= $2 ORDER BY version"
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 AND timestamp <= $2 ORDER BY version"
                 ),
                 &[(&aggregate_id, Type::UUID), (&at, Type::TIMESTAMPTZ)],
             )
@@ -400,7 +402,7 @@ impl EventReader for PgEventStore {
         let events = self
             .query(
                 &format!(
-                    "SELECT {COLUMNS} FROM events \
+                    "SELECT {EVENT_COLUMNS} FROM events \
                       WHERE (transaction_id, global_position) > ($1, $2) \
                         AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
                       ORDER BY transaction_id, global_position LIMIT $3"
@@ -426,7 +428,7 @@ impl EventReader for PgEventStore {
         Ok(self
             .query(
                 &format!(
-                    "SELECT {COLUMNS} FROM events \
+                    "SELECT {EVENT_COLUMNS} FROM events \
                       WHERE event_type = $1 \
                         AND timestamp >= coalesce($2, '-infinity'::timestamptz) \
                         AND timestamp < coalesce($3, 'infinity'::timestamptz) \

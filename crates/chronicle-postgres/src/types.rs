@@ -7,8 +7,14 @@ use chronicle_core::Metadata;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 /// A PostgreSQL `xid8` (a 64-bit transaction id), sent and read in binary.
+///
+/// ```
+/// use chronicle_postgres::sql::Xid8;
+///
+/// assert!(Xid8(7) < Xid8(8));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Xid8(pub u64);
+pub struct Xid8(pub u64);
 
 impl<'a> FromSql<'a> for Xid8 {
     fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {

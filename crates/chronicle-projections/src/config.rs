@@ -1,0 +1,609 @@
+//! The deployment configuration: the spec's YAML, validated, with errors
+//! that name the line, column and key.
+//!
+//! ```yaml
+//! projections:
+//!   user-profile:
+//!     handler: './src/projections/user-profile'
+//!     provider: 'cloudflare' # local | cloudflare | lambda | vercel
+//!     config:
+//!       memory: '128MB'
+//!       timeout: '30s'
+//!       concurrency: 10
+//! ```
+//!
+//! `handler` names a handler registered in the binary
+//! ([`HandlerRegistry`]); a path is matched by its last segment, so the
+//! spec's `./src/projections/user-profile` finds `user-profile`.
+//! `concurrency` is the partition count; `timeout` bounds one handler call.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chronicle_core::ProjectionHandler;
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+
+use crate::{PgContext, ProjectionOptions, RetryPolicy, SharedHandler};
+
+/// A refused deployment configuration: where and what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}:{line}:{column}: {key}: {message}")]
+pub struct ConfigError {
+    /// The source (usually the file name).
+    pub origin: String,
+    /// The line (1-based; 0 when unknown).
+    pub line: u64,
+    /// The column (1-based; 0 when unknown).
+    pub column: u64,
+    /// The key, e.g. `projections.user-profile.config.concurrency`.
+    pub key: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// Where a projection runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Provider {
+    /// In this process ([`crate::LocalAdapter`]).
+    Local,
+    /// Cloudflare Workers.
+    Cloudflare,
+    /// AWS Lambda.
+    Lambda,
+    /// Vercel functions.
+    Vercel,
+}
+
+impl Provider {
+    const ALL: [(&'static str, Provider); 4] = [
+        ("local", Provider::Local),
+        ("cloudflare", Provider::Cloudflare),
+        ("lambda", Provider::Lambda),
+        ("vercel", Provider::Vercel),
+    ];
+
+    /// The provider's name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        Provider::ALL
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map_or("local", |(name, _)| name)
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One projection's deployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectionConfig {
+    /// The projection's name (its key under `projections`).
+    pub name: String,
+    /// The handler, as written.
+    pub handler: String,
+    /// Where it runs (default `local`).
+    pub provider: Provider,
+    /// Memory for a serverless worker, in bytes (`None`: the provider's
+    /// default).
+    pub memory_bytes: Option<u64>,
+    /// How long one handler call may take (default 30 s).
+    pub timeout: Duration,
+    /// Partitions, the most workers in parallel (default 4).
+    pub concurrency: u32,
+    /// Retries before dead-lettering (default 3).
+    pub retries: u32,
+    /// Events per step (default 500).
+    pub batch_size: u32,
+    /// The line where the projection is defined.
+    pub line: u64,
+}
+
+impl ProjectionConfig {
+    /// The runtime options this deployment asks for.
+    pub fn options(&self) -> ProjectionOptions {
+        ProjectionOptions {
+            partitions: self.concurrency,
+            batch_size: self.batch_size,
+            handler_timeout: self.timeout,
+            retry: RetryPolicy {
+                max_retries: self.retries,
+                ..RetryPolicy::default()
+            },
+            ..ProjectionOptions::default()
+        }
+    }
+
+    /// The name `handler` is looked up by: its last path segment, without
+    /// an extension.
+    pub fn handler_name(&self) -> &str {
+        let last = self
+            .handler
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.handler);
+        last.split_once('.').map_or(last, |(stem, _)| stem)
+    }
+}
+
+/// The deployment configuration: every projection, by name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeploymentConfig {
+    /// The projections, ordered by name.
+    pub projections: BTreeMap<String, ProjectionConfig>,
+}
+
+/// The handlers compiled into a binary, by name.
+#[derive(Clone, Default)]
+pub struct HandlerRegistry {
+    handlers: BTreeMap<String, SharedHandler>,
+}
+
+impl fmt::Debug for HandlerRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.handlers.keys()).finish()
+    }
+}
+
+impl HandlerRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        HandlerRegistry::default()
+    }
+
+    /// Registers `handler` under its [`ProjectionHandler::name`].
+    pub fn register(&mut self, handler: impl ProjectionHandler<PgContext> + 'static) -> &mut Self {
+        self.handlers
+            .insert(handler.name().to_owned(), Arc::new(handler));
+        self
+    }
+
+    /// The handler registered as `name`.
+    pub fn get(&self, name: &str) -> Option<SharedHandler> {
+        self.handlers.get(name).cloned()
+    }
+
+    /// The registered names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    projections: Spanned<BTreeMap<String, Spanned<RawProjection>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProjection {
+    handler: Spanned<String>,
+    #[serde(default)]
+    provider: Option<Spanned<String>>,
+    #[serde(default)]
+    config: Option<Spanned<RawSettings>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    #[serde(default)]
+    memory: Option<Spanned<String>>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    concurrency: Option<Spanned<i64>>,
+    #[serde(default)]
+    retries: Option<Spanned<i64>>,
+    #[serde(default)]
+    batch_size: Option<Spanned<i64>>,
+}
+
+impl DeploymentConfig {
+    /// Reads and validates the YAML. `origin` names the source in errors
+    /// (usually the file name).
+    ///
+    /// ```
+    /// use chronicle_projections::DeploymentConfig;
+    ///
+    /// let yaml = "projections:\n  user-profile:\n    handler: './src/projections/user-profile'\n    provider: 'cloudflare'\n    config:\n      memory: '128MB'\n      timeout: '30s'\n      concurrency: 10\n";
+    /// let config = DeploymentConfig::from_yaml("chronicle.yaml", yaml).unwrap();
+    /// let p = &config.projections["user-profile"];
+    /// assert_eq!((p.concurrency, p.memory_bytes, p.handler_name()), (10, Some(128 << 20), "user-profile"));
+    ///
+    /// let err = DeploymentConfig::from_yaml("chronicle.yaml", &yaml.replace("10", "0")).unwrap_err();
+    /// assert_eq!((err.line, err.key.as_str()), (8, "projections.user-profile.config.concurrency"));
+    /// ```
+    pub fn from_yaml(origin: &str, yaml: &str) -> Result<Self, ConfigError> {
+        let at = |loc: &Location, key: &str, message: String| ConfigError {
+            origin: origin.to_owned(),
+            line: loc.line(),
+            column: loc.column(),
+            key: key.to_owned(),
+            message,
+        };
+        let mut options = serde_saphyr::Options::default();
+        options.strict_booleans = true;
+        options.with_snippet = false;
+        let raw: RawFile = serde_saphyr::from_str_with_options(yaml, options).map_err(|e| {
+            let loc = e.location().unwrap_or(Location::UNKNOWN);
+            at(&loc, "", hint(&e.to_string()))
+        })?;
+        let mut config = DeploymentConfig::default();
+        if raw.projections.value.is_empty() {
+            return Err(at(
+                &raw.projections.referenced,
+                "projections",
+                "no projection is defined; add one under `projections:`".to_owned(),
+            ));
+        }
+        for (name, spanned) in raw.projections.value {
+            let key = |k: &str| format!("projections.{name}{k}");
+            let p = spanned.value;
+            if name.trim().is_empty() {
+                return Err(at(
+                    &spanned.referenced,
+                    &key(""),
+                    "the name is empty".to_owned(),
+                ));
+            }
+            if p.handler.value.trim().is_empty() {
+                return Err(at(
+                    &p.handler.referenced,
+                    &key(".handler"),
+                    "is empty; name a handler registered in the binary".to_owned(),
+                ));
+            }
+            let provider = match &p.provider {
+                None => Provider::Local,
+                Some(s) => Provider::ALL
+                    .iter()
+                    .find(|(n, _)| *n == s.value)
+                    .map(|(_, p)| *p)
+                    .ok_or_else(|| {
+                        at(
+                            &s.referenced,
+                            &key(".provider"),
+                            format!(
+                                "unknown provider `{}`; use one of local, cloudflare, lambda, vercel",
+                                s.value
+                            ),
+                        )
+                    })?,
+            };
+            let mut projection = ProjectionConfig {
+                name: name.clone(),
+                handler: p.handler.value.clone(),
+                provider,
+                memory_bytes: None,
+                timeout: Duration::from_secs(30),
+                concurrency: 4,
+                retries: 3,
+                batch_size: 500,
+                line: spanned.referenced.line(),
+            };
+            if let Some(settings) = p.config.map(|c| c.value) {
+                if let Some(m) = settings.memory {
+                    projection.memory_bytes = Some(
+                        parse_memory(&m.value)
+                            .map_err(|e| at(&m.referenced, &key(".config.memory"), e))?,
+                    );
+                }
+                if let Some(t) = settings.timeout {
+                    projection.timeout = parse_duration(&t.value)
+                        .map_err(|e| at(&t.referenced, &key(".config.timeout"), e))?;
+                }
+                let bounded = |v: &Spanned<i64>, k: &str, min: i64, max: i64| {
+                    if (min..=max).contains(&v.value) {
+                        Ok(v.value as u32)
+                    } else {
+                        Err(at(
+                            &v.referenced,
+                            &key(k),
+                            format!("is {}; it must be between {min} and {max}", v.value),
+                        ))
+                    }
+                };
+                if let Some(c) = &settings.concurrency {
+                    projection.concurrency = bounded(c, ".config.concurrency", 1, 4096)?;
+                }
+                if let Some(r) = &settings.retries {
+                    projection.retries = bounded(r, ".config.retries", 0, 100)?;
+                }
+                if let Some(b) = &settings.batch_size {
+                    projection.batch_size = bounded(b, ".config.batch_size", 1, 100_000)?;
+                }
+            }
+            config.projections.insert(name, projection);
+        }
+        Ok(config)
+    }
+
+    /// Pairs every projection with its registered handler. Fails naming the
+    /// line of a projection whose handler is not registered, or whose
+    /// handler runs under another name.
+    pub fn resolve(
+        &self,
+        origin: &str,
+        registry: &HandlerRegistry,
+    ) -> Result<Vec<(ProjectionConfig, SharedHandler)>, ConfigError> {
+        self.projections
+            .values()
+            .map(|p| {
+                let err = |message: String| ConfigError {
+                    origin: origin.to_owned(),
+                    line: p.line,
+                    column: 0,
+                    key: format!("projections.{}.handler", p.name),
+                    message,
+                };
+                let handler = registry
+                    .get(&p.handler)
+                    .or_else(|| registry.get(p.handler_name()))
+                    .ok_or_else(|| {
+                        let known: Vec<_> = registry.names().collect();
+                        err(format!(
+                            "no handler `{}` is registered in this binary (registered: {})",
+                            p.handler_name(),
+                            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                        ))
+                    })?;
+                if handler.name() != p.name {
+                    return Err(err(format!(
+                        "handler `{}` runs the projection `{}`; name the key `{}` or register a handler named `{}`",
+                        p.handler_name(),
+                        handler.name(),
+                        handler.name(),
+                        p.name
+                    )));
+                }
+                Ok((p.clone(), handler))
+            })
+            .collect()
+    }
+}
+
+/// `30s`, `500ms`, `2m`, `1h`: more than zero, at most an hour.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration; write e.g. 30s, 500ms, 2m"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "" => return Err(format!("`{s}` has no unit; write e.g. {n}s")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{s}`; use ms, s, m or h"
+            ));
+        }
+    };
+    if d.is_zero() || d > Duration::from_secs(3600) {
+        return Err(format!(
+            "`{s}` is impossible; a timeout is more than 0 and at most 1h"
+        ));
+    }
+    Ok(d)
+}
+
+/// `128MB`, `1GB`, `512KB` (binary multiples; `MiB` etc. too): from 1 MB to
+/// 64 GB.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a memory size; write e.g. 128MB"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "KB" | "KIB" | "K" => 10,
+        "MB" | "MIB" | "M" => 20,
+        "GB" | "GIB" | "G" => 30,
+        "" => return Err(format!("`{s}` has no unit; write e.g. {n}MB")),
+        other => return Err(format!("unknown unit `{other}` in `{s}`; use KB, MB or GB")),
+    };
+    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n);
+    match bytes {
+        Some(b) if (1 << 20..=64 << 30).contains(&b) => Ok(b),
+        _ => Err(format!(
+            "`{s}` is impossible; memory is between 1MB and 64GB"
+        )),
+    }
+}
+
+fn hint(message: &str) -> String {
+    let message = message
+        .rfind(" at line ")
+        .map_or(message, |i| &message[..i]);
+    if message.starts_with("unknown field") {
+        format!("{message}; check the spelling of the key")
+    } else {
+        message.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = "\
+projections:
+  user-profile:
+    handler: './src/projections/user-profile'
+    provider: 'cloudflare' # configurable
+    config:
+      memory: '128MB'
+      timeout: '30s'
+      concurrency: 10
+";
+
+    fn err(yaml: &str) -> ConfigError {
+        DeploymentConfig::from_yaml("chronicle.yaml", yaml).unwrap_err()
+    }
+
+    #[test]
+    fn the_specs_yaml_loads() {
+        let config = DeploymentConfig::from_yaml("chronicle.yaml", SPEC).unwrap();
+        let p = &config.projections["user-profile"];
+        assert_eq!(p.provider, Provider::Cloudflare);
+        assert_eq!(p.memory_bytes, Some(128 * 1024 * 1024));
+        assert_eq!(p.timeout, Duration::from_secs(30));
+        assert_eq!(p.concurrency, 10);
+        assert_eq!(p.handler_name(), "user-profile");
+        let options = p.options();
+        assert_eq!((options.partitions, options.retry.max_retries), (10, 3));
+        assert_eq!(options.handler_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config =
+            DeploymentConfig::from_yaml("x", "projections:\n  a:\n    handler: a\n").unwrap();
+        let p = &config.projections["a"];
+        assert_eq!(
+            (p.provider, p.concurrency, p.retries, p.batch_size),
+            (Provider::Local, 4, 3, 500)
+        );
+        assert_eq!(p.memory_bytes, None);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_key() {
+        let e = err(&SPEC.replace("'cloudflare'", "'azure'"));
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (4, "projections.user-profile.provider"),
+            "{e}"
+        );
+        assert!(e.message.contains("unknown provider `azure`"), "{e}");
+        assert!(e.to_string().starts_with("chronicle.yaml:4:"), "{e}");
+
+        let e = err(&SPEC.replace("concurrency: 10", "concurrency: 0"));
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (8, "projections.user-profile.config.concurrency"),
+            "{e}"
+        );
+
+        let e = err(&SPEC.replace("'30s'", "'30 fortnights'"));
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (7, "projections.user-profile.config.timeout"),
+            "{e}"
+        );
+        let e = err(&SPEC.replace("'30s'", "'0s'"));
+        assert!(e.message.contains("impossible"), "{e}");
+
+        let e = err(&SPEC.replace("'128MB'", "'12 bananas'"));
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (6, "projections.user-profile.config.memory"),
+            "{e}"
+        );
+        let e = err(&SPEC.replace("'128MB'", "'1KB'"));
+        assert!(e.message.contains("between 1MB and 64GB"), "{e}");
+
+        let e = err(&SPEC.replace("memory:", "memroy:"));
+        assert_eq!(e.line, 6, "{e}");
+        assert!(
+            e.message.contains("memroy") && e.message.contains("spelling"),
+            "{e}"
+        );
+
+        let e = err(&SPEC.replace("concurrency: 10", "concurrency: lots"));
+        assert_eq!(e.line, 8, "{e}");
+
+        let e = err("projections: {}\n");
+        assert_eq!(e.key, "projections", "{e}");
+        let e = err("projections:\n  a:\n    provider: local\n");
+        assert!(e.message.contains("handler"), "{e}");
+    }
+
+    struct Named(&'static str);
+
+    #[async_trait::async_trait]
+    impl ProjectionHandler<PgContext> for Named {
+        fn name(&self) -> &str {
+            self.0
+        }
+
+        async fn handle(
+            &self,
+            _: &chronicle_core::EventEnvelope,
+            _: &mut PgContext,
+        ) -> chronicle_core::ProjectionResult {
+            chronicle_core::ProjectionResult::Done
+        }
+    }
+
+    #[test]
+    fn handlers_resolve_by_name_or_path() {
+        let config = DeploymentConfig::from_yaml("chronicle.yaml", SPEC).unwrap();
+        let mut registry = HandlerRegistry::new();
+        let Err(e) = config.resolve("chronicle.yaml", &registry) else {
+            panic!("resolved without a registered handler")
+        };
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (3, "projections.user-profile.handler"),
+            "{e}"
+        );
+        assert!(e.message.contains("registered: none"), "{e}");
+        registry.register(Named("user-profile"));
+        let resolved = config.resolve("chronicle.yaml", &registry).unwrap();
+        assert_eq!(resolved[0].1.name(), "user-profile");
+
+        let renamed = DeploymentConfig::from_yaml(
+            "x",
+            "projections:\n  profiles:\n    handler: user-profile\n",
+        )
+        .unwrap();
+        let Err(e) = renamed.resolve("x", &registry) else {
+            panic!("resolved a handler under another projection's name")
+        };
+        assert!(
+            e.message.contains("runs the projection `user-profile`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn messages_read_well() {
+        for yaml in [
+            SPEC.replace("'cloudflare'", "'azure'"),
+            SPEC.replace("memory:", "memroy:"),
+            SPEC.replace("concurrency: 10", "concurrency: lots"),
+        ] {
+            let e = err(&yaml);
+            assert!(
+                !e.message.is_empty() && !e.message.contains(" at line "),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("30").is_err());
+        assert_eq!(parse_memory("1GB"), Ok(1 << 30));
+        assert_eq!(parse_memory("128MiB"), Ok(128 << 20));
+        assert!(parse_memory("99999999999999999999GB").is_err());
+        assert!(parse_memory("65GB").is_err());
+    }
+}

@@ -1,0 +1,117 @@
+//! [`PgContext`]: what a handler gets to write its read model.
+
+use std::sync::Arc;
+
+use deadpool_postgres::Object;
+
+use crate::Result;
+
+/// The handler's context: a connection inside the step's transaction.
+///
+/// Everything a handler writes through [`PgContext::client`] commits in the
+/// same transaction as the projection's checkpoint (exactly-once effect), or
+/// not at all. Each event runs inside a savepoint, so a failed attempt's
+/// writes are rolled back before the retry or the dead-lettering.
+///
+/// Use `query_typed`/`execute_typed` (unnamed statements) to stay safe behind
+/// a transaction-mode pooler, and do not issue `BEGIN`, `COMMIT` or
+/// `ROLLBACK` yourself.
+pub struct PgContext {
+    conn: Option<Object>,
+    open: bool,
+    projection: Arc<str>,
+    partition: Option<u32>,
+    worker: Arc<str>,
+}
+
+impl std::fmt::Debug for PgContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgContext")
+            .field("projection", &self.projection)
+            .field("partition", &self.partition)
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgContext {
+    /// Opens a transaction on `conn`.
+    pub(crate) async fn begin(
+        conn: Object,
+        projection: Arc<str>,
+        partition: Option<u32>,
+        worker: Arc<str>,
+    ) -> Result<Self> {
+        let mut ctx = PgContext {
+            conn: Some(conn),
+            open: false,
+            projection,
+            partition,
+            worker,
+        };
+        ctx.open = true;
+        ctx.client().batch_execute("BEGIN").await?;
+        Ok(ctx)
+    }
+
+    /// The connection, inside the step's transaction.
+    pub fn client(&self) -> &tokio_postgres::Client {
+        self.conn
+            .as_ref()
+            .expect("the connection is held until commit")
+    }
+
+    /// The projection being run.
+    pub fn projection(&self) -> &str {
+        &self.projection
+    }
+
+    /// The partition being processed (`None` outside a step, e.g. in the
+    /// rebuild hook or a dead-letter retry of several partitions).
+    pub fn partition(&self) -> Option<u32> {
+        self.partition
+    }
+
+    /// The worker running the step.
+    pub fn worker(&self) -> &str {
+        &self.worker
+    }
+
+    pub(crate) fn set_partition(&mut self, partition: Option<u32>) {
+        self.partition = partition;
+    }
+
+    /// Commits and gives the connection back to the pool.
+    pub(crate) async fn commit(mut self) -> Result<()> {
+        let result = self.client().batch_execute("COMMIT").await;
+        if result.is_ok() {
+            self.open = false;
+        }
+        Ok(result?)
+    }
+
+    /// Rolls back and gives the connection back to the pool.
+    pub(crate) async fn rollback(mut self) {
+        if self.client().batch_execute("ROLLBACK").await.is_ok() {
+            self.open = false;
+        }
+    }
+
+    /// Runs `sql` (no parameters) in the transaction.
+    pub(crate) async fn exec(&self, sql: &str) -> Result<()> {
+        Ok(self.client().batch_execute(sql).await?)
+    }
+}
+
+impl Drop for PgContext {
+    fn drop(&mut self) {
+        if self.open {
+            // Dropped mid-transaction (a cancelled task, a failed COMMIT):
+            // never return a connection with an open transaction to the
+            // pool. Closing it makes the server roll back.
+            if let Some(conn) = self.conn.take() {
+                drop(Object::take(conn));
+            }
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The Chronicle projection runtime on PostgreSQL.
+//!
+//! A projection is a [`chronicle_core::ProjectionHandler`] over
+//! [`PgContext`]. [`PgProjection::step`] is the one provider-agnostic unit
+//! of work: claim a partition lease (a row with an owner and an expiry, no
+//! session state), read a batch after the partition's checkpoint from the
+//! gap-safe feed (partition = `chronicle_partition(aggregate_id, N)`, a
+//! stable hash computed in SQL), apply the handler with retries
+//! ([`RetryPolicy`]: exponential backoff with jitter, 3 retries by default),
+//! dead-letter what still fails and park that aggregate's later events
+//! behind it, verify per-aggregate version order, and commit the handler's
+//! writes with the checkpoint in one transaction (exactly-once effect for
+//! read models in the same database). [`Runner`] loops the step for every
+//! partition in tokio tasks; [`LocalAdapter`] is the in-process
+//! [`chronicle_core::ProjectionAdapter`]. [`PgProjection::dlq_retry`]
+//! replays an aggregate's dead letters in order. Dead letters and lagging
+//! partitions raise alerts through a [`chronicle_core::AlertSink`]
+//! ([`LogAlertSink`] by default, [`WebhookAlertSink`] for a JSON POST).
+//! [`DeploymentConfig`] reads the spec's deployment YAML.
+//!
+//! ```no_run
+//! # async fn demo(pool: chronicle_postgres::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use async_trait::async_trait;
+//! use chronicle_core::{EventEnvelope, ProjectionHandler, ProjectionResult};
+//! use chronicle_projections::{PgContext, PgProjection, ProjectionOptions, Runner, RunnerOptions};
+//! use tokio_postgres::types::Type;
+//!
+//! struct UserEmails;
+//!
+//! #[async_trait]
+//! impl ProjectionHandler<PgContext> for UserEmails {
+//!     fn name(&self) -> &str {
+//!         "user-emails"
+//!     }
+//!
+//!     async fn handle(&self, event: &EventEnvelope, ctx: &mut PgContext) -> ProjectionResult {
+//!         let Some(email) = event.event_data["email"].as_str() else {
+//!             return ProjectionResult::Skipped;
+//!         };
+//!         // Same transaction as the checkpoint: applied exactly once.
+//!         match ctx.client().execute_typed(
+//!             "INSERT INTO user_emails (user_id, email) VALUES ($1, $2)
+//!              ON CONFLICT (user_id) DO UPDATE SET email = excluded.email",
+//!             &[(&event.aggregate_id, Type::UUID), (&email, Type::TEXT)],
+//!         ).await {
+//!             Ok(_) => ProjectionResult::Done,
+//!             Err(e) => ProjectionResult::retry(e),
+//!         }
+//!     }
+//! }
+//!
+//! let projection = PgProjection::new(pool, UserEmails, ProjectionOptions::default())?;
+//! let runner = Runner::start(Arc::new(projection), RunnerOptions::default()).await?;
+//! // ...
+//! runner.stop().await;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod alert;
+mod config;
+mod context;
+pub mod dlq;
+mod error;
+mod metrics;
+mod projection;
+mod retry;
+mod runner;
+mod sql;
+mod state;
+mod webhook;
+
+pub use alert::LogAlertSink;
+pub use config::{ConfigError, DeploymentConfig, HandlerRegistry, ProjectionConfig, Provider};
+pub use context::PgContext;
+pub use dlq::{DeadLetter, DeadLetterState, ReplayReport};
+pub use error::{Error, Result};
+pub use metrics::{render_metrics, serve_metrics};
+pub use projection::{LAG_COUNT_CAP, PgProjection, ProjectionOptions, StepOutcome};
+pub use retry::RetryPolicy;
+pub use runner::{LocalAdapter, Runner, RunnerOptions};
+pub use state::load as load_state;
+pub use webhook::WebhookAlertSink;
+
+/// A projection handler on PostgreSQL, shared between tasks.
+pub type SharedHandler = std::sync::Arc<dyn chronicle_core::ProjectionHandler<PgContext>>;

@@ -1,0 +1,1188 @@
+//! [`PgProjection`]: one projection on PostgreSQL and its step.
+
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chronicle_core::{
+    Alert, AlertSink, EventEnvelope, HealthStatus, Position, ProjectionHandler, ProjectionResult,
+    ProjectionState, ProjectionStatus,
+};
+use chronicle_postgres::PgPool;
+use futures_util::FutureExt;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use crate::alert::LogAlertSink;
+use crate::sql::{COLUMNS, Xid8, envelope};
+use crate::{Error, PgContext, Result, RetryPolicy};
+
+/// How far into the feed lag is measured: a partition's backlog is counted
+/// among the next this many events of the feed, so a longer backlog is
+/// reported as a lower bound ("at least").
+pub const LAG_COUNT_CAP: i64 = 100_000;
+
+/// How a projection runs. Every field has a default ([`Default`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectionOptions {
+    /// Partitions: `N` in `partition = hash(aggregate_id) mod N`, the most
+    /// workers that can run the projection in parallel (the spec's
+    /// `concurrency`; default 4). Fixed once registered.
+    pub partitions: u32,
+    /// Events of the partition handled per step, about (default 500). A
+    /// step reads `batch_size * partitions` rows of the feed (at most
+    /// 50,000) and keeps its partition's.
+    pub batch_size: u32,
+    /// Retries of a failing event before it is dead-lettered (default:
+    /// 3 retries, from 100 ms doubling, equal jitter).
+    pub retry: RetryPolicy,
+    /// How long a partition lease lasts without a heartbeat; a dead
+    /// worker's partitions are taken over after it (default 30 s).
+    pub lease_ttl: Duration,
+    /// How long one handler call may take before it counts as a retryable
+    /// failure (default 30 s, the spec's `timeout`).
+    pub handler_timeout: Duration,
+    /// A partition further behind than this raises an
+    /// [`Alert::Lagging`] (default 5 minutes, the spec's "a few minutes").
+    pub lag_alert_after: Duration,
+}
+
+impl Default for ProjectionOptions {
+    fn default() -> Self {
+        ProjectionOptions {
+            partitions: 4,
+            batch_size: 500,
+            retry: RetryPolicy::default(),
+            lease_ttl: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(30),
+            lag_alert_after: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ProjectionOptions {
+    fn validate(&self) -> Result<()> {
+        let bad = |option, reason: &str| {
+            Err(Error::Config {
+                option,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.partitions == 0 || self.partitions > 4096 {
+            return bad("partitions", "must be between 1 and 4096");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if self.lease_ttl < Duration::from_millis(100) {
+            return bad("lease_ttl", "must be at least 100 ms");
+        }
+        if self.handler_timeout.is_zero() {
+            return bad("handler_timeout", "must be more than zero");
+        }
+        self.retry.validate()
+    }
+}
+
+/// What one [`PgProjection::step`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct StepOutcome {
+    /// Whether this worker held the partition's lease for the step (and
+    /// still holds it). `false`: another worker holds it, or the step is
+    /// running a dead-letter retry; nothing was done.
+    pub claimed: bool,
+    /// The partition's status (`None` when not claimed).
+    pub status: Option<ProjectionStatus>,
+    /// Events handled (applied or skipped).
+    pub handled: u32,
+    /// Retries made.
+    pub retries: u32,
+    /// Events dead-lettered by this step.
+    pub dead_lettered: u32,
+    /// Events parked behind an earlier dead letter of their aggregate.
+    pub parked: u32,
+    /// The partition's checkpoint after the step.
+    pub checkpoint: Position,
+    /// Whether the step read everything the feed had for the partition.
+    pub caught_up: bool,
+    /// Events of the partition after the checkpoint (counted among the
+    /// next [`LAG_COUNT_CAP`] events of the feed).
+    pub lag_events: u64,
+    /// Age of the oldest event not yet handled, in seconds.
+    pub lag_seconds: f64,
+}
+
+/// How often a partition's backlog is counted while it is behind.
+const LAG_COUNT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What one step works on.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    partition: u32,
+    checkpoint: Position,
+    horizon: u64,
+    status: ProjectionStatus,
+    count_lag: bool,
+}
+
+/// The first failure of an optimistic run, carried into the careful run.
+#[derive(Debug)]
+struct Carried {
+    event_id: Uuid,
+    result: ProjectionResult,
+}
+
+/// How a step's transaction ended.
+enum Flow {
+    Committed(StepOutcome),
+    /// Roll back and run the batch again carefully; with the failure that
+    /// caused it when the handler named the event.
+    Restart(Option<Carried>),
+}
+
+/// How a step applies its batch.
+enum Mode {
+    /// The whole batch in one handler call, no savepoints.
+    Optimistic,
+    /// Event by event, each in a savepoint, with the failure carried from
+    /// the optimistic run.
+    Careful(Option<Carried>),
+}
+
+/// What applying one event with retries came to.
+pub(crate) enum Applied {
+    Handled { retries: u32 },
+    Failed { attempts: u32, error: String },
+}
+
+/// One projection on PostgreSQL: its handler, options and state rows.
+///
+/// [`PgProjection::step`] is the provider-agnostic unit of work every
+/// adapter runs: claim the partition's lease, read a batch after the
+/// checkpoint from the gap-safe feed, apply the handler with retries,
+/// dead-letter and park what fails, commit the handler's writes and the
+/// checkpoint in one transaction. [`crate::Runner`] loops it.
+pub struct PgProjection {
+    pool: PgPool,
+    handler: Arc<dyn ProjectionHandler<PgContext>>,
+    name: Arc<str>,
+    options: ProjectionOptions,
+    alerts: Arc<dyn AlertSink>,
+}
+
+impl std::fmt::Debug for PgProjection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgProjection")
+            .field("name", &self.name)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+const CLAIM: &str = "\
+UPDATE projection_state s
+   SET owner = $3, heartbeat = now(), updated_at = now(),
+       lease_expires_at = now() + make_interval(secs => $4)
+  FROM (SELECT projection, partition FROM projection_state
+         WHERE projection = $1 AND partition = $2
+           AND (owner IS NULL OR owner = $3 OR lease_expires_at IS NULL OR lease_expires_at < now())
+           FOR UPDATE SKIP LOCKED) c
+ WHERE s.projection = c.projection AND s.partition = c.partition
+RETURNING s.checkpoint_xid, s.checkpoint_position, s.status, s.partitions,
+          pg_snapshot_xmin(pg_current_snapshot()), s.lag_seconds,
+          s.lag_counted_at IS NULL OR s.lag_counted_at < now() - make_interval(secs => $5)";
+
+const ROLLBACK_EVENT: &str =
+    "ROLLBACK TO SAVEPOINT chronicle_event; RELEASE SAVEPOINT chronicle_event";
+
+const INSERT_DEAD_LETTER: &str = "\
+INSERT INTO projection_dead_letters
+       (projection, aggregate_id, event_id, event_type, version, transaction_id, global_position,
+        state, attempts, error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (projection, event_id) DO NOTHING";
+
+impl PgProjection {
+    /// A projection running `handler` on `pool` (migrated to the
+    /// projection tables). Call [`PgProjection::register`] once before
+    /// stepping (the runner does).
+    pub fn new(
+        pool: PgPool,
+        handler: impl ProjectionHandler<PgContext> + 'static,
+        options: ProjectionOptions,
+    ) -> Result<Self> {
+        options.validate()?;
+        let name: Arc<str> = Arc::from(handler.name());
+        if name.trim().is_empty() {
+            return Err(Error::Config {
+                option: "name",
+                reason: "the handler's name is empty".to_owned(),
+            });
+        }
+        Ok(PgProjection {
+            pool,
+            handler: Arc::new(handler),
+            name,
+            options,
+            alerts: Arc::new(LogAlertSink),
+        })
+    }
+
+    /// Sends alerts to `sink` instead of the log ([`LogAlertSink`], the
+    /// default).
+    pub fn with_alerts(mut self, sink: impl AlertSink + 'static) -> Self {
+        self.alerts = Arc::new(sink);
+        self
+    }
+
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The options.
+    pub fn options(&self) -> &ProjectionOptions {
+        &self.options
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the projection's partition rows if missing (idempotent).
+    /// Fails when the projection exists with another partition count.
+    pub async fn register(&self) -> Result<()> {
+        let client = self.pool.get().await?;
+        let n = self.options.partitions as i32;
+        let existing = client
+            .query_typed(
+                "SELECT DISTINCT partitions FROM projection_state WHERE projection = $1",
+                &[(&&*self.name, Type::TEXT)],
+            )
+            .await?;
+        if let Some(row) = existing.iter().find(|r| r.get::<_, i32>(0) != n) {
+            return Err(Error::PartitionMismatch {
+                projection: self.name.to_string(),
+                registered: row.get::<_, i32>(0) as u32,
+                requested: self.options.partitions,
+            });
+        }
+        client
+            .execute_typed(
+                "INSERT INTO projection_state (projection, partition, partitions)
+                 SELECT $1, g, $2 FROM generate_series(0, $2 - 1) AS g
+                 ON CONFLICT (projection, partition) DO NOTHING",
+                &[(&&*self.name, Type::TEXT), (&n, Type::INT4)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs one step on `partition` as `worker`: claims (or extends) the
+    /// partition's lease, reads up to `batch_size` events after its
+    /// checkpoint, applies them, and commits the handler's writes, the dead
+    /// letters and the new checkpoint in one transaction.
+    ///
+    /// Returns with `claimed: false` at once when another worker's lease is
+    /// live or another transaction holds the partition. The lease stays
+    /// with `worker` (extended by `lease_ttl` from the commit) until
+    /// [`PgProjection::release`] or expiry.
+    #[tracing::instrument(level = "debug", skip(self), fields(projection = %self.name))]
+    pub async fn step(&self, partition: u32, worker: &str) -> Result<StepOutcome> {
+        if partition >= self.options.partitions {
+            return Err(Error::Config {
+                option: "partition",
+                reason: format!(
+                    "{partition} is not below the partition count {}",
+                    self.options.partitions
+                ),
+            });
+        }
+        let worker: Arc<str> = Arc::from(worker);
+        // Optimistic first: no savepoints (each would be a subtransaction,
+        // and a transaction with more than 64 of them slows every snapshot
+        // in the cluster). On the first failure the batch is rolled back and
+        // run again carefully, each event in a savepoint.
+        match self.step_once(partition, &worker, Mode::Optimistic).await? {
+            Flow::Committed(outcome) => Ok(outcome),
+            Flow::Restart(carried) => {
+                match self
+                    .step_once(partition, &worker, Mode::Careful(carried))
+                    .await?
+                {
+                    Flow::Committed(outcome) => Ok(outcome),
+                    Flow::Restart(_) => unreachable!("a careful run does not restart"),
+                }
+            }
+        }
+    }
+
+    async fn step_once(&self, partition: u32, worker: &Arc<str>, mode: Mode) -> Result<Flow> {
+        let conn = self.pool.get().await?;
+        let mut ctx =
+            PgContext::begin(conn, self.name.clone(), Some(partition), worker.clone()).await?;
+        let ttl = self.options.lease_ttl.as_secs_f64();
+        let claim = ctx
+            .client()
+            .query_typed_opt(
+                CLAIM,
+                &[
+                    (&&*self.name, Type::TEXT),
+                    (&(partition as i32), Type::INT4),
+                    (&&**worker, Type::TEXT),
+                    (&ttl, Type::FLOAT8),
+                    (&LAG_COUNT_INTERVAL.as_secs_f64(), Type::FLOAT8),
+                ],
+            )
+            .await;
+        let row = match claim {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                ctx.rollback().await;
+                return Ok(Flow::Committed(StepOutcome::default()));
+            }
+            Err(e) => {
+                ctx.rollback().await;
+                return Err(e.into());
+            }
+        };
+        let checkpoint = Position::new(row.get::<_, Xid8>(0).0, row.get(1));
+        let status = ProjectionStatus::parse(row.get(2)).unwrap_or(ProjectionStatus::Failed);
+        let partitions: i32 = row.get(3);
+        let horizon: Xid8 = row.get(4);
+        let previous_lag: f64 = row.get(5);
+        let count_lag: bool = row.get(6);
+        if partitions as u32 != self.options.partitions {
+            ctx.rollback().await;
+            return Err(Error::PartitionMismatch {
+                projection: self.name.to_string(),
+                registered: partitions as u32,
+                requested: self.options.partitions,
+            });
+        }
+        if !matches!(
+            status,
+            ProjectionStatus::Running | ProjectionStatus::Rebuilding
+        ) {
+            ctx.rollback().await;
+            return Ok(Flow::Committed(StepOutcome {
+                status: Some(status),
+                checkpoint,
+                ..StepOutcome::default()
+            }));
+        }
+        let mut alerts = Vec::new();
+        let batch = Batch {
+            partition,
+            checkpoint,
+            horizon: horizon.0,
+            status,
+            count_lag,
+        };
+        let processed = self.process(&mut ctx, &batch, mode, &mut alerts).await;
+        match processed {
+            Ok(Flow::Restart(carried)) => {
+                ctx.rollback().await;
+                Ok(Flow::Restart(carried))
+            }
+            Ok(Flow::Committed(outcome)) => {
+                ctx.commit().await?;
+                let threshold = self.options.lag_alert_after.as_secs_f64();
+                if outcome.lag_seconds >= threshold && previous_lag < threshold {
+                    alerts.push(Alert::Lagging {
+                        projection: self.name.to_string(),
+                        partition,
+                        lag_events: outcome.lag_events,
+                        lag_seconds: outcome.lag_seconds,
+                    });
+                }
+                self.send_alerts(&alerts).await;
+                tracing::debug!(
+                    partition,
+                    handled = outcome.handled,
+                    dead_lettered = outcome.dead_lettered,
+                    parked = outcome.parked,
+                    checkpoint = %outcome.checkpoint,
+                    "projection step committed"
+                );
+                Ok(Flow::Committed(outcome))
+            }
+            Err(e) => {
+                ctx.rollback().await;
+                if matches!(
+                    e,
+                    Error::OrderViolation { .. } | Error::RebuildFailed { .. }
+                ) {
+                    tracing::error!(partition, error = %e, "projection partition stopped");
+                    self.mark_failed(partition, &e.to_string()).await?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Feed rows read per step: about `batch_size` of the partition's own
+    /// events, at most 50,000 rows.
+    fn window(&self) -> i64 {
+        let batch = i64::from(self.options.batch_size);
+        (batch * i64::from(self.options.partitions)).clamp(batch.min(50_000), 50_000)
+    }
+
+    async fn process(
+        &self,
+        ctx: &mut PgContext,
+        batch: &Batch,
+        mode: Mode,
+        alerts: &mut Vec<Alert>,
+    ) -> Result<Flow> {
+        let Batch {
+            partition,
+            checkpoint,
+            horizon,
+            status,
+            ..
+        } = *batch;
+        let n = self.options.partitions as i32;
+        let p = partition as i32;
+        // Read a window of the feed in index order and keep this
+        // partition's events. (Filtering the whole feed by partition lets
+        // the planner, which cannot estimate the hash filter, scan and sort
+        // the table.) The last row describes the window: its last position
+        // and how many rows it had.
+        let window = self.window();
+        let rows = ctx
+            .client()
+            .query_typed(
+                &format!(
+                    "WITH w AS MATERIALIZED (
+                         SELECT {COLUMNS}, chronicle_partition(aggregate_id, $4) = $5 AS mine
+                           FROM events
+                          WHERE (transaction_id, global_position) > ($1, $2)
+                            AND transaction_id < $3
+                          ORDER BY transaction_id, global_position
+                          LIMIT $6)
+                     SELECT * FROM (
+                         SELECT {COLUMNS}, false AS is_last, NULL::bigint AS window_rows
+                           FROM w WHERE mine
+                         UNION ALL
+                         SELECT {COLUMNS}, true, (SELECT count(*) FROM w)
+                           FROM (SELECT * FROM w
+                                  ORDER BY transaction_id DESC, global_position DESC
+                                  LIMIT 1) AS l
+                     ) AS r
+                     ORDER BY is_last, transaction_id, global_position"
+                ),
+                &[
+                    (&Xid8(checkpoint.transaction_id), Type::XID8),
+                    (&checkpoint.global_position, Type::INT8),
+                    (&Xid8(horizon), Type::XID8),
+                    (&n, Type::INT4),
+                    (&p, Type::INT4),
+                    (&window, Type::INT8),
+                ],
+            )
+            .await?;
+        // The window's last feed position and size (none: the feed is empty
+        // after the checkpoint).
+        let (window_end, window_rows) = match rows.last() {
+            Some(row) if row.get::<_, bool>(11) => (
+                Some(Position::new(row.get::<_, Xid8>(9).0, row.get(10))),
+                row.get::<_, i64>(12),
+            ),
+            _ => (None, 0),
+        };
+        let events = rows
+            .iter()
+            .filter(|r| !r.get::<_, bool>(11))
+            .map(envelope)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.verify_order(ctx, partition, checkpoint, &events)
+            .await?;
+
+        let mut blocked = self.blocked_aggregates(ctx, &events).await?;
+        let mut outcome = StepOutcome {
+            claimed: true,
+            status: Some(status),
+            ..StepOutcome::default()
+        };
+        let mut last_error = None;
+        let mut careful = match mode {
+            Mode::Careful(carried) => carried,
+            Mode::Optimistic => {
+                let (parked, runnable): (Vec<_>, Vec<_>) = events
+                    .into_iter()
+                    .partition(|e| blocked.contains(&e.aggregate_id));
+                for event in &parked {
+                    outcome.parked += self
+                        .insert_dead_letter(ctx, event, "parked", 0, None)
+                        .await? as u32;
+                }
+                if let Some(restart) = self.call_batch(ctx, &runnable).await {
+                    return Ok(Flow::Restart(restart));
+                }
+                outcome.handled += runnable.len() as u32;
+                return self
+                    .finish(ctx, batch, outcome, window_end, window_rows, None)
+                    .await;
+            }
+        };
+        for event in &events {
+            if blocked.contains(&event.aggregate_id) {
+                outcome.parked += self
+                    .insert_dead_letter(ctx, event, "parked", 0, None)
+                    .await? as u32;
+                continue;
+            }
+            let first = match careful.take() {
+                Some(c) if c.event_id == event.event_id => Some(c.result),
+                other => {
+                    careful = other;
+                    None
+                }
+            };
+            match self.apply(ctx, event, first).await? {
+                Applied::Handled { retries } => {
+                    outcome.handled += 1;
+                    outcome.retries += retries;
+                }
+                Applied::Failed { attempts, error } => {
+                    outcome.retries += attempts - 1;
+                    if status == ProjectionStatus::Rebuilding {
+                        return Err(Error::RebuildFailed {
+                            projection: self.name.to_string(),
+                            partition,
+                            event_id: event.event_id,
+                            reason: error,
+                        });
+                    }
+                    self.insert_dead_letter(ctx, event, "failed", attempts, Some(&error))
+                        .await?;
+                    blocked.insert(event.aggregate_id);
+                    outcome.dead_lettered += 1;
+                    tracing::warn!(
+                        projection = %self.name,
+                        event_id = %event.event_id,
+                        aggregate_id = %event.aggregate_id,
+                        version = event.version,
+                        attempts,
+                        error = %error,
+                        "event dead-lettered; the aggregate's later events are parked"
+                    );
+                    alerts.push(Alert::DeadLettered {
+                        projection: self.name.to_string(),
+                        event_id: event.event_id,
+                        aggregate_id: event.aggregate_id,
+                        version: event.version,
+                        attempts,
+                        error: error.clone(),
+                    });
+                    last_error = Some(error);
+                }
+            }
+        }
+
+        self.finish(ctx, batch, outcome, window_end, window_rows, last_error)
+            .await
+    }
+
+    /// Advances the checkpoint past the window, measures lag and updates
+    /// the partition's row, in the step's transaction.
+    async fn finish(
+        &self,
+        ctx: &mut PgContext,
+        batch: &Batch,
+        mut outcome: StepOutcome,
+        window_end: Option<Position>,
+        window_rows: i64,
+        last_error: Option<String>,
+    ) -> Result<Flow> {
+        let Batch {
+            partition,
+            checkpoint,
+            horizon,
+            status,
+            count_lag,
+        } = *batch;
+        let n = self.options.partitions as i32;
+        let p = partition as i32;
+        outcome.caught_up = window_rows < self.window();
+        outcome.checkpoint = match window_end {
+            // The whole window is handled (other partitions' rows in it
+            // are theirs): resume after it.
+            Some(end) if !outcome.caught_up => end,
+            // Everything of the partition below the horizon is handled, and
+            // every transaction below it has ended: resume at the horizon.
+            _ => checkpoint.max(Position::new(horizon, 0)),
+        };
+
+        // The age of the oldest pending event is cheap (the next event of
+        // the partition); counting the backlog is not, so it is counted when
+        // caught up (the backlog is then small) or every few seconds.
+        let count_lag = count_lag || outcome.caught_up;
+        let lag = ctx
+            .client()
+            .query_typed_one(
+                "SELECT CASE WHEN $6 THEN (
+                            SELECT count(*) FILTER (WHERE chronicle_partition(aggregate_id, $3) = $4)
+                              FROM (SELECT aggregate_id FROM events
+                                     WHERE (transaction_id, global_position) > ($1, $2)
+                                     ORDER BY transaction_id, global_position
+                                     LIMIT $5) AS backlog) END,
+                        coalesce((
+                            SELECT greatest(extract(epoch FROM clock_timestamp() - timestamp), 0)::float8
+                              FROM (SELECT aggregate_id, timestamp FROM events
+                                     WHERE (transaction_id, global_position) > ($1, $2)
+                                     ORDER BY transaction_id, global_position
+                                     LIMIT $5) AS backlog
+                             WHERE chronicle_partition(aggregate_id, $3) = $4
+                             LIMIT 1), 0)",
+                &[
+                    (&Xid8(outcome.checkpoint.transaction_id), Type::XID8),
+                    (&outcome.checkpoint.global_position, Type::INT8),
+                    (&n, Type::INT4),
+                    (&p, Type::INT4),
+                    (&LAG_COUNT_CAP, Type::INT8),
+                    (&count_lag, Type::BOOL),
+                ],
+            )
+            .await?;
+        let counted: Option<i64> = lag.get(0);
+        outcome.lag_seconds = lag.get(1);
+
+        let failures = i64::from(outcome.retries + outcome.dead_lettered);
+        let handled = i64::from(outcome.handled);
+        let ttl = self.options.lease_ttl.as_secs_f64();
+        let updated = ctx
+            .client()
+            .query_typed_one(
+                "UPDATE projection_state
+                    SET checkpoint_xid = $3, checkpoint_position = $4,
+                        lag_events = coalesce($5, lag_events), lag_seconds = $6,
+                        lag_counted_at = CASE WHEN $5 IS NULL THEN lag_counted_at ELSE clock_timestamp() END,
+                        events_processed = events_processed + $7,
+                        failure_count = failure_count + $8,
+                        last_error = coalesce($9, last_error),
+                        status = CASE WHEN status = 'rebuilding' AND $10 THEN 'running' ELSE status END,
+                        heartbeat = clock_timestamp(),
+                        lease_expires_at = clock_timestamp() + make_interval(secs => $11),
+                        updated_at = clock_timestamp()
+                  WHERE projection = $1 AND partition = $2
+              RETURNING lag_events",
+                &[
+                    (&&*self.name, Type::TEXT),
+                    (&p, Type::INT4),
+                    (&Xid8(outcome.checkpoint.transaction_id), Type::XID8),
+                    (&outcome.checkpoint.global_position, Type::INT8),
+                    (&counted, Type::INT8),
+                    (&outcome.lag_seconds, Type::FLOAT8),
+                    (&handled, Type::INT8),
+                    (&failures, Type::INT8),
+                    (&last_error, Type::TEXT),
+                    (&outcome.caught_up, Type::BOOL),
+                    (&ttl, Type::FLOAT8),
+                ],
+            )
+            .await?;
+        outcome.lag_events = updated.get::<_, i64>(0) as u64;
+        if outcome.caught_up && status == ProjectionStatus::Rebuilding {
+            outcome.status = Some(ProjectionStatus::Running);
+        }
+        Ok(Flow::Committed(outcome))
+    }
+
+    /// Checks that every aggregate's events arrive in version order: within
+    /// the batch each follows its predecessor, and the predecessor of an
+    /// aggregate's first event in the batch was handled by an earlier step
+    /// (it lies at or before the checkpoint).
+    async fn verify_order(
+        &self,
+        ctx: &PgContext,
+        partition: u32,
+        checkpoint: Position,
+        events: &[EventEnvelope],
+    ) -> Result<()> {
+        let violation = |aggregate_id, version, missing| Error::OrderViolation {
+            projection: self.name.to_string(),
+            partition,
+            aggregate_id,
+            version,
+            missing,
+        };
+        let order = batch_order(events);
+        let in_batch = order
+            .in_batch
+            .map(|(aggregate_id, version, missing)| violation(aggregate_id, version, missing));
+        let (ids, previous): (Vec<Uuid>, Vec<i32>) = order
+            .predecessors
+            .into_iter()
+            .map(|(id, v)| (id, v as i32))
+            .unzip();
+        if ids.is_empty() {
+            return in_batch.map_or(Ok(()), Err);
+        }
+        let ahead = ctx
+            .client()
+            .query_typed_opt(
+                "SELECT f.a, f.v FROM unnest($1::uuid[], $2::int4[]) AS f(a, v)
+                   JOIN events e ON e.aggregate_id = f.a AND e.version = f.v
+                  WHERE (e.transaction_id, e.global_position) > ($3, $4)
+                  LIMIT 1",
+                &[
+                    (&ids, Type::UUID_ARRAY),
+                    (&previous, Type::INT4_ARRAY),
+                    (&Xid8(checkpoint.transaction_id), Type::XID8),
+                    (&checkpoint.global_position, Type::INT8),
+                ],
+            )
+            .await?;
+        match ahead {
+            Some(row) => {
+                let missing = row.get::<_, i32>(1) as u32;
+                Err(violation(row.get(0), missing + 1, missing))
+            }
+            None => in_batch.map_or(Ok(()), Err),
+        }
+    }
+
+    /// The batch's aggregates that have dead letters (their events park).
+    async fn blocked_aggregates(
+        &self,
+        ctx: &PgContext,
+        events: &[EventEnvelope],
+    ) -> Result<HashSet<Uuid>> {
+        if events.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let ids: Vec<Uuid> = events
+            .iter()
+            .map(|e| e.aggregate_id)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let rows = ctx
+            .client()
+            .query_typed(
+                "SELECT DISTINCT aggregate_id FROM projection_dead_letters
+                  WHERE projection = $1 AND aggregate_id = ANY($2)",
+                &[(&&*self.name, Type::TEXT), (&ids, Type::UUID_ARRAY)],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Queues `event`; returns whether a row was inserted (nothing is
+    /// queued twice).
+    async fn insert_dead_letter(
+        &self,
+        ctx: &PgContext,
+        event: &EventEnvelope,
+        state: &str,
+        attempts: u32,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        let inserted = ctx
+            .client()
+            .execute_typed(
+                INSERT_DEAD_LETTER,
+                &[
+                    (&&*self.name, Type::TEXT),
+                    (&event.aggregate_id, Type::UUID),
+                    (&event.event_id, Type::UUID),
+                    (&event.event_type, Type::TEXT),
+                    (&(event.version as i32), Type::INT4),
+                    (&Xid8(event.position.transaction_id), Type::XID8),
+                    (&event.position.global_position, Type::INT8),
+                    (&state, Type::TEXT),
+                    (&(attempts as i32), Type::INT4),
+                    (&error, Type::TEXT),
+                ],
+            )
+            .await?;
+        Ok(inserted > 0)
+    }
+
+    /// Calls the handler once: a timeout counts as a retryable failure, a
+    /// panic as a permanent one.
+    async fn call(&self, ctx: &mut PgContext, event: &EventEnvelope) -> ProjectionResult {
+        let call = AssertUnwindSafe(self.handler.handle(event, ctx)).catch_unwind();
+        match tokio::time::timeout(self.options.handler_timeout, call).await {
+            Err(_) => ProjectionResult::Retry(format!(
+                "the handler took longer than {:?}",
+                self.options.handler_timeout
+            )),
+            Ok(Err(panic)) => ProjectionResult::Fail(format!(
+                "the handler panicked: {}",
+                panic_message(panic.as_ref())
+            )),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// Calls the handler once on the whole batch; `None` when every event
+    /// was handled, else what the careful rerun needs to know.
+    async fn call_batch(
+        &self,
+        ctx: &mut PgContext,
+        events: &[EventEnvelope],
+    ) -> Option<Option<Carried>> {
+        if events.is_empty() {
+            return None;
+        }
+        let call = AssertUnwindSafe(self.handler.handle_batch(events, ctx)).catch_unwind();
+        let results = match tokio::time::timeout(self.options.handler_timeout, call).await {
+            // A timeout or a panic does not say which event: find out one
+            // by one.
+            Err(_) | Ok(Err(_)) => return Some(None),
+            Ok(Ok(results)) => results,
+        };
+        for (event, result) in events.iter().zip(&results) {
+            if !result.is_success() {
+                return Some(Some(Carried {
+                    event_id: event.event_id,
+                    result: result.clone(),
+                }));
+            }
+        }
+        (results.len() < events.len()).then_some(None)
+    }
+
+    /// Applies `event` with the retry policy, each attempt in a savepoint
+    /// that is rolled back when the attempt fails. `first` is the result of
+    /// a first attempt already made (and rolled back) by an optimistic run.
+    pub(crate) async fn apply(
+        &self,
+        ctx: &mut PgContext,
+        event: &EventEnvelope,
+        mut first: Option<ProjectionResult>,
+    ) -> Result<Applied> {
+        let policy = self.options.retry;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (reason, permanent) = match first.take() {
+                // Already tried, and nothing of it is left to roll back.
+                Some(ProjectionResult::Retry(reason)) => (reason, false),
+                Some(ProjectionResult::Fail(reason)) => (reason, true),
+                Some(ProjectionResult::Done | ProjectionResult::Skipped) | None => {
+                    ctx.exec("SAVEPOINT chronicle_event").await?;
+                    match self.call(ctx, event).await {
+                        ProjectionResult::Done | ProjectionResult::Skipped => {
+                            ctx.exec("RELEASE SAVEPOINT chronicle_event").await?;
+                            return Ok(Applied::Handled {
+                                retries: attempt - 1,
+                            });
+                        }
+                        ProjectionResult::Retry(reason) => {
+                            ctx.exec(ROLLBACK_EVENT).await?;
+                            (reason, false)
+                        }
+                        ProjectionResult::Fail(reason) => {
+                            ctx.exec(ROLLBACK_EVENT).await?;
+                            (reason, true)
+                        }
+                    }
+                }
+            };
+            if permanent || attempt > policy.max_retries {
+                return Ok(Applied::Failed {
+                    attempts: attempt,
+                    error: reason,
+                });
+            }
+            let delay = policy.delay(attempt);
+            tracing::debug!(event_id = %event.event_id, attempt, ?delay, %reason, "retrying event");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Gives `partition`'s lease up if `worker` holds it; returns whether
+    /// it did.
+    pub async fn release(&self, partition: u32, worker: &str) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute_typed(
+                "UPDATE projection_state SET owner = NULL, lease_expires_at = NULL, updated_at = now()
+                  WHERE projection = $1 AND partition = $2 AND owner = $3",
+                &[
+                    (&&*self.name, Type::TEXT),
+                    (&(partition as i32), Type::INT4),
+                    (&worker, Type::TEXT),
+                ],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn mark_failed(&self, partition: u32, error: &str) -> Result<()> {
+        let client = self.pool.get().await?;
+        client
+            .execute_typed(
+                "UPDATE projection_state
+                    SET status = 'failed', last_error = $3, failure_count = failure_count + 1,
+                        updated_at = now()
+                  WHERE projection = $1 AND partition = $2",
+                &[
+                    (&&*self.name, Type::TEXT),
+                    (&(partition as i32), Type::INT4),
+                    (&error, Type::TEXT),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn send_alerts(&self, alerts: &[Alert]) {
+        for alert in alerts {
+            if let Err(e) = self.alerts.alert(alert).await {
+                tracing::warn!(error = %e, ?alert, "could not deliver an alert");
+            }
+        }
+    }
+
+    /// Every partition's state (the spec's `getProjectionState()`).
+    pub async fn state(&self) -> Result<Vec<ProjectionState>> {
+        crate::state::load(&self.pool, Some(&self.name)).await
+    }
+
+    /// Health and lag from the state table and the dead-letter queue.
+    pub async fn health(&self) -> Result<HealthStatus> {
+        let partitions = self.state().await?;
+        if partitions.is_empty() {
+            return Err(Error::NotRegistered(self.name.to_string()));
+        }
+        let dead_letters = crate::dlq::count(&self.pool, &self.name).await?;
+        let threshold = self.options.lag_alert_after.as_secs_f64();
+        let lag_events = partitions.iter().map(|p| p.lag_events).max().unwrap_or(0);
+        let lag_seconds = partitions.iter().map(|p| p.lag_seconds).fold(0.0, f64::max);
+        let healthy = lag_seconds < threshold
+            && partitions.iter().all(|p| {
+                matches!(
+                    p.status,
+                    ProjectionStatus::Running | ProjectionStatus::Rebuilding
+                )
+            });
+        Ok(HealthStatus {
+            projection: self.name.to_string(),
+            healthy,
+            lag_events,
+            lag_seconds,
+            dead_letters,
+            partitions,
+        })
+    }
+
+    /// Stops processing (status `paused`) until [`PgProjection::resume`].
+    pub async fn pause(&self) -> Result<()> {
+        self.set_status(ProjectionStatus::Paused).await
+    }
+
+    /// Resumes a paused, stopped or failed projection (status `running`).
+    /// A rebuild stopped by a failure continues as a normal run (failures
+    /// dead-letter again); call [`PgProjection::rebuild`] again to replay
+    /// under the rebuild's rules.
+    pub async fn resume(&self) -> Result<()> {
+        self.set_status(ProjectionStatus::Running).await
+    }
+
+    async fn set_status(&self, status: ProjectionStatus) -> Result<()> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute_typed(
+                "UPDATE projection_state SET status = $2, updated_at = now() WHERE projection = $1",
+                &[(&&*self.name, Type::TEXT), (&status.as_str(), Type::TEXT)],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::NotRegistered(self.name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Replays the history after `from` ([`Position::START`]: all of it):
+    /// in one transaction, waits for running steps, calls the handler's
+    /// [`ProjectionHandler::rebuild`] hook, resets every partition's
+    /// checkpoint to `from` with status `rebuilding`, and drops the dead
+    /// letters after `from` (they will be met again). Workers then replay;
+    /// a failure during the replay stops it (status `failed`) instead of
+    /// dead-lettering, and each partition returns to `running` when caught
+    /// up.
+    pub async fn rebuild(&self, from: Position) -> Result<()> {
+        let conn = self.pool.get().await?;
+        let mut ctx = PgContext::begin(conn, self.name.clone(), None, Arc::from("rebuild")).await?;
+        let result = self.rebuild_in(&mut ctx, from).await;
+        match result {
+            Ok(()) => ctx.commit().await,
+            Err(e) => {
+                ctx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn rebuild_in(&self, ctx: &mut PgContext, from: Position) -> Result<()> {
+        let locked = ctx
+            .client()
+            .query_typed(
+                "SELECT partition FROM projection_state WHERE projection = $1 FOR UPDATE",
+                &[(&&*self.name, Type::TEXT)],
+            )
+            .await?;
+        if locked.is_empty() {
+            return Err(Error::NotRegistered(self.name.to_string()));
+        }
+        self.handler
+            .rebuild(ctx, from)
+            .await
+            .map_err(|e| Error::RebuildHook {
+                projection: self.name.to_string(),
+                reason: e.to_string(),
+            })?;
+        ctx.client()
+            .execute_typed(
+                "UPDATE projection_state
+                    SET checkpoint_xid = $2, checkpoint_position = $3, status = 'rebuilding',
+                        last_error = NULL, updated_at = now()
+                  WHERE projection = $1",
+                &[
+                    (&&*self.name, Type::TEXT),
+                    (&Xid8(from.transaction_id), Type::XID8),
+                    (&from.global_position, Type::INT8),
+                ],
+            )
+            .await?;
+        ctx.client()
+            .execute_typed(
+                "DELETE FROM projection_dead_letters
+                  WHERE projection = $1 AND (transaction_id, global_position) > ($2, $3)",
+                &[
+                    (&&*self.name, Type::TEXT),
+                    (&Xid8(from.transaction_id), Type::XID8),
+                    (&from.global_position, Type::INT8),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+}
+
+/// Per-aggregate order within one batch.
+#[derive(Debug, Default, PartialEq)]
+struct BatchOrder {
+    /// The first violation inside the batch: (aggregate, version that
+    /// arrived, version that should have come first).
+    in_batch: Option<(Uuid, u32, u32)>,
+    /// For each aggregate's first event in the batch with a version above
+    /// 1: the aggregate and the version that must already be handled.
+    predecessors: Vec<(Uuid, u32)>,
+}
+
+fn batch_order(events: &[EventEnvelope]) -> BatchOrder {
+    let mut last: HashMap<Uuid, u32> = HashMap::new();
+    let mut order = BatchOrder::default();
+    for e in events {
+        match last.get(&e.aggregate_id) {
+            // A gap: the missing version comes later.
+            Some(&v) if e.version > v + 1 => {
+                order
+                    .in_batch
+                    .get_or_insert((e.aggregate_id, e.version, v + 1));
+            }
+            // An earlier version after a later one.
+            Some(&v) if e.version <= v => {
+                order.in_batch.get_or_insert((e.aggregate_id, v, e.version));
+            }
+            Some(_) => {}
+            None if e.version > 1 => order.predecessors.push((e.aggregate_id, e.version - 1)),
+            None => {}
+        }
+        last.insert(e.aggregate_id, e.version);
+    }
+    order
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(aggregate_id: Uuid, version: u32) -> EventEnvelope {
+        EventEnvelope {
+            event_id: Uuid::now_v7(),
+            aggregate_id,
+            aggregate_type: "t".to_owned(),
+            event_type: "E".to_owned(),
+            event_data: serde_json::json!({}),
+            metadata: chronicle_core::Metadata::default(),
+            version,
+            timestamp: chrono::Utc::now(),
+            encrypted_fields: Vec::new(),
+            position: Position::START,
+        }
+    }
+
+    #[test]
+    fn consecutive_versions_pass_and_name_their_predecessors() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let order = batch_order(&[event(a, 1), event(b, 4), event(a, 2), event(b, 5)]);
+        assert_eq!(order.in_batch, None);
+        assert_eq!(
+            order.predecessors,
+            [(b, 3)],
+            "b's version 3 must be handled already"
+        );
+    }
+
+    #[test]
+    fn a_gap_or_a_step_back_is_a_violation() {
+        let a = Uuid::now_v7();
+        let gap = batch_order(&[event(a, 1), event(a, 3)]);
+        assert_eq!(gap.in_batch, Some((a, 3, 2)));
+        let back = batch_order(&[event(a, 2), event(a, 1)]);
+        assert_eq!(back.in_batch, Some((a, 2, 1)));
+        assert_eq!(back.predecessors, [(a, 1)]);
+        let repeat = batch_order(&[event(a, 1), event(a, 1)]);
+        assert_eq!(repeat.in_batch, Some((a, 1, 1)));
+    }
+
+    #[test]
+    fn impossible_options_are_refused() {
+        let bad = [
+            ProjectionOptions {
+                partitions: 0,
+                ..ProjectionOptions::default()
+            },
+            ProjectionOptions {
+                batch_size: 0,
+                ..ProjectionOptions::default()
+            },
+            ProjectionOptions {
+                lease_ttl: Duration::ZERO,
+                ..ProjectionOptions::default()
+            },
+            ProjectionOptions {
+                handler_timeout: Duration::ZERO,
+                ..ProjectionOptions::default()
+            },
+        ];
+        for options in bad {
+            assert!(options.validate().is_err(), "{options:?}");
+        }
+        assert!(ProjectionOptions::default().validate().is_ok());
+    }
+}

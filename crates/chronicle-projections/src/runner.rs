@@ -1,0 +1,366 @@
+//! [`Runner`]: loops the step over every partition in tokio tasks, and
+//! [`LocalAdapter`], the in-process [`ProjectionAdapter`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chronicle_core::{
+    BoxError, DeploymentResult, HealthStatus, ProjectionAdapter, ProjectionHandler,
+};
+use chronicle_postgres::PgPool;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::{PgContext, PgProjection, ProjectionOptions, Result};
+
+/// How a [`Runner`] polls and how many partitions it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunnerOptions {
+    /// This worker's id, recorded as the lease owner (default: host name,
+    /// process id and a random suffix).
+    pub worker_id: String,
+    /// How long a caught-up or unclaimed partition waits before polling
+    /// again (default 250 ms). Polling is the truth: nothing relies on a
+    /// session.
+    pub poll_interval: Duration,
+    /// How long to wait after a failed step (default 1 s).
+    pub error_backoff: Duration,
+    /// The most partitions this worker holds at once (default: all), so
+    /// several workers can split a projection.
+    pub max_partitions: usize,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned());
+        RunnerOptions {
+            worker_id: format!(
+                "{host}-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            poll_interval: Duration::from_millis(250),
+            error_backoff: Duration::from_secs(1),
+            max_partitions: usize::MAX,
+        }
+    }
+}
+
+/// Runs a projection in this process: one tokio task per partition, each
+/// looping [`PgProjection::step`] while it can claim the partition's lease.
+/// Dropping a runner stops it as [`Runner::stop`] does, without waiting.
+///
+/// ```no_run
+/// # async fn demo(projection: chronicle_projections::PgProjection) -> chronicle_projections::Result<()> {
+/// use std::sync::Arc;
+/// use chronicle_projections::{Runner, RunnerOptions};
+///
+/// let runner = Runner::start(Arc::new(projection), RunnerOptions::default()).await?;
+/// // ... until shutdown:
+/// runner.stop().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Runner {
+    projection: Arc<PgProjection>,
+    worker_id: Arc<str>,
+    stop: watch::Sender<bool>,
+    limit: Arc<AtomicUsize>,
+    owned: Arc<AtomicUsize>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Runner {
+    /// Registers the projection (idempotent) and starts its partition
+    /// tasks.
+    pub async fn start(projection: Arc<PgProjection>, options: RunnerOptions) -> Result<Runner> {
+        projection.register().await?;
+        let (stop, stopped) = watch::channel(false);
+        let worker_id: Arc<str> = Arc::from(options.worker_id.as_str());
+        let limit = Arc::new(AtomicUsize::new(options.max_partitions));
+        let held = Arc::new(AtomicUsize::new(0));
+        let owned = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..projection.options().partitions)
+            .map(|partition| {
+                let task = PartitionTask {
+                    projection: projection.clone(),
+                    partition,
+                    worker_id: worker_id.clone(),
+                    options: options.clone(),
+                    limit: limit.clone(),
+                    held: held.clone(),
+                    owned: owned.clone(),
+                    stopped: stopped.clone(),
+                };
+                tokio::spawn(task.run())
+            })
+            .collect();
+        Ok(Runner {
+            projection,
+            worker_id,
+            stop,
+            limit,
+            owned,
+            tasks,
+        })
+    }
+
+    /// This worker's id (the lease owner).
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// The projection run.
+    pub fn projection(&self) -> &Arc<PgProjection> {
+        &self.projection
+    }
+
+    /// How many partitions this worker holds now.
+    pub fn held_partitions(&self) -> usize {
+        self.owned.load(Ordering::SeqCst)
+    }
+
+    /// Changes the most partitions this worker holds, live: partitions over
+    /// the limit are released after their current step commits, so no work
+    /// is lost or done twice.
+    pub fn scale(&self, max_partitions: usize) {
+        self.limit.store(max_partitions, Ordering::SeqCst);
+    }
+
+    /// Stops after the current steps commit and releases the leases.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Stops at once without releasing anything, as a crashed worker
+    /// would: open transactions are rolled back (their connections are
+    /// closed) and the leases stay until they expire.
+    pub fn abort(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+struct PartitionTask {
+    projection: Arc<PgProjection>,
+    partition: u32,
+    worker_id: Arc<str>,
+    options: RunnerOptions,
+    limit: Arc<AtomicUsize>,
+    /// Partitions held plus partitions being tried (for the limit).
+    held: Arc<AtomicUsize>,
+    /// Partitions held (for reporting).
+    owned: Arc<AtomicUsize>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl PartitionTask {
+    async fn run(mut self) {
+        let mut holding = false;
+        loop {
+            if self.stopping() {
+                break;
+            }
+            let limit = self.limit.load(Ordering::SeqCst);
+            if holding {
+                // Scaled down: give this partition up if over the limit.
+                let over = self
+                    .owned
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                        (n > limit).then(|| n - 1)
+                    })
+                    .is_ok();
+                if over {
+                    holding = false;
+                    self.held.fetch_sub(1, Ordering::SeqCst);
+                    self.release().await;
+                    continue;
+                }
+            } else if self.held.fetch_add(1, Ordering::SeqCst) >= limit {
+                self.held.fetch_sub(1, Ordering::SeqCst);
+                self.pause(self.options.poll_interval).await;
+                continue;
+            }
+            // From here this task counts in `held`.
+            match self.projection.step(self.partition, &self.worker_id).await {
+                Ok(outcome) if outcome.claimed => {
+                    if !holding {
+                        self.owned.fetch_add(1, Ordering::SeqCst);
+                    }
+                    holding = true;
+                    if outcome.caught_up {
+                        self.pause(self.options.poll_interval).await;
+                    }
+                }
+                Ok(_) => {
+                    if holding {
+                        self.owned.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    holding = false;
+                    self.held.fetch_sub(1, Ordering::SeqCst);
+                    self.pause(self.options.poll_interval).await;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        projection = self.projection.name(),
+                        partition = self.partition,
+                        error = %e,
+                        "projection step failed; retrying after a pause"
+                    );
+                    if !holding {
+                        self.held.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    self.pause(self.options.error_backoff).await;
+                }
+            }
+        }
+        if holding {
+            self.held.fetch_sub(1, Ordering::SeqCst);
+            self.owned.fetch_sub(1, Ordering::SeqCst);
+            self.release().await;
+        }
+    }
+
+    async fn release(&self) {
+        if let Err(e) = self
+            .projection
+            .release(self.partition, &self.worker_id)
+            .await
+        {
+            tracing::warn!(partition = self.partition, error = %e, "could not release a lease; it expires on its own");
+        }
+    }
+
+    /// Stop was asked for, or the [`Runner`] was dropped.
+    fn stopping(&self) -> bool {
+        *self.stopped.borrow() || self.stopped.has_changed().is_err()
+    }
+
+    async fn pause(&mut self, delay: Duration) {
+        if self.stopping() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.stopped.changed() => {}
+        }
+    }
+}
+
+/// The in-process [`ProjectionAdapter`]: `deploy` starts a [`Runner`],
+/// `scale` changes how many partitions it holds, `monitor` reads health and
+/// lag from `projection_state`.
+pub struct LocalAdapter {
+    pool: PgPool,
+    options: ProjectionOptions,
+    runner: RunnerOptions,
+    running: Mutex<HashMap<String, Runner>>,
+}
+
+impl std::fmt::Debug for LocalAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalAdapter")
+            .field("options", &self.options)
+            .field("runner", &self.runner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalAdapter {
+    /// An adapter deploying projections on `pool` with these options.
+    pub fn new(pool: PgPool, options: ProjectionOptions, runner: RunnerOptions) -> Self {
+        LocalAdapter {
+            pool,
+            options,
+            runner,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Stops a deployed projection (after its current steps commit);
+    /// returns whether it was running.
+    pub async fn stop(&self, projection: &str) -> bool {
+        let runner = self
+            .running
+            .lock()
+            .expect("adapter lock")
+            .remove(projection);
+        match runner {
+            Some(runner) => {
+                runner.stop().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn with_runner<T>(
+        &self,
+        projection: &str,
+        f: impl FnOnce(&Runner) -> T,
+    ) -> Result<T, BoxError> {
+        let running = self.running.lock().expect("adapter lock");
+        let runner = running
+            .get(projection)
+            .ok_or_else(|| format!("projection `{projection}` is not deployed here"))?;
+        Ok(f(runner))
+    }
+}
+
+#[async_trait]
+impl ProjectionAdapter<PgContext> for LocalAdapter {
+    async fn deploy(
+        &self,
+        handler: Arc<dyn ProjectionHandler<PgContext>>,
+    ) -> Result<DeploymentResult, BoxError> {
+        let name = handler.name().to_owned();
+        if self
+            .running
+            .lock()
+            .expect("adapter lock")
+            .contains_key(&name)
+        {
+            return Err(format!("projection `{name}` is already deployed").into());
+        }
+        let projection = PgProjection::new(self.pool.clone(), handler, self.options.clone())?;
+        let runner = Runner::start(Arc::new(projection), self.runner.clone()).await?;
+        let instances = self
+            .options
+            .partitions
+            .min(u32::try_from(self.runner.max_partitions).unwrap_or(u32::MAX));
+        let duplicate = {
+            let mut running = self.running.lock().expect("adapter lock");
+            if running.contains_key(&name) {
+                Some(runner)
+            } else {
+                running.insert(name.clone(), runner);
+                None
+            }
+        };
+        if let Some(runner) = duplicate {
+            runner.stop().await;
+            return Err(format!("projection `{name}` is already deployed").into());
+        }
+        Ok(DeploymentResult {
+            projection: name,
+            provider: "local".to_owned(),
+            instances,
+        })
+    }
+
+    async fn scale(&self, projection: &str, instances: u32) -> Result<(), BoxError> {
+        self.with_runner(projection, |r| r.scale(instances as usize))
+    }
+
+    async fn monitor(&self, projection: &str) -> Result<HealthStatus, BoxError> {
+        let runner = self.with_runner(projection, |r| r.projection().clone())?;
+        Ok(runner.health().await?)
+    }
+}

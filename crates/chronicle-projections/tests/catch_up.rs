@@ -1,0 +1,283 @@
+//! Catch-up, live tailing, rebuild, lag, and the order check.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chronicle_core::{Position, ProjectionStatus};
+use chronicle_projections::{
+    Error, PgProjection, ProjectionOptions, Runner, RunnerOptions, load_state,
+};
+use serde_json::json;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use crate::ledger::{
+    Ledger, append_more, create_read_model, deposit, drain, expected_model, read_model,
+    wait_for_horizon, wait_until_processed,
+};
+use crate::support::fresh_db;
+
+fn runner_options() -> RunnerOptions {
+    RunnerOptions {
+        poll_interval: Duration::from_millis(50),
+        ..RunnerOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_of_thousands_of_events_equals_the_expected_read_model() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    let accounts = deposit(&db, 120, 30).await; // 3,600 events
+    let ledger = Ledger::new("ledger");
+    let options = ProjectionOptions {
+        partitions: 4,
+        batch_size: 250,
+        ..ProjectionOptions::default()
+    };
+    let projection = Arc::new(PgProjection::new(db.pool.clone(), ledger.clone(), options).unwrap());
+    let runner = Runner::start(projection.clone(), runner_options())
+        .await
+        .unwrap();
+    wait_until_processed(&db, "ledger", 3_600, Duration::from_secs(120)).await;
+
+    // Live tailing: appends while the runner runs are picked up.
+    append_more(&db, &accounts[..40], 5).await;
+    wait_until_processed(&db, "ledger", 3_800, Duration::from_secs(60)).await;
+
+    let model = read_model(&db).await;
+    assert_eq!(
+        model,
+        expected_model(&db).await,
+        "read model equals the history's fold"
+    );
+    assert!(
+        model
+            .values()
+            .all(|(_, versions)| versions.iter().copied().eq(1..=versions.len() as i32)),
+        "every account saw its versions in order, once"
+    );
+    assert_eq!(
+        ledger
+            .shared
+            .overlaps
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+
+    let health = projection.health().await.unwrap();
+    assert!(health.healthy, "{health:#?}");
+    assert_eq!((health.lag_events, health.dead_letters), (0, 0));
+    assert_eq!(health.partitions.len(), 4);
+    assert!(
+        health
+            .partitions
+            .iter()
+            .all(|p| p.owner.as_deref() == Some(runner.worker_id()))
+    );
+
+    runner.stop().await;
+    let state = load_state(&db.pool, Some("ledger")).await.unwrap();
+    assert!(
+        state.iter().all(|s| s.owner.is_none()),
+        "stop releases the leases: {state:#?}"
+    );
+
+    // Rebuild from the start: the hook empties the read model, the replay
+    // fills it again, and the partitions return to running.
+    projection.rebuild(Position::START).await.unwrap();
+    let state = load_state(&db.pool, Some("ledger")).await.unwrap();
+    assert!(
+        state
+            .iter()
+            .all(|s| s.status == ProjectionStatus::Rebuilding && s.checkpoint == Position::START)
+    );
+    assert!(read_model(&db).await.is_empty());
+    drain(&projection).await;
+    let state = load_state(&db.pool, Some("ledger")).await.unwrap();
+    assert!(
+        state.iter().all(|s| s.status == ProjectionStatus::Running),
+        "{state:#?}"
+    );
+    assert_eq!(
+        read_model(&db).await,
+        expected_model(&db).await,
+        "rebuild reproduces the model"
+    );
+}
+
+#[tokio::test]
+async fn lag_is_measured_in_events_and_seconds() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    deposit(&db, 1, 100).await;
+    wait_for_horizon(&db).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let options = ProjectionOptions {
+        partitions: 1,
+        batch_size: 30,
+        ..ProjectionOptions::default()
+    };
+    let projection = PgProjection::new(db.pool.clone(), Ledger::new("lag"), options).unwrap();
+    projection.register().await.unwrap();
+    let first = projection.step(0, "w").await.unwrap();
+    assert_eq!((first.handled, first.lag_events), (30, 70));
+    assert!(!first.caught_up);
+    assert!(
+        first.lag_seconds >= 1.0,
+        "oldest pending event is over a second old: {}",
+        first.lag_seconds
+    );
+    let state = projection.state().await.unwrap();
+    assert_eq!(state[0].lag_events, 70);
+    assert_eq!(state[0].events_processed, 30);
+    for _ in 0..3 {
+        projection.step(0, "w").await.unwrap();
+    }
+    let state = projection.state().await.unwrap();
+    assert_eq!(
+        (
+            state[0].lag_events,
+            state[0].lag_seconds,
+            state[0].events_processed
+        ),
+        (0, 0.0, 100)
+    );
+}
+
+#[tokio::test]
+async fn out_of_order_versions_stop_the_partition() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    let account = Uuid::now_v7();
+    // T1 takes an xid (as if it had written something) before T2 appends
+    // version 1; T1 then appends version 2 and commits: the feed, ordered by
+    // xid, hands out version 2 first.
+    let mut c1 = db.pool.get().await.unwrap();
+    let t1 = c1.transaction().await.unwrap();
+    t1.query_typed("SELECT pg_current_xact_id()", &[])
+        .await
+        .unwrap();
+    crate::ledger::append_one(&db, account, json!({ "amount": 1 })).await;
+    t1.query_typed(
+        "SELECT status FROM chronicle_append($1, 'account', NULL, ARRAY[$2]::uuid[], ARRAY['Deposited'],
+                ARRAY['{\"amount\": 2}'::jsonb], ARRAY['{}'::jsonb], ARRAY[NULL::jsonb])",
+        &[(&account, Type::UUID), (&Uuid::now_v7(), Type::UUID)],
+    )
+    .await
+    .unwrap();
+    t1.commit().await.unwrap();
+    wait_for_horizon(&db).await;
+
+    let options = ProjectionOptions {
+        partitions: 1,
+        ..ProjectionOptions::default()
+    };
+    let projection = PgProjection::new(db.pool.clone(), Ledger::new("order"), options).unwrap();
+    projection.register().await.unwrap();
+    let err = projection.step(0, "w").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::OrderViolation {
+                version: 2,
+                missing: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let state = projection.state().await.unwrap();
+    assert_eq!(state[0].status, ProjectionStatus::Failed);
+    assert!(
+        state[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("version 2")
+    );
+    assert_eq!(
+        state[0].checkpoint,
+        Position::START,
+        "nothing of the batch was committed"
+    );
+    assert!(read_model(&db).await.is_empty());
+    // A failed partition is not processed until an operator resumes it.
+    let idle = projection.step(0, "w").await.unwrap();
+    assert_eq!(
+        (idle.claimed, idle.status),
+        (false, Some(ProjectionStatus::Failed))
+    );
+}
+
+#[tokio::test]
+async fn a_failure_during_a_rebuild_stops_it_instead_of_dead_lettering() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    let account = Uuid::now_v7();
+    crate::ledger::append_one(&db, account, json!({ "amount": 1 })).await;
+    crate::ledger::append_one(&db, account, json!({ "amount": 2, "poison": true })).await;
+    deposit(&db, 3, 5).await;
+    let ledger = Ledger::new("rebuilt");
+    ledger
+        .shared
+        .fixed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let projection = PgProjection::new(
+        db.pool.clone(),
+        ledger.clone(),
+        ProjectionOptions {
+            partitions: 1,
+            ..ProjectionOptions::default()
+        },
+    )
+    .unwrap();
+    projection.register().await.unwrap();
+    drain(&projection).await;
+    assert_eq!(read_model(&db).await, expected_model(&db).await);
+
+    // The handler regresses; a rebuild meets the poison event and stops.
+    ledger
+        .shared
+        .fixed
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    projection.rebuild(Position::START).await.unwrap();
+    let err = projection.step(0, "worker-1").await.unwrap_err();
+    assert!(matches!(err, Error::RebuildFailed { .. }), "{err}");
+    let state = &projection.state().await.unwrap()[0];
+    assert_eq!(state.status, ProjectionStatus::Failed);
+    assert_eq!(
+        state.checkpoint,
+        Position::START,
+        "the failed batch was not committed"
+    );
+    assert!(
+        state
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("poison event")
+    );
+    assert_eq!(
+        chronicle_projections::dlq::count(&db.pool, "rebuilt")
+            .await
+            .unwrap(),
+        0,
+        "nothing is dead-lettered during a rebuild"
+    );
+    assert!(
+        read_model(&db).await.is_empty(),
+        "the rebuild hook emptied the model"
+    );
+    let idle = projection.step(0, "worker-1").await.unwrap();
+    assert_eq!(idle.status, Some(ProjectionStatus::Failed));
+
+    // Fixed and resumed: the replay completes.
+    ledger
+        .shared
+        .fixed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    projection.resume().await.unwrap();
+    drain(&projection).await;
+    assert_eq!(read_model(&db).await, expected_model(&db).await);
+}

@@ -1,0 +1,95 @@
+//! Prometheus metrics from the state table and the dead-letter queue,
+//! rendered and served over real HTTP.
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use chronicle_projections::{PgProjection, ProjectionOptions, render_metrics, serve_metrics};
+
+use crate::ledger::{Ledger, append_one, create_read_model, drain};
+use crate::support::fresh_db;
+
+#[tokio::test]
+async fn metrics_report_progress_dead_letters_and_parked_events() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    let (sick, well) = (Uuid::now_v7(), Uuid::now_v7());
+    append_one(&db, sick, json!({ "amount": 1, "poison": true })).await;
+    append_one(&db, sick, json!({ "amount": 2 })).await;
+    append_one(&db, sick, json!({ "amount": 3 })).await;
+    append_one(&db, well, json!({ "amount": 4 })).await;
+    let projection = PgProjection::new(
+        db.pool.clone(),
+        Ledger::new("metered"),
+        ProjectionOptions {
+            partitions: 2,
+            ..ProjectionOptions::default()
+        },
+    )
+    .unwrap();
+    projection.register().await.unwrap();
+    drain(&projection).await;
+
+    let text = render_metrics(&db.pool).await.unwrap();
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        value("chronicle_projection_dead_lettered{projection=\"metered\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("chronicle_projection_parked{projection=\"metered\"}"),
+        2.0
+    );
+    assert!(value("chronicle_projection_oldest_parked_seconds{projection=\"metered\"}") >= 0.0);
+    let processed: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("chronicle_projection_events_processed_total{projection=\"metered\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(
+        processed, 1.0,
+        "only the healthy account's event was handled"
+    );
+    assert!(text.contains("# TYPE chronicle_projection_lag_seconds gauge"));
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("chronicle_projection_lag_events{projection=\"metered\""))
+            .count(),
+        2,
+        "one sample per partition"
+    );
+
+    // Over real HTTP.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(serve_metrics(listener, db.pool.clone()));
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    let answer = get("/metrics").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("text/plain; version=0.0.4"));
+    assert!(answer.contains("chronicle_projection_parked{projection=\"metered\"} 2"));
+    assert!(get("/other").await.starts_with("HTTP/1.1 404"));
+    server.abort();
+}

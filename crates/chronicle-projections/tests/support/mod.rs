@@ -1,0 +1,3 @@
+//! The shared harness: `chronicle_postgres::testing`.
+
+pub use chronicle_postgres::testing::*;

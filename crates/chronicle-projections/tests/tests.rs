@@ -1,0 +1,14 @@
+//! Integration tests of the projection runtime, against a real PostgreSQL.
+
+mod support;
+
+mod ledger;
+
+mod adapter;
+mod catch_up;
+mod dead_letters;
+mod kill9;
+mod leases;
+mod metrics;
+mod retries;
+mod webhook;
