@@ -60,6 +60,18 @@ pub enum Command {
     /// A guided walkthrough of the event store (uses the embedded default
     /// unless --database-url is given).
     Demo,
+    /// Projections: where each partition stands.
+    Projections {
+        /// What to show.
+        #[command(subcommand)]
+        action: ProjectionsCommand,
+    },
+    /// The projections' dead-letter queue.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
     /// Manage the embedded development cluster.
     Dev {
         /// What to do with it.
@@ -145,6 +157,30 @@ pub enum ReadCommand {
     },
 }
 
+/// `chronicle projections` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Checkpoint, status, lag, failures, owner and heartbeat per partition.
+    Status {
+        /// Only this projection.
+        name: Option<String>,
+    },
+}
+
+/// `chronicle dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Dead-lettered and parked events of a projection, each aggregate's in
+    /// version order.
+    List {
+        /// The projection.
+        projection: String,
+        /// Only this aggregate.
+        #[arg(long)]
+        aggregate_id: Option<Uuid>,
+    },
+}
+
 /// `chronicle dev` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
@@ -212,6 +248,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             });
             print_record(&value, format);
         }
+        Command::Projections { action } => projections(&db, action, format).await?,
+        Command::Dlq { action } => dlq(&db, action, format).await?,
         Command::Dev { .. } | Command::Demo | Command::Bench { .. } => {
             unreachable!("handled above")
         }
@@ -248,6 +286,113 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
                     "url": status.url,
                 }),
                 format,
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn projections(
+    db: &Database,
+    action: ProjectionsCommand,
+    format: OutputFormat,
+) -> Result<()> {
+    let ProjectionsCommand::Status { name } = action;
+    let pool = db.store().await?.pool().clone();
+    let states = chronicle_projections::load_state(&pool, name.as_deref()).await?;
+    if states.is_empty() {
+        bail!(NotFound(match name {
+            Some(n) => format!("no projection named `{n}` has run against this database"),
+            None => "no projection has run against this database yet".to_owned(),
+        }));
+    }
+    match format {
+        OutputFormat::Json => {
+            for s in &states {
+                println!("{}", serde_json::to_value(s)?);
+            }
+        }
+        OutputFormat::Table => {
+            let mut table = comfy_table::Table::new();
+            table
+                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+                .set_header(vec![
+                    "projection",
+                    "partition",
+                    "status",
+                    "checkpoint",
+                    "lag events",
+                    "lag s",
+                    "processed",
+                    "failures",
+                    "owner",
+                    "heartbeat",
+                    "last error",
+                ]);
+            for s in &states {
+                table.add_row(vec![
+                    s.projection.clone(),
+                    format!("{}/{}", s.partition, s.partitions),
+                    s.status.to_string(),
+                    s.checkpoint.to_string(),
+                    s.lag_events.to_string(),
+                    format!("{:.1}", s.lag_seconds),
+                    s.events_processed.to_string(),
+                    s.failure_count.to_string(),
+                    s.owner.clone().unwrap_or_else(|| "-".into()),
+                    s.heartbeat
+                        .map(|h| h.format("%H:%M:%S").to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    s.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            println!("{table}");
+        }
+    }
+    Ok(())
+}
+
+async fn dlq(db: &Database, action: DlqCommand, format: OutputFormat) -> Result<()> {
+    let DlqCommand::List {
+        projection,
+        aggregate_id,
+    } = action;
+    let pool = db.store().await?.pool().clone();
+    let letters = chronicle_projections::dlq::list(&pool, &projection, aggregate_id).await?;
+    match format {
+        OutputFormat::Json => {
+            for l in &letters {
+                println!("{}", serde_json::to_value(l)?);
+            }
+        }
+        OutputFormat::Table => {
+            let mut table = comfy_table::Table::new();
+            table
+                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+                .set_header(vec![
+                    "aggregate_id",
+                    "version",
+                    "event_type",
+                    "state",
+                    "attempts",
+                    "since",
+                    "error",
+                ]);
+            for l in &letters {
+                table.add_row(vec![
+                    l.aggregate_id.to_string(),
+                    l.version.to_string(),
+                    l.event_type.clone(),
+                    format!("{:?}", l.state).to_lowercase(),
+                    l.attempts.to_string(),
+                    l.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    l.error.clone().unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            println!("{table}");
+            eprintln!(
+                "{} dead-lettered or parked event(s) for `{projection}`",
+                letters.len()
             );
         }
     }

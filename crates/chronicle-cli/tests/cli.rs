@@ -275,3 +275,112 @@ fn the_embedded_default_keeps_data_between_invocations() {
         "reset deletes the cluster"
     );
 }
+
+/// A projection run in-process with one poison event; the CLI then shows
+/// its partitions and the dead letter with the parked event behind it.
+#[test]
+fn projections_status_and_dead_letters_are_shown() {
+    use async_trait::async_trait;
+    use chronicle_core::{
+        EventAppender, EventEnvelope, ExpectedVersion, NewEvent, ProjectionHandler,
+        ProjectionResult,
+    };
+    use chronicle_projections::{PgContext, PgProjection, ProjectionOptions, RetryPolicy};
+
+    struct Picky;
+
+    #[async_trait]
+    impl ProjectionHandler<PgContext> for Picky {
+        fn name(&self) -> &str {
+            "picky"
+        }
+
+        async fn handle(&self, event: &EventEnvelope, _: &mut PgContext) -> ProjectionResult {
+            if event.event_data["poison"] == true {
+                ProjectionResult::fail("poison pill")
+            } else {
+                ProjectionResult::Done
+            }
+        }
+    }
+
+    let url = fresh_database();
+    let missing = chronicle(Some(&url), &["projections", "status", "picky"], None);
+    assert_eq!(
+        missing.status.code(),
+        Some(1),
+        "the schema is not migrated yet"
+    );
+    ok(&chronicle(Some(&url), &["migrate"], None));
+    let missing = chronicle(Some(&url), &["projections", "status", "picky"], None);
+    assert_eq!(missing.status.code(), Some(4), "no such projection exits 4");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let poisoned = uuid::Uuid::now_v7();
+    runtime.block_on(async {
+        let pool = chronicle_postgres::PgOptions::from_url(&url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let store = chronicle_postgres::PgEventStore::new(pool.clone());
+        let events = vec![
+            NewEvent::new("A", serde_json::json!({ "poison": true })),
+            NewEvent::new("B", serde_json::json!({})),
+        ];
+        store
+            .append(poisoned, "thing", ExpectedVersion::NoStream, events)
+            .await
+            .unwrap();
+        store
+            .append(
+                uuid::Uuid::now_v7(),
+                "thing",
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("C", serde_json::json!({}))],
+            )
+            .await
+            .unwrap();
+        let options = ProjectionOptions {
+            partitions: 1,
+            retry: RetryPolicy::none(),
+            ..ProjectionOptions::default()
+        };
+        let projection = PgProjection::new(pool, Picky, options).unwrap();
+        projection.register().await.unwrap();
+        let mut handled = 0;
+        for _ in 0..200 {
+            let out = projection.step(0, "cli-test").await.unwrap();
+            handled += out.handled + out.dead_lettered + out.parked;
+            if handled >= 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(handled, 3);
+    });
+
+    let states = json_lines(&ok(&chronicle(
+        Some(&url),
+        &["projections", "status", "--output", "json"],
+        None,
+    )));
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0]["projection"], "picky");
+    let table = ok(&chronicle(Some(&url), &["projections", "status"], None));
+    assert!(table.contains("picky"), "{table}");
+
+    let letters = json_lines(&ok(&chronicle(
+        Some(&url),
+        &["dlq", "list", "picky", "--output", "json"],
+        None,
+    )));
+    assert_eq!(
+        letters.len(),
+        2,
+        "the poison event and the one parked behind it: {letters:?}"
+    );
+    assert_eq!(letters[0]["aggregate_id"], poisoned.to_string());
+    assert_eq!(letters[0]["version"], 1);
+    assert_eq!(letters[1]["version"], 2);
+}
