@@ -4,8 +4,12 @@ use anyhow::Result;
 use chronicle_core::{
     Aggregate, Error, EventAppender, EventReader, ExpectedVersion, NewEvent, Position, Repository,
 };
+use std::sync::Arc;
+
 use chronicle_postgres::{MigrateOptions, PgEventStore, migrate};
+use chronicle_projections::{PgProjection, ProjectionOptions, RetryPolicy, Runner, RunnerOptions};
 use serde_json::json;
+use user_profile::projection::{READ_MODEL_DDL, UserProfileProjection};
 use user_profile::{ProfileCommand, UserProfile};
 use uuid::Uuid;
 
@@ -165,8 +169,171 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
         value["head"] = json!(head.to_string());
     }
     print_record(&value, OutputFormat::Table);
+    projections(&store, user).await?;
     println!(
-        "\nTry: chronicle read stream {user}    chronicle state {user} --as-of 1    chronicle status"
+        "\nTry: chronicle read stream {user}    chronicle state {user} --as-of 1    chronicle status    \
+         chronicle projections status    chronicle dlq list user-profile"
     );
+    Ok(())
+}
+
+/// Waits until the projection has no lag and `check` holds, up to 30 s.
+async fn settle(
+    projection: &PgProjection,
+    pool: &chronicle_postgres::PgPool,
+    check: &str,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let health = projection.health().await?;
+        let ok: bool = pool.get().await?.query_typed_one(check, &[]).await?.get(0);
+        if health.lag_events == 0 && ok {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the projection did not catch up within 30 s (lag {} events)",
+            health.lag_events
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn print_read_model(pool: &chronicle_postgres::PgPool) -> Result<()> {
+    let rows = pool
+        .get()
+        .await?
+        .query_typed(
+            "SELECT user_id::text, email, name, closed, version FROM user_profiles ORDER BY user_id DESC LIMIT 5",
+            &[],
+        )
+        .await?;
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_header(vec!["user_id", "email", "name", "closed", "version"]);
+    for r in &rows {
+        table.add_row(vec![
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, String>(2),
+            r.get::<_, bool>(3).to_string(),
+            r.get::<_, i32>(4).to_string(),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+/// Steps 9 to 11: the user-profile read model catches up, a malformed event
+/// is dead-lettered with the user's later events parked behind it, and a
+/// retry after the fix delivers them in order.
+async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
+    let pool = store.pool().clone();
+    pool.get().await?.batch_execute(READ_MODEL_DDL).await?;
+
+    step(
+        9,
+        "The user-profile projection catches up (2 partitions; writes and checkpoint in one transaction)",
+    );
+    let handler = UserProfileProjection::default();
+    let fix = handler.clone();
+    let options = ProjectionOptions {
+        partitions: 2,
+        retry: RetryPolicy::none(),
+        ..ProjectionOptions::default()
+    };
+    let projection = Arc::new(PgProjection::new(pool.clone(), handler, options)?);
+    let runner = Runner::start(projection.clone(), RunnerOptions::default()).await?;
+    let repo = Repository::new(store.clone());
+    for i in 0..20 {
+        repo.execute::<UserProfile>(
+            Uuid::now_v7(),
+            ProfileCommand::Register {
+                email: format!("user{i}@example.com"),
+                name: format!("User {i}"),
+            },
+        )
+        .await?;
+    }
+    settle(
+        &projection,
+        &pool,
+        &format!("SELECT EXISTS (SELECT 1 FROM user_profiles WHERE user_id = '{user}')"),
+    )
+    .await?;
+    let health = projection.health().await?;
+    println!(
+        "caught up: lag {} events / {:.1} s over {} partitions; the newest rows:",
+        health.lag_events,
+        health.lag_seconds,
+        health.partitions.len()
+    );
+    print_read_model(&pool).await?;
+
+    step(
+        10,
+        "A malformed event is dead-lettered; that user's later events wait behind it, others flow on",
+    );
+    let poison = NewEvent::new("NameChanged", json!({ "name": 42 }));
+    store
+        .append(user, UserProfile::TYPE, ExpectedVersion::Any, vec![poison])
+        .await?;
+    let later = NewEvent::new("EmailChanged", json!({ "email": "ada@analytical.engine" }));
+    store
+        .append(user, UserProfile::TYPE, ExpectedVersion::Any, vec![later])
+        .await?;
+    let newcomer = Uuid::now_v7();
+    repo.execute::<UserProfile>(
+        newcomer,
+        ProfileCommand::Register {
+            email: "grace@example.com".into(),
+            name: "Grace".into(),
+        },
+    )
+    .await?;
+    settle(
+        &projection,
+        &pool,
+        &format!("SELECT EXISTS (SELECT 1 FROM user_profiles WHERE user_id = '{newcomer}')"),
+    )
+    .await?;
+    for l in chronicle_projections::dlq::list(&pool, "user-profile", Some(user)).await? {
+        println!(
+            "  dead-letter queue: v{} {} {:?}: {}",
+            l.version,
+            l.event_type,
+            l.state,
+            l.error
+                .as_deref()
+                .unwrap_or("parked behind the failed event")
+        );
+    }
+    println!("Grace registered after the poison event and is already in the read model.");
+
+    step(
+        11,
+        "Deploy the fix, retry the dead letter: the parked events are delivered in order",
+    );
+    fix.lenient();
+    let report = projection.dlq_retry(user).await?;
+    println!(
+        "delivered {} event(s), {} left in the queue",
+        report.delivered.len(),
+        report.remaining
+    );
+    let email: String = pool
+        .get()
+        .await?
+        .query_typed_one(
+            "SELECT email FROM user_profiles WHERE user_id = $1",
+            &[(&user, tokio_postgres::types::Type::UUID)],
+        )
+        .await?
+        .get(0);
+    println!(
+        "user {user} now reads {email} in the read model (`chronicle projections status` shows the partitions)"
+    );
+    runner.stop().await;
     Ok(())
 }

@@ -16,6 +16,8 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod projection;
+
 use chronicle_core::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 

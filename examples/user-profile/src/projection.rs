@@ -1,0 +1,116 @@
+//! The `user-profile` read model: one row per user in `user_profiles`,
+//! kept by a projection whose writes commit with its checkpoint.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use chronicle_core::{DomainEvent, EventEnvelope, ProjectionHandler, ProjectionResult};
+use chronicle_projections::PgContext;
+use tokio_postgres::types::Type;
+
+use crate::ProfileEvent;
+
+/// The read model's table.
+pub const READ_MODEL_DDL: &str = "CREATE TABLE IF NOT EXISTS user_profiles (
+    user_id UUID PRIMARY KEY,
+    email TEXT NOT NULL,
+    name TEXT NOT NULL,
+    closed BOOLEAN NOT NULL DEFAULT false,
+    version INTEGER NOT NULL
+)";
+
+/// Projects [`ProfileEvent`]s into `user_profiles`.
+///
+/// Events that do not decode (a producer bug, say a `NameChanged` whose
+/// name is not a string) fail permanently and go to the dead-letter queue,
+/// with that user's later events parked behind them, unless the projection
+/// is [`UserProfileProjection::lenient`], which stands in for the fixed
+/// handler an operator deploys before `dlq retry`.
+///
+/// ```no_run
+/// # async fn demo(pool: chronicle_postgres::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use chronicle_projections::{PgProjection, ProjectionOptions};
+/// use user_profile::projection::{UserProfileProjection, READ_MODEL_DDL};
+///
+/// pool.get().await?.batch_execute(READ_MODEL_DDL).await?;
+/// let projection = PgProjection::new(pool, UserProfileProjection::default(), ProjectionOptions::default())?;
+/// projection.register().await?;
+/// # Ok(()) }
+/// ```
+///
+/// Clones share the switch, so a caller can keep one to flip after handing
+/// the other to the runtime.
+#[derive(Debug, Default, Clone)]
+pub struct UserProfileProjection {
+    lenient: Arc<AtomicBool>,
+}
+
+impl UserProfileProjection {
+    /// From now on, events that do not decode are skipped instead of
+    /// failing (the "fixed" handler), in this value and all its clones.
+    pub fn lenient(&self) {
+        self.lenient.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl ProjectionHandler<PgContext> for UserProfileProjection {
+    fn name(&self) -> &str {
+        "user-profile"
+    }
+
+    async fn handle(&self, event: &EventEnvelope, ctx: &mut PgContext) -> ProjectionResult {
+        let decoded = match ProfileEvent::from_stored(&event.event_type, &event.event_data) {
+            Ok(e) => e,
+            Err(_) if self.lenient.load(Ordering::SeqCst) => return ProjectionResult::Skipped,
+            Err(e) => return ProjectionResult::fail(e),
+        };
+        let id = event.aggregate_id;
+        let version = event.version as i32;
+        let (sql, text): (&str, Option<&str>) = match &decoded {
+            ProfileEvent::UserRegistered { email, name } => {
+                let result = ctx
+                    .client()
+                    .execute_typed(
+                        "INSERT INTO user_profiles (user_id, email, name, version) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name,
+                         version = excluded.version",
+                        &[(&id, Type::UUID), (email, Type::TEXT), (name, Type::TEXT), (&version, Type::INT4)],
+                    )
+                    .await;
+                return match result {
+                    Ok(_) => ProjectionResult::Done,
+                    Err(e) => ProjectionResult::retry(e),
+                };
+            }
+            ProfileEvent::EmailChanged { email } => (
+                "UPDATE user_profiles SET email = $2, version = $3 WHERE user_id = $1",
+                Some(email),
+            ),
+            ProfileEvent::NameChanged { name } => (
+                "UPDATE user_profiles SET name = $2, version = $3 WHERE user_id = $1",
+                Some(name),
+            ),
+            ProfileEvent::AccountClosed {} => (
+                "UPDATE user_profiles SET closed = true, version = $3 WHERE user_id = $1 AND $2::text IS NULL",
+                None,
+            ),
+        };
+        match ctx
+            .client()
+            .execute_typed(
+                sql,
+                &[
+                    (&id, Type::UUID),
+                    (&text, Type::TEXT),
+                    (&version, Type::INT4),
+                ],
+            )
+            .await
+        {
+            Ok(_) => ProjectionResult::Done,
+            Err(e) => ProjectionResult::retry(e),
+        }
+    }
+}
