@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::output::{OutputFormat, event_json, print_events, print_record};
-use crate::{Cli, Database};
+use crate::{Cli, Database, Registry};
 
 /// A command line that parsed but makes no sense (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +165,27 @@ pub enum ProjectionsCommand {
         /// Only this projection.
         name: Option<String>,
     },
+    /// The projection handlers this binary carries.
+    List,
+    /// Run projections in this process until Ctrl-C: workers share
+    /// partitions through leases with any other running process.
+    Run {
+        /// The projections to run (default: every one in --config, or every
+        /// registered handler).
+        names: Vec<String>,
+        /// The deployment YAML (`projections: NAME: handler, provider, config`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Replay a projection's history from a checkpoint (default: the start),
+    /// with a progress bar; a failure stops the rebuild.
+    Rebuild {
+        /// The projection.
+        name: String,
+        /// Replay events after this feed checkpoint.
+        #[arg(long, default_value = "0-0")]
+        from: Position,
+    },
 }
 
 /// `chronicle dlq` subcommands.
@@ -178,6 +199,22 @@ pub enum DlqCommand {
         /// Only this aggregate.
         #[arg(long)]
         aggregate_id: Option<Uuid>,
+    },
+    /// Replay an aggregate's dead-lettered event and the events parked
+    /// behind it, in order, through the (fixed) handler.
+    Retry {
+        /// The projection.
+        projection: String,
+        /// The aggregate whose sequence to replay.
+        aggregate_id: Uuid,
+    },
+    /// Drop an aggregate's failed event without delivering it, then replay
+    /// the events parked behind it.
+    Discard {
+        /// The projection.
+        projection: String,
+        /// The aggregate.
+        aggregate_id: Uuid,
     },
 }
 
@@ -205,7 +242,7 @@ pub enum BenchCommand {
 }
 
 /// Runs a parsed command line.
-pub async fn run(cli: Cli) -> Result<()> {
+pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
     let format = cli.output;
     match cli.command {
         Command::Dev { action } => return dev(action, format),
@@ -248,8 +285,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             });
             print_record(&value, format);
         }
-        Command::Projections { action } => projections(&db, action, format).await?,
-        Command::Dlq { action } => dlq(&db, action, format).await?,
+        Command::Projections { action } => projections(&db, registry, action, format).await?,
+        Command::Dlq { action } => dlq(&db, registry, action, format).await?,
         Command::Dev { .. } | Command::Demo | Command::Bench { .. } => {
             unreachable!("handled above")
         }
@@ -292,13 +329,176 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
     Ok(())
 }
 
+/// A projection of a registered handler, its setup SQL run.
+async fn open_projection(
+    pool: &chronicle_postgres::PgPool,
+    registry: &Registry,
+    name: &str,
+    options: chronicle_projections::ProjectionOptions,
+) -> Result<std::sync::Arc<chronicle_projections::PgProjection>> {
+    let handler = registry.handlers().get(name).ok_or_else(|| {
+        UsageError(format!(
+            "no projection handler named `{name}` in this binary; it has: {}. \
+             Applications register theirs with chronicle_cli::run(registry)",
+            registry.handlers().names().collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    if let Some(sql) = registry.setup_sql(name) {
+        pool.get()
+            .await?
+            .batch_execute(sql)
+            .await
+            .with_context(|| format!("setting up the read model of `{name}`"))?;
+    }
+    let existing = chronicle_projections::load_state(pool, Some(name)).await?;
+    let options = match existing.first() {
+        Some(state) => chronicle_projections::ProjectionOptions {
+            partitions: state.partitions,
+            ..options
+        },
+        None => options,
+    };
+    Ok(std::sync::Arc::new(
+        chronicle_projections::PgProjection::new(pool.clone(), handler, options)?,
+    ))
+}
+
+async fn run_projections(
+    pool: &chronicle_postgres::PgPool,
+    registry: &Registry,
+    names: Vec<String>,
+    config: Option<PathBuf>,
+) -> Result<()> {
+    use chronicle_projections::{DeploymentConfig, ProjectionOptions, Runner, RunnerOptions};
+    let mut selected: Vec<(String, ProjectionOptions)> = Vec::new();
+    if let Some(path) = config {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let origin = path.display().to_string();
+        let deployment =
+            DeploymentConfig::from_yaml(&origin, &text).map_err(|e| UsageError(e.to_string()))?;
+        for (projection, _) in deployment
+            .resolve(&origin, registry.handlers())
+            .map_err(|e| UsageError(e.to_string()))?
+        {
+            if names.is_empty() || names.contains(&projection.name) {
+                selected.push((projection.handler_name().to_owned(), projection.options()));
+            }
+        }
+    } else {
+        let all: Vec<String> = if names.is_empty() {
+            registry.handlers().names().map(str::to_owned).collect()
+        } else {
+            names
+        };
+        selected.extend(all.into_iter().map(|n| (n, ProjectionOptions::default())));
+    }
+    if selected.is_empty() {
+        bail!(UsageError(
+            "no projection to run: name one, or give --config".into()
+        ));
+    }
+    let mut runners = Vec::new();
+    for (name, options) in selected {
+        let projection = open_projection(pool, registry, &name, options).await?;
+        runners.push(Runner::start(projection, RunnerOptions::default()).await?);
+        eprintln!("running `{name}`");
+    }
+    eprintln!(
+        "Ctrl-C stops the workers and releases their partitions; `chronicle projections status` shows progress"
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    for runner in runners {
+        runner.stop().await;
+    }
+    Ok(())
+}
+
+async fn rebuild_projection(
+    pool: &chronicle_postgres::PgPool,
+    registry: &Registry,
+    name: &str,
+    from: Position,
+    format: OutputFormat,
+) -> Result<()> {
+    use chronicle_core::ProjectionStatus;
+    use chronicle_projections::{ProjectionOptions, Runner, RunnerOptions};
+    let projection = open_projection(pool, registry, name, ProjectionOptions::default()).await?;
+    projection.register().await?;
+    projection.rebuild(from).await?;
+    let runner = Runner::start(projection.clone(), RunnerOptions::default()).await?;
+    let bar = match format {
+        OutputFormat::Table => indicatif::ProgressBar::new(0),
+        OutputFormat::Json => indicatif::ProgressBar::hidden(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} rebuilding {msg} [{bar:30}] {pos}/{len} events",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(name.to_owned());
+    let result = loop {
+        let health = projection.health().await?;
+        let processed: u64 = health.partitions.iter().map(|p| p.events_processed).sum();
+        bar.set_length(processed + health.lag_events);
+        bar.set_position(processed);
+        if let Some(failed) = health
+            .partitions
+            .iter()
+            .find(|p| p.status == ProjectionStatus::Failed)
+        {
+            break Err(anyhow::anyhow!(
+                "the rebuild of `{name}` stopped on partition {}: {}; fix the handler and run the rebuild again",
+                failed.partition,
+                failed.last_error.as_deref().unwrap_or("unknown error")
+            ));
+        }
+        if health.lag_events == 0
+            && health
+                .partitions
+                .iter()
+                .all(|p| p.status == ProjectionStatus::Running)
+        {
+            break Ok(health);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    runner.stop().await;
+    bar.finish_and_clear();
+    let health = result?;
+    print_record(
+        &json!({ "projection": name, "rebuilt_from": from.to_string(), "partitions": health.partitions.len(), "lag_events": health.lag_events }),
+        format,
+    );
+    Ok(())
+}
+
 async fn projections(
     db: &Database,
+    registry: &Registry,
     action: ProjectionsCommand,
     format: OutputFormat,
 ) -> Result<()> {
-    let ProjectionsCommand::Status { name } = action;
     let pool = db.store().await?.pool().clone();
+    let name = match action {
+        ProjectionsCommand::Status { name } => name,
+        ProjectionsCommand::List => {
+            for name in registry.handlers().names() {
+                println!("{name}");
+            }
+            return Ok(());
+        }
+        ProjectionsCommand::Run { names, config } => {
+            return run_projections(&pool, registry, names, config).await;
+        }
+        ProjectionsCommand::Rebuild { name, from } => {
+            return rebuild_projection(&pool, registry, &name, from, format).await;
+        }
+    };
     let states = chronicle_projections::load_state(&pool, name.as_deref()).await?;
     if states.is_empty() {
         bail!(NotFound(match name {
@@ -352,12 +552,43 @@ async fn projections(
     Ok(())
 }
 
-async fn dlq(db: &Database, action: DlqCommand, format: OutputFormat) -> Result<()> {
-    let DlqCommand::List {
-        projection,
-        aggregate_id,
-    } = action;
+async fn dlq(
+    db: &Database,
+    registry: &Registry,
+    action: DlqCommand,
+    format: OutputFormat,
+) -> Result<()> {
     let pool = db.store().await?.pool().clone();
+    let discard = matches!(action, DlqCommand::Discard { .. });
+    let (projection, aggregate_id) = match action {
+        DlqCommand::List {
+            projection,
+            aggregate_id,
+        } => (projection, aggregate_id),
+        DlqCommand::Retry {
+            projection,
+            aggregate_id,
+        }
+        | DlqCommand::Discard {
+            projection,
+            aggregate_id,
+        } => {
+            let options = chronicle_projections::ProjectionOptions::default();
+            let p = open_projection(&pool, registry, &projection, options).await?;
+            let report = if discard {
+                p.dlq_discard(aggregate_id).await?
+            } else {
+                p.dlq_retry(aggregate_id).await?
+            };
+            print_record(&serde_json::to_value(&report)?, format);
+            if let Some(error) = report.error {
+                bail!(
+                    "the replay stopped at a new failure: {error}; the event is dead-lettered again and the rest stay parked"
+                );
+            }
+            return Ok(());
+        }
+    };
     let letters = chronicle_projections::dlq::list(&pool, &projection, aggregate_id).await?;
     match format {
         OutputFormat::Json => {

@@ -3,6 +3,7 @@
 //!
 //! ```no_run
 //! fn main() -> std::process::ExitCode {
+//!     // Or `chronicle_cli::run(registry)` with handlers of your own.
 //!     chronicle_cli::main()
 //! }
 //! ```
@@ -16,6 +17,7 @@ mod commands;
 mod database;
 mod demo;
 mod output;
+mod registry;
 
 use std::process::ExitCode;
 
@@ -23,6 +25,7 @@ use clap::Parser;
 
 pub use database::Database;
 pub use output::OutputFormat;
+pub use registry::Registry;
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
@@ -51,9 +54,15 @@ pub struct Cli {
     pub command: commands::Command,
 }
 
-/// Parses the process's arguments, runs the command, prints errors, and
-/// returns the documented exit code.
+/// The stock binary: [`run`] with [`Registry::with_examples`].
 pub fn main() -> ExitCode {
+    run(Registry::with_examples())
+}
+
+/// Parses the process's arguments, runs the command with the projection
+/// handlers in `registry`, prints errors, and returns the documented exit
+/// code.
+pub fn run(registry: Registry) -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -78,7 +87,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    match runtime.block_on(commands::run(cli, &registry)) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(e) => {
             eprintln!("error: {e:#}");

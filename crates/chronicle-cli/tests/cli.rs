@@ -384,3 +384,146 @@ fn projections_status_and_dead_letters_are_shown() {
     assert_eq!(letters[0]["version"], 1);
     assert_eq!(letters[1]["version"], 2);
 }
+
+fn psql_value(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-t", "-A", "-d", url, "-c", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The stock binary's user-profile projection through the CLI: run until
+/// SIGINT, a poisoned user dead-lettered, retry that fails again, discard
+/// that delivers the parked event, and a rebuild from the start.
+#[test]
+fn projections_run_dlq_retry_discard_and_rebuild() {
+    let url = fresh_database();
+    let db = Some(url.as_str());
+    ok(&chronicle(db, &["migrate"], None));
+    let listed = ok(&chronicle(db, &["projections", "list"], None));
+    assert!(listed.contains("user-profile"), "{listed}");
+
+    let ada = "0193a1b2-0000-7000-8000-0000000000a1";
+    let grace = "0193a1b2-0000-7000-8000-0000000000a2";
+    let lines = [
+        format!(
+            r#"{{"aggregate_id":"{ada}","aggregate_type":"user","event_type":"UserRegistered","data":{{"email":"ada@example.com","name":"Ada"}}}}"#
+        ),
+        format!(
+            r#"{{"aggregate_id":"{ada}","aggregate_type":"user","event_type":"NameChanged","data":{{"name":42}}}}"#
+        ),
+        format!(
+            r#"{{"aggregate_id":"{ada}","aggregate_type":"user","event_type":"EmailChanged","data":{{"email":"ada@engine.org"}}}}"#
+        ),
+        format!(
+            r#"{{"aggregate_id":"{grace}","aggregate_type":"user","event_type":"UserRegistered","data":{{"email":"grace@example.com","name":"Grace"}}}}"#
+        ),
+    ];
+    ok(&chronicle(db, &["append"], Some(&lines.join("\n"))));
+
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_chronicle"))
+        .args(["projections", "run", "user-profile"])
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the worker");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while psql_value(&url, "SELECT count(*) FROM projection_dead_letters") != "2"
+        || psql_value(&url, "SELECT count(*) FROM user_profiles") != "2"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not process the events"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = worker.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = worker.wait().unwrap();
+    assert!(exit.success(), "Ctrl-C stops the worker cleanly: {exit:?}");
+
+    let letters = json_lines(&ok(&chronicle(
+        db,
+        &["dlq", "list", "user-profile", "--output", "json"],
+        None,
+    )));
+    assert_eq!(letters.len(), 2);
+    let retry = chronicle(db, &["dlq", "retry", "user-profile", ada], None);
+    assert_eq!(
+        retry.status.code(),
+        Some(1),
+        "the unfixed handler fails again"
+    );
+    assert!(String::from_utf8_lossy(&retry.stderr).contains("new failure"));
+    assert_eq!(
+        psql_value(&url, "SELECT count(*) FROM projection_dead_letters"),
+        "2",
+        "nothing lost"
+    );
+
+    let discarded = json_lines(&ok(&chronicle(
+        db,
+        &["dlq", "discard", "user-profile", ada, "--output", "json"],
+        None,
+    )));
+    assert_eq!(
+        discarded[0]["delivered"].as_array().map(Vec::len),
+        Some(1),
+        "the parked event is delivered"
+    );
+    assert_eq!(discarded[0]["discarded"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        psql_value(
+            &url,
+            &format!("SELECT email FROM user_profiles WHERE user_id = '{ada}'")
+        ),
+        "ada@engine.org"
+    );
+
+    // A rebuild replays history; it stops on the malformed event, by design.
+    let rebuild = chronicle(
+        db,
+        &["projections", "rebuild", "user-profile", "--output", "json"],
+        None,
+    );
+    assert_eq!(rebuild.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&rebuild.stderr).contains("stopped on partition"),
+        "{}",
+        String::from_utf8_lossy(&rebuild.stderr)
+    );
+    // From after the malformed event it completes.
+    let all = json_lines(&ok(&chronicle(
+        db,
+        &["read", "all", "--output", "json"],
+        None,
+    )));
+    let after = format!("{}-{}", all[1]["transaction_id"], all[1]["global_position"]);
+    let done = json_lines(&ok(&chronicle(
+        db,
+        &[
+            "projections",
+            "rebuild",
+            "user-profile",
+            "--from",
+            &after,
+            "--output",
+            "json",
+        ],
+        None,
+    )));
+    assert_eq!(done[0]["lag_events"], 0);
+}

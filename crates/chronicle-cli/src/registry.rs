@@ -1,0 +1,76 @@
+//! The projection handlers a `chronicle` binary carries.
+
+use std::collections::BTreeMap;
+
+use chronicle_core::ProjectionHandler;
+use chronicle_projections::{HandlerRegistry, PgContext};
+
+/// The handlers compiled into this binary, and the SQL each needs run
+/// before it starts (its read-model tables, idempotently).
+///
+/// The stock `chronicle` binary carries the `user-profile` example. An
+/// application ships the same CLI with its own handlers:
+///
+/// ```no_run
+/// # use chronicle_core::{EventEnvelope, ProjectionHandler, ProjectionResult};
+/// # use chronicle_projections::PgContext;
+/// # struct Orders;
+/// # #[async_trait::async_trait]
+/// # impl ProjectionHandler<PgContext> for Orders {
+/// #     fn name(&self) -> &str { "orders" }
+/// #     async fn handle(&self, _: &EventEnvelope, _: &mut PgContext) -> ProjectionResult { ProjectionResult::Done }
+/// # }
+/// fn main() -> std::process::ExitCode {
+///     let mut registry = chronicle_cli::Registry::new();
+///     registry.projection(Orders, "CREATE TABLE IF NOT EXISTS orders (id UUID PRIMARY KEY)");
+///     chronicle_cli::run(registry)
+/// }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    handlers: HandlerRegistry,
+    setup: BTreeMap<String, String>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    /// The stock binary's registry: the `user-profile` example projection.
+    pub fn with_examples() -> Self {
+        let mut registry = Registry::new();
+        registry.projection(
+            user_profile::projection::UserProfileProjection::default(),
+            user_profile::projection::READ_MODEL_DDL,
+        );
+        registry
+    }
+
+    /// Registers `handler` under its name, with the SQL (possibly empty)
+    /// that creates what it writes to; the SQL must be idempotent.
+    pub fn projection(
+        &mut self,
+        handler: impl ProjectionHandler<PgContext> + 'static,
+        setup_sql: &str,
+    ) -> &mut Self {
+        self.setup
+            .insert(handler.name().to_owned(), setup_sql.to_owned());
+        self.handlers.register(handler);
+        self
+    }
+
+    /// The handlers, by name.
+    pub fn handlers(&self) -> &HandlerRegistry {
+        &self.handlers
+    }
+
+    /// The setup SQL of the handler named `name`.
+    pub fn setup_sql(&self, name: &str) -> Option<&str> {
+        self.setup
+            .get(name)
+            .map(String::as_str)
+            .filter(|s| !s.trim().is_empty())
+    }
+}
