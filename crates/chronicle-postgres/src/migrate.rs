@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "projections",
         sql: include_str!("../migrations/0004_projections.sql"),
     },
+    Migration {
+        version: 5,
+        name: "upcast",
+        sql: include_str!("../migrations/0005_upcast.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

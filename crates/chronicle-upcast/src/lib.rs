@@ -16,7 +16,10 @@
 //! Schema per version, and identity fields that never change), and offers
 //! the database-free parts of planning and verifying: [`EventDiff`] for
 //! `chronicle upcast plan` and [`Checksum`] for `chronicle upcast verify`.
-//! It does no I/O; the runner with its backup table lives with the store.
+//! Without features it does no I/O. [`UpcastingReader`] applies the chain
+//! on read over any `EventReader` (lazy mode); with the `postgres` feature,
+//! `PgUpcaster` rewrites a PostgreSQL store eagerly, with a backup table,
+//! resumable batches, verification and rollback.
 //!
 //! ```
 //! use chronicle_upcast::{EventDiff, EventIdentity, UpcastConfig, UpcastEvent, UpcasterChain};
@@ -137,6 +140,8 @@
 //!
 //! - `json-schema` (default): JSON Schema validation, with the `jsonschema`
 //!   crate without its network and file resolvers.
+//! - `postgres`: `PgUpcaster`, the eager runner on `chronicle-postgres`
+//!   (tables from its migration 5).
 //! - `full`: everything.
 #![deny(missing_docs)]
 
@@ -146,6 +151,9 @@ mod error;
 mod event;
 mod plan;
 mod pointer;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod reader;
 mod schema;
 mod upcaster;
 
@@ -157,6 +165,12 @@ pub use plan::{Change, Checksum, ChecksumParseError, EventDiff, canonical_json, 
 pub use pointer::{
     ENCRYPTED_KEY, JsonPointer, PointerError, REDACTED_KEY, is_encrypted, is_redacted,
 };
+#[cfg(feature = "postgres")]
+pub use postgres::{
+    DEFAULT_BATCH_SIZE, FieldCipher, PgUpcaster, PlanEntry, Progress, RunError, RunInfo, RunReport,
+    RunStatus, Sample, VerifyReport,
+};
+pub use reader::UpcastingReader;
 pub use upcaster::{FnUpcaster, Upcaster};
 
 #[cfg(test)]

@@ -1,0 +1,3 @@
+//! Integration tests of eager and lazy upcasting against a real PostgreSQL.
+
+mod upcast;
