@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "upcast",
         sql: include_str!("../migrations/0005_upcast.sql"),
     },
+    Migration {
+        version: 6,
+        name: "lean_append",
+        sql: include_str!("../migrations/0006_lean_append.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

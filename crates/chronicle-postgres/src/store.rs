@@ -24,14 +24,19 @@ use crate::{Error, PgPool};
 pub const EVENT_COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, \
                        version, timestamp, encrypted_fields, transaction_id, global_position";
 
+/// Raised by `chronicle_append` when only part of a batch could be
+/// inserted; the statement is aborted, so nothing of the batch is kept.
+const PARTIAL_APPEND: &str = "CH409";
+
 /// The default per-event limit on serialized data plus metadata: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
 
 /// The event store on PostgreSQL.
 ///
 /// One append is one round trip: a call of the `chronicle_append` function,
-/// which takes the aggregate's advisory transaction lock, checks
-/// idempotency and the expected version, and inserts the batch. Reads of the
+/// which checks the expected version and inserts the batch, with
+/// `UNIQUE(aggregate_id, version)` arbitrating concurrent writers and the
+/// idempotency check only on the paths where something conflicted. Reads of the
 /// global feed follow `(transaction_id, global_position)` below the
 /// snapshot's xmin, so they never skip a late-committing transaction.
 ///
@@ -210,6 +215,18 @@ impl PgEventStore {
         Ok(prepared)
     }
 
+    /// The aggregate's current version (0: no events).
+    async fn current_version(&self, aggregate_id: AggregateId) -> Result<u32, Error> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_typed_one(
+                "SELECT coalesce(max(version), 0) FROM events WHERE aggregate_id = $1",
+                &[(&aggregate_id, Type::UUID)],
+            )
+            .await?;
+        Ok(u32::try_from(row.get::<_, i32>(0)).unwrap_or(0))
+    }
+
     /// Which of `ids` are already stored (for the error of a partial
     /// duplicate).
     async fn first_stored(&self, ids: &[Uuid]) -> Result<Option<Uuid>, Error> {
@@ -310,36 +327,50 @@ impl EventAppender for PgEventStore {
     ) -> chronicle_core::Result<AppendOutcome> {
         let p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
         let expected_param: Option<i32> = expected.as_option().map(|v| v as i32);
-        let client = self.pool.get().await.map_err(Error::from)?;
-        let result = client
-            .query_typed_one(
-                "SELECT status, version FROM chronicle_append($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[
-                    (&aggregate_id, Type::UUID),
-                    (&aggregate_type, Type::TEXT),
-                    (&expected_param, Type::INT4),
-                    (&p.ids, Type::UUID_ARRAY),
-                    (&p.types, Type::TEXT_ARRAY),
-                    (&p.data, Type::JSONB_ARRAY),
-                    (&p.metadata, Type::JSONB_ARRAY),
-                    (&p.encrypted, Type::JSONB_ARRAY),
-                ],
-            )
-            .await;
-        drop(client);
-        let row = match result {
-            Ok(row) => row,
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                let stored = self.first_stored(&p.ids).await?;
-                return Err(match stored {
-                    Some(event_id) => CoreError::DuplicateEventId { event_id },
-                    None => CoreError::backend(
-                        "a concurrent writer inserted into this aggregate without chronicle_append's lock; retry",
-                        e,
-                    ),
-                });
+        let mut attempts = 0;
+        let row = loop {
+            let client = self.pool.get().await.map_err(Error::from)?;
+            let result = client
+                .query_typed_one(
+                    "SELECT status, version FROM chronicle_append($1, $2, $3, $4, $5, $6, $7, $8)",
+                    &[
+                        (&aggregate_id, Type::UUID),
+                        (&aggregate_type, Type::TEXT),
+                        (&expected_param, Type::INT4),
+                        (&p.ids, Type::UUID_ARRAY),
+                        (&p.types, Type::TEXT_ARRAY),
+                        (&p.data, Type::JSONB_ARRAY),
+                        (&p.metadata, Type::JSONB_ARRAY),
+                        (&p.encrypted, Type::JSONB_ARRAY),
+                    ],
+                )
+                .await;
+            drop(client);
+            match result {
+                Ok(row) => break row,
+                // Only part of the batch could be inserted, so none of it was
+                // kept: some of its ids exist, or a concurrent writer took
+                // some of its versions.
+                Err(e)
+                    if e.code().is_some_and(|c| {
+                        c.code() == PARTIAL_APPEND || *c == SqlState::UNIQUE_VIOLATION
+                    }) =>
+                {
+                    if let Some(event_id) = self.first_stored(&p.ids).await? {
+                        return Err(CoreError::DuplicateEventId { event_id });
+                    }
+                    if expected == ExpectedVersion::Any && attempts < 10 {
+                        attempts += 1;
+                        continue;
+                    }
+                    return Err(CoreError::Conflict {
+                        aggregate_id,
+                        expected,
+                        actual: self.current_version(aggregate_id).await?,
+                    });
+                }
+                Err(e) => return Err(Error::from(e).into()),
             }
-            Err(e) => return Err(Error::from(e).into()),
         };
         let (status, version): (i32, i32) = (row.get(0), row.get(1));
         let version = u32::try_from(version).unwrap_or(0);

@@ -70,16 +70,26 @@ async fn sixty_four_writers_at_one_expected_version_exactly_one_wins() {
 /// Appends inside an explicit transaction on a raw client, which the test
 /// keeps open for as long as it likes.
 async fn append_in_tx(client: &tokio_postgres::Client, aggregate: Uuid, ty: &str) -> Uuid {
+    try_append_in_tx(client, aggregate, ty).await.unwrap()
+}
+
+/// As [`append_in_tx`], but returns the error of an append that lost the
+/// race for its version (SQLSTATE CH409: the caller rolls back and retries
+/// in a new transaction).
+async fn try_append_in_tx(
+    client: &tokio_postgres::Client,
+    aggregate: Uuid,
+    ty: &str,
+) -> Result<Uuid, tokio_postgres::Error> {
     let event_id = Uuid::now_v7();
     let row = client
         .query_one(
             "SELECT status FROM chronicle_append($1, 'feed', NULL, ARRAY[$2::uuid], ARRAY[$3::text], ARRAY['{}'::jsonb], ARRAY['{}'::jsonb], ARRAY[NULL::jsonb])",
             &[&aggregate, &event_id, &ty],
         )
-        .await
-        .unwrap();
+        .await?;
     assert_eq!(row.get::<_, i32>(0), 0);
-    event_id
+    Ok(event_id)
 }
 
 #[tokio::test]
@@ -211,8 +221,23 @@ async fn stress_eight_writers_with_pauses_and_a_tailing_reader() {
                             rng.random_range(0..400u64),
                         )
                     };
-                    client.batch_execute("BEGIN").await.unwrap();
-                    written.push(append_in_tx(&client, aggregate, &format!("w{w}-{i}")).await);
+                    // An "any" append that loses the race for its version
+                    // aborts its transaction; retry in a new one.
+                    let mut races = 0;
+                    let event_id = loop {
+                        client.batch_execute("BEGIN").await.unwrap();
+                        match try_append_in_tx(&client, aggregate, &format!("w{w}-{i}")).await {
+                            Ok(id) => break id,
+                            Err(e)
+                                if e.code().map(|c| c.code()) == Some("CH409") && races < 100 =>
+                            {
+                                races += 1;
+                                client.batch_execute("ROLLBACK").await.unwrap();
+                            }
+                            Err(e) => panic!("append failed: {e:?}"),
+                        }
+                    };
+                    written.push(event_id);
                     if pause > 300 {
                         tokio::time::sleep(Duration::from_micros(pause * 5)).await;
                     }
