@@ -357,3 +357,84 @@ pub async fn read_feed(
     );
     events
 }
+
+/// Paths of the files [`make_test_certificates`] writes.
+#[derive(Debug, Clone)]
+pub struct TestCertificates {
+    /// The certificate authority (PEM), for `sslrootcert` or a client's roots.
+    pub ca: PathBuf,
+    /// The server certificate for `localhost` and `127.0.0.1` (PEM), signed by the CA.
+    pub cert: PathBuf,
+    /// The server's private key (PEM, mode 0600).
+    pub key: PathBuf,
+}
+
+/// Makes a certificate authority and a server certificate for `localhost`
+/// and `127.0.0.1` signed by it, in `dir`, with the `openssl` command (the
+/// CI script installs it). For tests of TLS against local servers.
+pub fn make_test_certificates(dir: &std::path::Path) -> TestCertificates {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("write the certificate extensions");
+    let subject_ca = "/CN=chronicle test CA";
+    openssl(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", subject_ca,
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("restrict the key's permissions");
+    }
+    TestCertificates {
+        ca: dir.join("ca.crt"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+    }
+}

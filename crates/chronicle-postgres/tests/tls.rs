@@ -1,7 +1,7 @@
 //! TLS by `sslmode`, against a local server with a self-signed certificate
 //! authority made for the test.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use chronicle_postgres::{PgOptions, SslMode};
@@ -69,7 +69,7 @@ impl TlsServer {
             port,
             as_root,
         };
-        make_certificates(&dir);
+        let certs = chronicle_postgres::testing::make_test_certificates(&dir);
         if as_root {
             assert!(
                 Command::new("chown")
@@ -94,8 +94,8 @@ impl TlsServer {
         let options = format!(
             "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c fsync=off",
             dir.display(),
-            dir.join("server.crt").display(),
-            dir.join("server.key").display()
+            certs.cert.display(),
+            certs.key.display()
         );
         let out = server.run(
             Command::new(&server.pg_ctl)
@@ -135,80 +135,6 @@ fn server_bin_dir() -> PathBuf {
     dirs.pop().expect(
         "PostgreSQL server binaries in /usr/lib/postgresql/*/bin (apt-get install postgresql)",
     )
-}
-
-/// A certificate authority and a server certificate for localhost signed by it.
-fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=chronicle test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "server.ext",
-    ]);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            dir.join("server.key"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-    }
 }
 
 async fn uses_tls(url: &str) -> Result<bool, chronicle_postgres::Error> {

@@ -1,7 +1,5 @@
 //! The webhook alert sink against local HTTP and HTTPS servers.
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -140,81 +138,16 @@ async fn webhook_gives_up_on_client_errors_and_after_its_retries() {
     assert!(sink.alert(&alert()).await.is_err());
 }
 
-/// A CA and a server certificate for `localhost`, made with openssl.
-fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=chronicle test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
-
 #[tokio::test]
 async fn webhook_over_https_verifies_the_server() {
     let dir = std::env::temp_dir().join(format!("chronicle-webhook-tls-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    make_certificates(&dir);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+    let certs_on_disk = chronicle_postgres::testing::make_test_certificates(&dir);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&certs_on_disk.cert)
         .unwrap()
         .map(|c| c.unwrap())
         .collect();
-    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(&certs_on_disk.key).unwrap();
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -237,7 +170,7 @@ async fn webhook_over_https_verifies_the_server() {
             }
         }
     });
-    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    let ca = std::fs::read(&certs_on_disk.ca).unwrap();
     let url = format!("https://localhost:{port}/tls");
     let sink = WebhookAlertSink::new(&url)
         .unwrap()
