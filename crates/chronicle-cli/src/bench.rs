@@ -368,8 +368,21 @@ async fn run_cases(
     };
     for sync in modes {
         let tag = if sync { "sync on" } else { "sync off" };
-        for writers in [1usize, 4, 16] {
-            progress.set_message(format!("single-event appends, {writers} writers, {tag}"));
+        // (writers, events per append, appends per case)
+        let shapes = [
+            (1usize, 1usize, args.events),
+            (4, 1, args.events),
+            (16, 1, args.events),
+            (1, 100, args.batches),
+            (4, 100, args.batches),
+        ];
+        for (writers, size, calls) in shapes {
+            let name = if size == 1 {
+                format!("append 1 event, {writers} writers, {tag}")
+            } else {
+                format!("append {size}-event batch, {writers} writers, {tag}")
+            };
+            progress.set_message(name.clone());
             let counter = Arc::new(Counter::default());
             let store = PgEventStore::new(scratch.pool(sync, writers, Some(counter.clone()))?);
             let raw = scratch.pool(sync, writers, None)?;
@@ -379,38 +392,12 @@ async fn run_cases(
             let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
             for _ in 0..2 {
                 counter.reset();
-                ours = ours.max(appends(&store, writers, args.events, 1).await?);
-                trips = counter.round_trips() as f64 / args.events as f64;
-                theirs = theirs.max(raw_inserts(&raw, writers, args.events, 1).await?);
+                ours = ours.max(appends(&store, writers, calls, size).await?);
+                trips = counter.round_trips() as f64 / calls as f64;
+                theirs = theirs.max(raw_inserts(&raw, writers, calls, size).await?);
                 scratch.truncate().await?;
             }
-            cases.push(Case::new(
-                format!("append 1 event, {writers} writers, {tag}"),
-                ours,
-                theirs,
-                Some(trips),
-            ));
-        }
-        for writers in [1usize, 4] {
-            progress.set_message(format!("100-event batches, {writers} writers, {tag}"));
-            let counter = Arc::new(Counter::default());
-            let store = PgEventStore::new(scratch.pool(sync, writers, Some(counter.clone()))?);
-            let raw = scratch.pool(sync, writers, None)?;
-            warm(&store, &raw, writers).await?;
-            let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
-            for _ in 0..2 {
-                counter.reset();
-                ours = ours.max(appends(&store, writers, args.batches, 100).await?);
-                trips = counter.round_trips() as f64 / args.batches as f64;
-                theirs = theirs.max(raw_inserts(&raw, writers, args.batches, 100).await?);
-                scratch.truncate().await?;
-            }
-            cases.push(Case::new(
-                format!("append 100-event batch, {writers} writers, {tag}"),
-                ours,
-                theirs,
-                Some(trips),
-            ));
+            cases.push(Case::new(name, ours, theirs, Some(trips)));
         }
     }
 
