@@ -23,6 +23,7 @@ mod error;
 mod event;
 mod position;
 mod projection;
+mod queue;
 mod repository;
 mod store;
 #[cfg(feature = "testing")]
@@ -37,6 +38,7 @@ pub use projection::{
     Alert, AlertSink, BoxError, DeploymentResult, HealthStatus, ProjectionAdapter,
     ProjectionHandler, ProjectionResult, ProjectionState, ProjectionStatus,
 };
+pub use queue::{Delivery, MemoryQueue, Message, MessageQueue, QueueDepth, Receipt};
 pub use repository::{CommandError, Repository};
 pub use store::{AppendOutcome, EventAppender, EventReader, EventStore, FeedBatch, TimeRange};
 pub use version::ExpectedVersion;
