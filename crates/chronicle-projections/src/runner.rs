@@ -189,8 +189,15 @@ impl PartitionTask {
                 continue;
             }
             // From here this task counts in `held`.
+            let started = std::time::Instant::now();
             match self.projection.step(self.partition, &self.worker_id).await {
                 Ok(outcome) if outcome.claimed => {
+                    crate::metrics::record_step(
+                        self.projection.name(),
+                        self.partition,
+                        &outcome,
+                        started.elapsed(),
+                    );
                     if !holding {
                         self.owned.fetch_add(1, Ordering::SeqCst);
                     }

@@ -93,3 +93,131 @@ async fn metrics_report_progress_dead_letters_and_parked_events() {
     assert!(get("/other").await.starts_with("HTTP/1.1 404"));
     server.abort();
 }
+
+/// This process's counters and histograms, recorded by a `Runner`, next to
+/// the database-derived figures on the served `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_records_retries_and_dead_letters_served_on_metrics() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use chronicle_projections::{RetryPolicy, Runner, RunnerOptions, install_metrics_recorder};
+
+    assert!(
+        install_metrics_recorder(),
+        "no other recorder in this process"
+    );
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    let (sick, flaky, well) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    append_one(&db, sick, json!({ "amount": 1, "poison": true })).await;
+    append_one(&db, sick, json!({ "amount": 2 })).await;
+    append_one(&db, flaky, json!({ "amount": 3, "flaky": 2 })).await;
+    append_one(&db, well, json!({ "amount": 4 })).await;
+    let projection = Arc::new(
+        PgProjection::new(
+            db.pool.clone(),
+            Ledger::new("metered-runner"),
+            ProjectionOptions {
+                partitions: 2,
+                retry: RetryPolicy {
+                    initial_delay: Duration::from_millis(1),
+                    ..RetryPolicy::default()
+                },
+                ..ProjectionOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let runner = Runner::start(
+        projection.clone(),
+        RunnerOptions {
+            poll_interval: Duration::from_millis(5),
+            ..RunnerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Until both partitions have seen everything: the two healthy events
+    // handled, the poison event dead-lettered and its successor parked.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = chronicle_projections::load_state(&db.pool, Some("metered-runner"))
+            .await
+            .unwrap();
+        let processed: u64 = state.iter().map(|s| s.events_processed).sum();
+        let queued = chronicle_projections::dlq::count(&db.pool, "metered-runner")
+            .await
+            .unwrap();
+        if processed == 2 && queued == 2 && state.iter().all(|s| s.lag_events == 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the runner did not catch up: {state:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    runner.stop().await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(serve_metrics(listener, db.pool.clone()));
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    server.abort();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+
+    // Summed over the partitions of this projection.
+    let total = |name: &str| -> f64 {
+        let prefix = format!("{name}{{");
+        answer
+            .lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains("projection=\"metered-runner\""))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    assert_eq!(total("chronicle_runner_retries_total"), 2.0, "{answer}");
+    assert_eq!(
+        total("chronicle_runner_dead_lettered_total"),
+        1.0,
+        "{answer}"
+    );
+    assert_eq!(total("chronicle_runner_parked_total"), 1.0, "{answer}");
+    assert_eq!(
+        total("chronicle_runner_events_processed_total"),
+        2.0,
+        "{answer}"
+    );
+    assert!(answer.contains("# TYPE chronicle_runner_step_duration_seconds histogram"));
+    assert!(
+        total("chronicle_runner_step_duration_seconds_count") >= 1.0,
+        "{answer}"
+    );
+    assert_eq!(
+        total("chronicle_runner_batch_size_sum"),
+        4.0,
+        "every event was in one step's batch once: {answer}"
+    );
+    let inf = answer
+        .lines()
+        .filter(|l| {
+            l.starts_with("chronicle_runner_batch_size_bucket{")
+                && l.contains("projection=\"metered-runner\"")
+                && l.contains("le=\"+Inf\"")
+        })
+        .count();
+    assert!(
+        inf >= 1,
+        "a +Inf bucket per partition that read events: {answer}"
+    );
+    // The database-derived figures are still there.
+    assert!(answer.contains("chronicle_projection_parked{projection=\"metered-runner\"} 1"));
+    assert!(answer.contains("chronicle_projection_dead_lettered{projection=\"metered-runner\"} 1"));
+}

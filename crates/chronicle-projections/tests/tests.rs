@@ -10,5 +10,6 @@ mod dead_letters;
 mod kill9;
 mod leases;
 mod metrics;
+mod queue;
 mod retries;
 mod webhook;
