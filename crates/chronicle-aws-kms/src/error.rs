@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 
 /// The kind of a KMS failure: what the caller can do about it differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +81,11 @@ impl KmsErrorKind {
     /// and the KMS operation `operation` (e.g. `Decrypt`).
     pub fn advice(self, operation: &str, key: &str) -> String {
         match self {
+            KmsErrorKind::AccessDenied if operation == "Decrypt" => format!(
+                "access denied: allow kms:Decrypt on key {key} for these credentials in the key policy or an IAM policy, or the wrapped key was not encrypted under {key}"
+            ),
             KmsErrorKind::AccessDenied => format!(
-                "access denied: allow kms:{operation} on key {key} for these credentials in the key policy or an IAM policy (on Decrypt this also means the wrapped key was not encrypted under {key})"
+                "access denied: allow kms:{operation} on key {key} for these credentials in the key policy or an IAM policy"
             ),
             KmsErrorKind::KeyDisabled => format!(
                 "key {key} is disabled: enable it (`aws kms enable-key --key-id {key}`), or make another key current; data keys wrapped under it cannot be unwrapped while it is disabled"
@@ -147,7 +150,16 @@ impl fmt::Display for KmsError {
         {
             // The SDK's own chain says which connection or credential step
             // failed; it never contains request bodies.
-            write!(f, ": {}", DisplayErrorContext(source.as_ref()))?;
+            let mut next: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+            let mut last = String::new();
+            while let Some(e) = next {
+                let text = e.to_string();
+                if !text.is_empty() && !last.contains(&text) {
+                    write!(f, ": {text}")?;
+                }
+                last = text;
+                next = e.source();
+            }
         }
         Ok(())
     }

@@ -144,7 +144,12 @@ async fn a_disabled_key_fails_clearly() {
     let spare = support::create_key(&admin).await;
     keys.check_current_key().await.unwrap();
 
-    admin.disable_key().key_id(&arn).send().await.unwrap();
+    admin
+        .disable_key()
+        .key_id(support::key_id(&arn))
+        .send()
+        .await
+        .unwrap();
 
     // A new provider refuses the key, naming it and the remedy.
     let err = support::builder(&arn).await.build().await.unwrap_err();
@@ -165,7 +170,12 @@ async fn a_disabled_key_fails_clearly() {
     assert_eq!(keys.current_key_id().as_str(), spare);
 
     // Enabled again, it is usable again.
-    admin.enable_key().key_id(&arn).send().await.unwrap();
+    admin
+        .enable_key()
+        .key_id(support::key_id(&arn))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(keys.set_current_key(&arn).await.unwrap().as_str(), arn);
 }
 
@@ -175,7 +185,7 @@ async fn a_key_pending_deletion_is_refused() {
     let arn = support::create_key(&admin).await;
     admin
         .schedule_key_deletion()
-        .key_id(&arn)
+        .key_id(support::key_id(&arn))
         .pending_window_in_days(7)
         .send()
         .await

@@ -203,3 +203,9 @@ pub async fn provider(key: &str) -> AwsKmsKeys {
         .await
         .expect("a provider for the moto key")
 }
+
+/// The bare key id of a key ARN (moto's DisableKey, EnableKey and
+/// ScheduleKeyDeletion take only that form; AWS takes both).
+pub fn key_id(arn: &str) -> &str {
+    arn.rsplit_once("key/").map_or(arn, |(_, id)| id)
+}
