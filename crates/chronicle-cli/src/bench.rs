@@ -64,7 +64,7 @@ pub struct Case {
 }
 
 impl Case {
-    fn new(name: String, ours: f64, raw: f64, round_trips: Option<f64>) -> Case {
+    pub(crate) fn new(name: String, ours: f64, raw: f64, round_trips: Option<f64>) -> Case {
         Case {
             name,
             events_per_sec: ours,
@@ -76,13 +76,13 @@ impl Case {
 }
 
 /// A scratch schema on the target database, dropped on [`Scratch::drop_schema`].
-struct Scratch {
+pub(crate) struct Scratch {
     options: PgOptions,
     schema: String,
 }
 
 impl Scratch {
-    async fn create(db: &Database) -> Result<Scratch> {
+    pub(crate) async fn create(db: &Database) -> Result<Scratch> {
         let schema = format!("chronicle_bench_{}", std::process::id());
         let admin = PgOptions::from_url(&db.url)?.connect().await?;
         admin
@@ -102,7 +102,7 @@ impl Scratch {
     }
 
     /// A pool whose sessions see only the scratch schema.
-    fn pool(
+    pub(crate) fn pool(
         &self,
         synchronous_commit: bool,
         size: usize,
@@ -127,7 +127,7 @@ impl Scratch {
         Ok(())
     }
 
-    async fn drop_schema(self) -> Result<()> {
+    pub(crate) async fn drop_schema(self) -> Result<()> {
         let pool = self.pool(true, 1, None)?;
         pool.get()
             .await?
@@ -616,7 +616,7 @@ async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -
 
 /// Counts request/response round trips on the sockets it creates.
 #[derive(Debug, Default)]
-struct Counter {
+pub(crate) struct Counter {
     round_trips: AtomicU64,
 }
 

@@ -78,6 +78,9 @@ pub enum Command {
         #[command(subcommand)]
         action: DevCommand,
     },
+    /// Schema evolution: plan, run, verify, roll back eager upcasts of
+    /// stored events (definitions: --config, default ./upcasters.yaml).
+    Upcast(crate::upcast::UpcastArgs),
     /// Benchmarks that print figures and ratios against raw PostgreSQL.
     Bench {
         /// Which benchmark.
@@ -239,6 +242,9 @@ pub enum BenchCommand {
     /// Appends and reads with two encrypted fields per event against the
     /// same without encryption.
     Crypto(crate::bench::CryptoBenchArgs),
+    /// Eager upcast with backup against a raw `UPDATE ... jsonb_set`, and
+    /// lazy upcasting on read against plain reads.
+    Upcast(crate::bench_upcast::UpcastBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -252,6 +258,7 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
             return match what {
                 BenchCommand::Append(args) => crate::bench::append(&db, args, format).await,
                 BenchCommand::Crypto(args) => crate::bench::crypto(&db, args, format).await,
+                BenchCommand::Upcast(args) => crate::bench_upcast::upcast(&db, args, format).await,
             };
         }
         _ => {}
@@ -287,6 +294,7 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         }
         Command::Projections { action } => projections(&db, registry, action, format).await?,
         Command::Dlq { action } => dlq(&db, registry, action, format).await?,
+        Command::Upcast(args) => crate::upcast::run(&db, args, format).await?,
         Command::Dev { .. } | Command::Demo | Command::Bench { .. } => {
             unreachable!("handled above")
         }

@@ -13,11 +13,13 @@
 #![deny(missing_docs)]
 
 mod bench;
+mod bench_upcast;
 mod commands;
 mod database;
 mod demo;
 mod output;
 mod registry;
+mod upcast;
 
 use std::process::ExitCode;
 
@@ -113,6 +115,12 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 chronicle_core::Error::Invalid(_) => EXIT_USAGE,
                 _ => EXIT_FAILURE,
             };
+        }
+        if let Some(code) = cause
+            .downcast_ref::<chronicle_upcast::RunError>()
+            .and_then(upcast::exit_code)
+        {
+            return code;
         }
         if cause.downcast_ref::<commands::UsageError>().is_some() {
             return EXIT_USAGE;

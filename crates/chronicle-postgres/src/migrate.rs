@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "lean_append",
         sql: include_str!("../migrations/0006_lean_append.sql"),
     },
+    Migration {
+        version: 7,
+        name: "upcast_lease",
+        sql: include_str!("../migrations/0007_upcast_lease.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

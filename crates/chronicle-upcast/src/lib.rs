@@ -142,10 +142,14 @@
 //!   crate without its network and file resolvers.
 //! - `postgres`: `PgUpcaster`, the eager runner on `chronicle-postgres`
 //!   (tables from its migration 5).
+//! - `crypto`: `CryptoFieldCipher`, the runner's [`FieldCipher`] on
+//!   `chronicle-crypto` (implies `postgres`).
 //! - `full`: everything.
 #![deny(missing_docs)]
 
 mod chain;
+#[cfg(feature = "crypto")]
+mod crypto;
 mod declarative;
 mod error;
 mod event;
@@ -158,6 +162,8 @@ mod schema;
 mod upcaster;
 
 pub use chain::{Latest, Migration, Mode, UpcasterChain, UpcasterChainBuilder};
+#[cfg(feature = "crypto")]
+pub use crypto::CryptoFieldCipher;
 pub use declarative::{DeclarativeUpcaster, Step, UpcastConfig};
 pub use error::{ConfigError, Error, Result, SchemaIssue, SourceLocation, UpcastFailure};
 pub use event::{EventIdentity, UpcastEvent, check_identity};
@@ -167,8 +173,8 @@ pub use pointer::{
 };
 #[cfg(feature = "postgres")]
 pub use postgres::{
-    DEFAULT_BATCH_SIZE, FieldCipher, PgUpcaster, PlanEntry, Progress, RunError, RunInfo, RunReport,
-    RunStatus, Sample, VerifyReport,
+    DEFAULT_BATCH_SIZE, DEFAULT_LEASE_TTL, FieldCipher, LeaseInfo, PgUpcaster, PlanEntry, Progress,
+    RunError, RunInfo, RunReport, RunStatus, Sample, VerifyReport,
 };
 pub use reader::UpcastingReader;
 pub use upcaster::{FnUpcaster, Upcaster};

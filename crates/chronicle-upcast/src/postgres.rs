@@ -8,6 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chronicle_core::{EventEnvelope, Metadata, Position};
@@ -22,6 +23,10 @@ use crate::{Checksum, EventDiff, Migration, Mode, UpcastEvent, UpcastFailure, Up
 
 /// The batch size [`PgUpcaster::run`] callers usually want.
 pub const DEFAULT_BATCH_SIZE: usize = 500;
+
+/// How long a runner's lease on a migration key lasts without renewal
+/// (every batch renews it); see [`PgUpcaster::lease_ttl`].
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// The schema version the runner reads, exactly as the index
 /// `idx_events_upcast` (migration 5) is defined.
@@ -117,6 +122,44 @@ pub enum RunError {
         event_id: Uuid,
         /// What was wrong.
         message: String,
+    },
+    /// Another runner holds the lease on this migration key: two runners
+    /// never rewrite the same key at once.
+    #[error(
+        "upcast of {event_type} v{from_version} is already being run by {owner} (runner {owner_id}) \
+         since {acquired_at}; its lease lasts until {expires_at} unless renewed. Wait for it to \
+         finish (`chronicle upcast status` shows its progress); if that process died, run again \
+         once the lease has expired and this run resumes where it stopped"
+    )]
+    LeaseHeld {
+        /// The event type of the key.
+        event_type: String,
+        /// The schema version of the key.
+        from_version: u32,
+        /// Who holds it (host, process id, label).
+        owner: String,
+        /// The holder's runner id.
+        owner_id: Uuid,
+        /// When the holder took it.
+        acquired_at: DateTime<Utc>,
+        /// When it expires unless renewed.
+        expires_at: DateTime<Utc>,
+    },
+    /// This runner's lease expired and another runner took the key over
+    /// (a batch took longer than the lease's time-to-live). The batch in
+    /// flight was rolled back.
+    #[error(
+        "upcast run {run_id} ({event_type} v{from_version}) lost its lease to another runner; \
+         nothing of the batch in flight was written. Run again to resume (use a longer lease or \
+         smaller batches if batches take longer than the lease)"
+    )]
+    LeaseLost {
+        /// The run.
+        run_id: Uuid,
+        /// The event type of the key.
+        event_type: String,
+        /// The schema version of the key.
+        from_version: u32,
     },
     /// Connecting to or talking to PostgreSQL failed.
     #[error(transparent)]
@@ -269,6 +312,43 @@ impl RunInfo {
     }
 }
 
+/// One row of `chronicle_upcast_leases`: a runner working on a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseInfo {
+    /// The event type of the key.
+    pub event_type: String,
+    /// The schema version of the key.
+    pub from_version: u32,
+    /// The holder's runner id ([`PgUpcaster::owner_id`]).
+    pub owner_id: Uuid,
+    /// Who holds it (host, process id, label).
+    pub owner: String,
+    /// The run it works on, once its first batch committed.
+    pub run_id: Option<Uuid>,
+    /// When it was taken.
+    pub acquired_at: DateTime<Utc>,
+    /// When it expires unless renewed.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl LeaseInfo {
+    fn from_row(row: &Row) -> Result<Self, RunError> {
+        Ok(LeaseInfo {
+            event_type: row.try_get(0)?,
+            from_version: to_u32(row.try_get::<_, i32>(1)?),
+            owner_id: row.try_get(2)?,
+            owner: row.try_get(3)?,
+            run_id: row.try_get(4)?,
+            acquired_at: row.try_get(5)?,
+            expires_at: row.try_get(6)?,
+        })
+    }
+}
+
+const LEASE_COLUMNS: &str =
+    "event_type, from_version, owner_id, owner, run_id, acquired_at, expires_at";
+
 /// What [`PgUpcaster::plan`] shows for one migration.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -277,6 +357,10 @@ pub struct PlanEntry {
     pub migration: Migration,
     /// How many stored events it would touch now.
     pub events: u64,
+    /// How many of them hold encrypted fields: a run needs a
+    /// [`FieldCipher`] for them when the chain moves or renames those
+    /// fields (an envelope is bound to its pointer).
+    pub encrypted: u64,
     /// The first of them, before and after the whole chain.
     pub sample: Option<Sample>,
 }
@@ -396,6 +480,17 @@ impl VerifyReport {
 /// [`UpcastingReader`](crate::UpcastingReader). Every statement is an
 /// unnamed `query_typed`, so this works behind PgBouncer.
 ///
+/// **One runner per key.** `run` and `rollback` take a lease on each
+/// migration key they work on (a row in `chronicle_upcast_leases`, not a
+/// session lock, so it holds behind a transaction-pooling PgBouncer).
+/// Every batch renews it in its own transaction and commits only while
+/// this runner still owns it; a second runner gets
+/// [`RunError::LeaseHeld`] naming the holder. The lease is released when
+/// the key is done or the run stops with an error; after a dropped future
+/// (Ctrl-C) call [`PgUpcaster::release_leases`], and a process that died
+/// leaves a lease that expires after [`PgUpcaster::lease_ttl`]. Clones of
+/// a `PgUpcaster` are the same runner ([`PgUpcaster::owner_id`]).
+///
 /// ```no_run
 /// # async fn demo(pool: chronicle_postgres::PgPool, chain: chronicle_upcast::UpcasterChain) -> Result<(), chronicle_upcast::RunError> {
 /// use chronicle_upcast::{DEFAULT_BATCH_SIZE, PgUpcaster};
@@ -424,6 +519,9 @@ pub struct PgUpcaster {
     pool: PgPool,
     chain: Arc<UpcasterChain>,
     cipher: Option<Arc<dyn FieldCipher>>,
+    owner_id: Uuid,
+    owner: String,
+    lease_ttl: Duration,
 }
 
 impl fmt::Debug for PgUpcaster {
@@ -431,6 +529,9 @@ impl fmt::Debug for PgUpcaster {
         f.debug_struct("PgUpcaster")
             .field("chain", &self.chain)
             .field("cipher", &self.cipher.is_some())
+            .field("owner_id", &self.owner_id)
+            .field("owner", &self.owner)
+            .field("lease_ttl", &self.lease_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -455,11 +556,147 @@ impl PgUpcaster {
     /// A runner of `chain` over the store behind `pool` (migrated to
     /// schema version 5 or later).
     pub fn new(pool: PgPool, chain: impl Into<Arc<UpcasterChain>>) -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
         PgUpcaster {
             pool,
             chain: chain.into(),
             cipher: None,
+            owner_id: Uuid::now_v7(),
+            owner: format!("{host} pid {}", std::process::id()),
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
+    }
+
+    /// Names this runner in leases and [`RunError::LeaseHeld`] (default:
+    /// host name and process id).
+    pub fn owner(&mut self, label: impl Into<String>) -> &mut Self {
+        self.owner = label.into();
+        self
+    }
+
+    /// How long a lease lasts without renewal (default
+    /// [`DEFAULT_LEASE_TTL`]). Every batch renews it, so keep it well above
+    /// the time one batch takes; a runner that died blocks its keys this
+    /// long.
+    pub fn lease_ttl(&mut self, ttl: Duration) -> &mut Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// This runner's id in `chronicle_upcast_leases`.
+    pub fn owner_id(&self) -> Uuid {
+        self.owner_id
+    }
+
+    /// The leases held now (by any runner), expired ones included.
+    pub async fn leases(&self) -> Result<Vec<LeaseInfo>, RunError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query_typed(
+                &format!(
+                    "SELECT {LEASE_COLUMNS} FROM chronicle_upcast_leases \
+                      WHERE expires_at > clock_timestamp() ORDER BY event_type, from_version"
+                ),
+                &[],
+            )
+            .await?;
+        rows.iter().map(LeaseInfo::from_row).collect()
+    }
+
+    /// Gives up every lease this runner holds, so another run can start at
+    /// once: call it after dropping a [`PgUpcaster::run`] future (Ctrl-C).
+    /// Returns how many were released.
+    pub async fn release_leases(&self) -> Result<u64, RunError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute_typed(
+                "DELETE FROM chronicle_upcast_leases WHERE owner_id = $1",
+                &[(&self.owner_id, Type::UUID)],
+            )
+            .await?)
+    }
+
+    /// Takes the lease on a key (free, expired or already ours), in the
+    /// transaction or session of `client`, or says who holds it.
+    async fn acquire_lease<C: tokio_postgres::GenericClient + Sync>(
+        &self,
+        client: &C,
+        event_type: &str,
+        from: i32,
+    ) -> Result<(), RunError> {
+        let ttl = self.lease_ttl.as_secs_f64();
+        for _ in 0..3 {
+            let got = client
+                .query_typed_opt(
+                    "INSERT INTO chronicle_upcast_leases AS l \
+                            (event_type, from_version, owner_id, owner, expires_at) \
+                     VALUES ($1, $2, $3, $4, clock_timestamp() + $5 * interval '1 second') \
+                     ON CONFLICT (event_type, from_version) DO UPDATE \
+                        SET owner_id = excluded.owner_id, owner = excluded.owner, \
+                            run_id = CASE WHEN l.owner_id = excluded.owner_id THEN l.run_id END, \
+                            acquired_at = clock_timestamp(), expires_at = excluded.expires_at \
+                      WHERE l.owner_id = excluded.owner_id OR l.expires_at < clock_timestamp() \
+                     RETURNING owner_id",
+                    &[
+                        (&event_type, Type::TEXT),
+                        (&from, Type::INT4),
+                        (&self.owner_id, Type::UUID),
+                        (&self.owner, Type::TEXT),
+                        (&ttl, Type::FLOAT8),
+                    ],
+                )
+                .await?;
+            if got.is_some() {
+                return Ok(());
+            }
+            let holder = client
+                .query_typed_opt(
+                    &format!(
+                        "SELECT {LEASE_COLUMNS} FROM chronicle_upcast_leases \
+                          WHERE event_type = $1 AND from_version = $2"
+                    ),
+                    &[(&event_type, Type::TEXT), (&from, Type::INT4)],
+                )
+                .await?;
+            // Released between the two statements: try again.
+            if let Some(row) = holder {
+                let lease = LeaseInfo::from_row(&row)?;
+                return Err(RunError::LeaseHeld {
+                    event_type: lease.event_type,
+                    from_version: lease.from_version,
+                    owner: lease.owner,
+                    owner_id: lease.owner_id,
+                    acquired_at: lease.acquired_at,
+                    expires_at: lease.expires_at,
+                });
+            }
+        }
+        Err(RunError::Inconsistent {
+            run_id: Uuid::nil(),
+            message: format!("the lease on {event_type} v{from} kept changing hands; try again"),
+        })
+    }
+
+    /// Gives up the lease on one key, if this runner holds it.
+    async fn release_lease(&self, event_type: &str, from: i32) -> Result<(), RunError> {
+        let client = self.pool.get().await?;
+        client
+            .execute_typed(
+                "DELETE FROM chronicle_upcast_leases \
+                  WHERE event_type = $1 AND from_version = $2 AND owner_id = $3",
+                &[
+                    (&event_type, Type::TEXT),
+                    (&from, Type::INT4),
+                    (&self.owner_id, Type::UUID),
+                ],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Decrypts and re-encrypts encrypted fields around the chain. Default:
@@ -481,15 +718,17 @@ impl PgUpcaster {
         let mut entries = Vec::new();
         for migration in self.chain.migrations() {
             let from = to_i32(migration.from_version);
-            let count: i64 = client
+            let counts = client
                 .query_typed_one(
                     &format!(
-                        "SELECT count(*) FROM events WHERE event_type = $1 AND {VERSION_EXPR} = $2"
+                        "SELECT count(*), \
+                                count(*) FILTER (WHERE cardinality(encrypted_fields) > 0) \
+                           FROM events WHERE event_type = $1 AND {VERSION_EXPR} = $2"
                     ),
                     &[(&migration.event_type, Type::TEXT), (&from, Type::INT4)],
                 )
-                .await?
-                .try_get(0)?;
+                .await?;
+            let (count, encrypted): (i64, i64) = (counts.try_get(0)?, counts.try_get(1)?);
             let rows = client
                 .query_typed(
                     &select_sql(false),
@@ -514,6 +753,7 @@ impl PgUpcaster {
             entries.push(PlanEntry {
                 migration,
                 events: to_u64(count),
+                encrypted: to_u64(encrypted),
                 sample,
             });
         }
@@ -627,6 +867,28 @@ impl PgUpcaster {
     {
         let from = to_i32(migration.from_version);
         let client = self.pool.get().await?;
+        self.acquire_lease(&**client, &migration.event_type, from)
+            .await?;
+        drop(client);
+        let result = self.run_leased(migration, limit, progress).await;
+        // Errors of the release itself matter less than the run's outcome;
+        // an unreleased lease expires.
+        let _ = self.release_lease(&migration.event_type, from).await;
+        result
+    }
+
+    /// [`PgUpcaster::run_key`] once the lease is held.
+    async fn run_leased<F>(
+        &self,
+        migration: &Migration,
+        limit: i64,
+        progress: &mut F,
+    ) -> Result<Option<RunInfo>, RunError>
+    where
+        F: FnMut(&Progress) + Send,
+    {
+        let from = to_i32(migration.from_version);
+        let client = self.pool.get().await?;
         let open = client
             .query_typed_opt(
                 &format!(
@@ -677,6 +939,8 @@ impl PgUpcaster {
         loop {
             let done = match self.batch(&info, cursor, limit).await {
                 Ok(done) => done,
+                // The run is another runner's now: leave its status alone.
+                Err(e @ RunError::LeaseLost { .. }) => return Err(e),
                 Err(e) => {
                     self.mark_failed(info.run_id, &e).await;
                     return Err(e);
@@ -707,15 +971,28 @@ impl PgUpcaster {
         }
         let client = self.pool.get().await?;
         let row = client
-            .query_typed_one(
+            .query_typed_opt(
                 &format!(
                     "UPDATE chronicle_upcast_runs SET status = 'completed', finished_at = now(), \
                             updated_at = now() \
-                      WHERE run_id = $1 RETURNING {RUN_COLUMNS}"
+                      WHERE run_id = $1 AND EXISTS ( \
+                            SELECT FROM chronicle_upcast_leases \
+                             WHERE event_type = $2 AND from_version = $3 AND owner_id = $4) \
+                  RETURNING {RUN_COLUMNS}"
                 ),
-                &[(&info.run_id, Type::UUID)],
+                &[
+                    (&info.run_id, Type::UUID),
+                    (&migration.event_type, Type::TEXT),
+                    (&from, Type::INT4),
+                    (&self.owner_id, Type::UUID),
+                ],
             )
-            .await?;
+            .await?
+            .ok_or_else(|| RunError::LeaseLost {
+                run_id: info.run_id,
+                event_type: migration.event_type.clone(),
+                from_version: migration.from_version,
+            })?;
         Ok(Some(RunInfo::from_row(&row)?))
     }
 
@@ -843,19 +1120,41 @@ impl PgUpcaster {
                 ),
             });
         }
-        let moved = tx
-            .execute_typed(
-                "UPDATE chronicle_upcast_runs \
-                    SET cursor_position = $2, events_upcast = events_upcast + $3, \
-                        batches = batches + 1, updated_at = now() \
-                  WHERE run_id = $1 AND status = 'running'",
+        // Renew the lease and move the cursor, only while both are ours.
+        let ttl = self.lease_ttl.as_secs_f64();
+        let fenced = tx
+            .query_typed_one(
+                "WITH lease AS ( \
+                     UPDATE chronicle_upcast_leases \
+                        SET expires_at = clock_timestamp() + $6 * interval '1 second', run_id = $1 \
+                      WHERE event_type = $4 AND from_version = $5 AND owner_id = $7 \
+                     RETURNING 1), \
+                 moved AS ( \
+                     UPDATE chronicle_upcast_runs \
+                        SET cursor_position = $2, events_upcast = events_upcast + $3, \
+                            batches = batches + 1, updated_at = now() \
+                      WHERE run_id = $1 AND status = 'running' AND EXISTS (SELECT FROM lease) \
+                     RETURNING 1) \
+                 SELECT (SELECT count(*) FROM lease), (SELECT count(*) FROM moved)",
                 &[
                     (&run_id, Type::UUID),
                     (&last, Type::INT8),
                     (&(n as i64), Type::INT8),
+                    (&run.event_type, Type::TEXT),
+                    (&from, Type::INT4),
+                    (&ttl, Type::FLOAT8),
+                    (&self.owner_id, Type::UUID),
                 ],
             )
             .await?;
+        let (leased, moved): (i64, i64) = (fenced.try_get(0)?, fenced.try_get(1)?);
+        if leased != 1 {
+            return Err(RunError::LeaseLost {
+                run_id,
+                event_type: run.event_type.clone(),
+                from_version: run.from_version,
+            });
+        }
         if moved != 1 {
             return Err(RunError::Inconsistent {
                 run_id,
@@ -1028,6 +1327,10 @@ impl PgUpcaster {
                 hint: "it was already rolled back",
             });
         }
+        // No runner may be rewriting this key meanwhile; the lease is taken
+        // and given up inside this transaction.
+        let from = to_i32(info.from_version);
+        self.acquire_lease(&*tx, &info.event_type, from).await?;
         let later = tx
             .query_typed_opt(
                 "SELECT b2.run_id FROM chronicle_upcast_backup b \
@@ -1080,6 +1383,16 @@ impl PgUpcaster {
             )
             .await?;
         let info = RunInfo::from_row(&row)?;
+        tx.execute_typed(
+            "DELETE FROM chronicle_upcast_leases \
+              WHERE event_type = $1 AND from_version = $2 AND owner_id = $3",
+            &[
+                (&info.event_type, Type::TEXT),
+                (&from, Type::INT4),
+                (&self.owner_id, Type::UUID),
+            ],
+        )
+        .await?;
         tx.commit().await?;
         Ok(info)
     }

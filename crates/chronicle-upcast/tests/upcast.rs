@@ -32,7 +32,7 @@ upcasters:
 /// ItemAdded v1 -> v2 (YAML) -> v3 (Rust: price in cents), with a JSON
 /// Schema for v3. While `fail` is set, the v2 -> v3 step fails on the
 /// event with `"n": 150`.
-fn chain(fail: Arc<AtomicBool>) -> UpcasterChain {
+pub(crate) fn chain(fail: Arc<AtomicBool>) -> UpcasterChain {
     UpcasterChain::builder()
         .config(UpcastConfig::from_yaml("up.yaml", V1_TO_V2).unwrap())
         .upcaster(FnUpcaster::new("ItemAdded", 2, move |event| {
@@ -70,7 +70,7 @@ fn v1(n: u64) -> NewEvent {
 
 /// Appends `n` ItemAdded v1 events (numbered from `start`) over aggregates
 /// of 10, every 7th aggregate also getting a v2 event and an unrelated one.
-async fn seed(db: &TestDb, start: u64, n: u64) {
+pub(crate) async fn seed(db: &TestDb, start: u64, n: u64) {
     let mut i = start;
     while i < start + n {
         let mut events: Vec<NewEvent> = (i..(i + 10).min(start + n)).map(v1).collect();
@@ -97,7 +97,9 @@ async fn seed(db: &TestDb, start: u64, n: u64) {
 }
 
 /// Every row as PostgreSQL prints it, in feed order.
-async fn snapshot(db: &TestDb) -> Vec<(Uuid, String, String, Option<String>, Option<String>)> {
+pub(crate) async fn snapshot(
+    db: &TestDb,
+) -> Vec<(Uuid, String, String, Option<String>, Option<String>)> {
     let client = db.pool.get().await.unwrap();
     client
         .query(
@@ -132,7 +134,7 @@ async fn read_everything<R: EventReader>(reader: &R, expected: i64) -> Vec<Event
     all
 }
 
-async fn old_versions_left(db: &TestDb) -> i64 {
+pub(crate) async fn old_versions_left(db: &TestDb) -> i64 {
     let client = db.pool.get().await.unwrap();
     client
         .query_one(
