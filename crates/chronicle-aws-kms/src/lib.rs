@@ -20,6 +20,9 @@
 //!   as the source of [`chronicle_crypto::Error::Backend`], with a message
 //!   naming the key and what to do.
 //! - [`encryption_context`]: what is bound to every wrapped key.
+//! - `AwsSecretsManager` (feature `secrets-manager`): a
+//!   [`chronicle_crypto::SecretStore`] over AWS Secrets Manager, e.g. for
+//!   a keyring document or database passwords.
 //!
 //! Throttling, KMS internal errors, timeouts and connection errors are
 //! retried with exponential backoff and jitter
@@ -74,11 +77,17 @@
 
 mod error;
 mod provider;
+#[cfg(feature = "secrets-manager")]
+mod secrets;
 
 pub use aws_config;
 pub use aws_sdk_kms;
+#[cfg(feature = "secrets-manager")]
+pub use aws_sdk_secretsmanager;
 pub use error::{KmsError, KmsErrorKind};
 pub use provider::{
     AwsKmsKeys, AwsKmsKeysBuilder, CONTEXT_DATA_KEY_ID, CONTEXT_PURPOSE, CONTEXT_PURPOSE_VALUE,
     CONTEXT_SUBJECT, DEFAULT_MAX_ATTEMPTS, encryption_context, is_kms_key_arn,
 };
+#[cfg(feature = "secrets-manager")]
+pub use secrets::AwsSecretsManager;

@@ -6,3 +6,4 @@
 mod support;
 
 mod kms;
+mod secrets;
