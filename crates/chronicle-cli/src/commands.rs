@@ -203,6 +203,15 @@ pub enum DlqCommand {
         #[arg(long)]
         aggregate_id: Option<Uuid>,
     },
+    /// One dead letter in full: queue state, attempts, error, timestamps,
+    /// the event as stored (encrypted fields stay envelopes) and the events
+    /// parked behind it. Exits 4 when the event is not in the queue.
+    Show {
+        /// The projection.
+        projection: String,
+        /// The dead-lettered (or parked) event.
+        event_id: Uuid,
+    },
     /// Replay an aggregate's dead-lettered event and the events parked
     /// behind it, in order, through the (fixed) handler.
     Retry {
@@ -573,6 +582,10 @@ async fn dlq(
             projection,
             aggregate_id,
         } => (projection, aggregate_id),
+        DlqCommand::Show {
+            projection,
+            event_id,
+        } => return crate::dlq_show::show(&pool, &projection, event_id, format).await,
         DlqCommand::Retry {
             projection,
             aggregate_id,

@@ -17,6 +17,7 @@ mod bench_upcast;
 mod commands;
 mod database;
 mod demo;
+mod dlq_show;
 mod output;
 mod registry;
 mod upcast;
