@@ -3,7 +3,8 @@
 //!
 //! The server runs under a small `sh` guard that reads its standard input:
 //! when the test process exits, for whatever reason, the pipe closes and
-//! the guard stops the server, so no server outlives its tests.
+//! the guard stops the server, so no server outlives its tests. The
+//! interpreter is `python3`, or `$PYTHON` if set.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
