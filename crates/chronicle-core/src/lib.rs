@@ -4,7 +4,10 @@
 //! is stored, [`EventEnvelope`] after), how appends state their concurrency
 //! expectation ([`ExpectedVersion`]), where a reader stands in the global feed
 //! ([`Position`]), the store traits ([`EventAppender`], [`EventReader`],
-//! [`EventStore`]) and the [`Aggregate`] model that folds events into state.
+//! [`EventStore`]), the [`Aggregate`] model that folds events into state,
+//! the projection traits ([`ProjectionHandler`], [`ProjectionAdapter`],
+//! [`AlertSink`]) and the provider-agnostic [`MessageQueue`] that dead
+//! letters go through.
 //! The PostgreSQL implementation lives in `chronicle-postgres`.
 //!
 //! ```

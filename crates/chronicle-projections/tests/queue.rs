@@ -131,9 +131,15 @@ async fn a_groups_head_blocks_it_while_other_groups_flow_in_order() {
         let Some(head) = heads.first() else { break };
         assert_eq!(heads.len(), 1, "only group a is left");
         delivered.push(head.message.id.clone());
-        queue.ack(&[head.receipt.clone()]).await.unwrap();
+        queue
+            .ack(std::slice::from_ref(&head.receipt))
+            .await
+            .unwrap();
         // Acknowledging twice is a no-op.
-        queue.ack(&[head.receipt.clone()]).await.unwrap();
+        queue
+            .ack(std::slice::from_ref(&head.receipt))
+            .await
+            .unwrap();
     }
     assert_eq!(
         delivered,
