@@ -94,6 +94,9 @@ impl From<deadpool_postgres::PoolError> for QueueError {
 ///   anything: a head stays until it is acknowledged (a visibility timeout
 ///   of zero). **Ack** removes a head, and the next event of its group
 ///   becomes the head (still `parked`: it has not been tried yet).
+///   [`Delivery::delivery_count`] is the handler attempts made on the event
+///   (0 for a released head not tried yet), since receiving changes
+///   nothing.
 ///
 /// Writes lock the groups' partition rows in `projection_state`, so they
 /// wait for a running step of those partitions and steps wait for them.
@@ -450,8 +453,37 @@ pub(crate) async fn lock_groups(
 
 /// Queues `letter`: the failed head of an empty group, parked behind an
 /// existing head otherwise. Returns whether a row was inserted (an event is
-/// never queued twice).
-async fn insert(client: &Client, projection: &str, letter: &Letter) -> Result<bool> {
+/// never queued twice). Refuses an event whose version is not after the
+/// group's last: a group is ordered by version.
+async fn insert(client: &Client, projection: &str, letter: &Letter) -> Result<bool, QueueError> {
+    let seen = client
+        .query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM projection_dead_letters
+                             WHERE projection = $1 AND event_id = $3),
+                    (SELECT max(version) FROM projection_dead_letters
+                      WHERE projection = $1 AND aggregate_id = $2)",
+            &[
+                (&projection, Type::TEXT),
+                (&letter.aggregate_id, Type::UUID),
+                (&letter.event_id, Type::UUID),
+            ],
+        )
+        .await?;
+    if seen.get::<_, bool>(0) {
+        return Ok(false);
+    }
+    if let Some(last) = seen.get::<_, Option<i32>>(1)
+        && last >= letter.version
+    {
+        return Err(QueueError::InvalidMessage {
+            id: letter.event_id.to_string(),
+            reason: format!(
+                "version {} is not after version {last}, the last queued for aggregate {}; \
+                 a group is ordered by version, so publish an aggregate's events in order",
+                letter.version, letter.aggregate_id
+            ),
+        });
+    }
     let n = client
         .execute_typed(
             "INSERT INTO projection_dead_letters

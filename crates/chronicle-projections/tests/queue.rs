@@ -198,6 +198,12 @@ async fn bad_messages_and_receipts_are_refused_with_the_reason() {
         "{err}"
     );
     assert!(queue.ack(&[Receipt::new("head")]).await.is_err());
+    // A group is ordered by version: an older event cannot queue last.
+    let err = queue
+        .publish(&[message(Uuid::now_v7(), group, 2)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is not after version 2"), "{err}");
     assert_eq!(queue.depth().await.unwrap().messages, 2);
 }
 
