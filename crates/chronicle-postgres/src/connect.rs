@@ -196,7 +196,7 @@ impl PgOptions {
         Ok(pool)
     }
 
-    fn tls(&self) -> Result<Tls> {
+    pub(crate) fn tls(&self) -> Result<Tls> {
         if self.ssl_mode == SslMode::Disable {
             return Ok(Tls::None);
         }
@@ -312,7 +312,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-enum Tls {
+pub(crate) enum Tls {
     None,
     Rustls(MakeRustlsConnect),
 }

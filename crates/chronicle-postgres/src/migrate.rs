@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "upcast_lease",
         sql: include_str!("../migrations/0007_upcast_lease.sql"),
     },
+    Migration {
+        version: 9,
+        name: "notify",
+        sql: include_str!("../migrations/0009_notify.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

@@ -54,6 +54,23 @@ impl PgContext {
         Ok(ctx)
     }
 
+    /// Takes `conn` for a transaction whose `BEGIN` the caller sends itself,
+    /// pipelined with the transaction's first statement.
+    pub(crate) fn deferred(
+        conn: Object,
+        projection: Arc<str>,
+        partition: Option<u32>,
+        worker: Arc<str>,
+    ) -> Self {
+        PgContext {
+            conn: Some(conn),
+            open: true,
+            projection,
+            partition,
+            worker,
+        }
+    }
+
     /// The connection, inside the step's transaction.
     pub fn client(&self) -> &tokio_postgres::Client {
         self.conn

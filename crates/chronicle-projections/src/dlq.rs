@@ -9,8 +9,6 @@
 //! queue per projection, one group per aggregate); these operator functions
 //! use its group primitives inside their own transactions.
 
-use std::sync::Arc;
-
 use chronicle_core::{Alert, EventEnvelope, Position};
 use chronicle_postgres::PgPool;
 use chrono::{DateTime, Utc};
@@ -221,8 +219,8 @@ impl PgProjection {
     }
 
     async fn replay(&self, aggregate_id: Uuid, discard_head: bool) -> Result<ReplayReport> {
-        let conn = self.pool().get().await?;
-        let mut ctx = PgContext::begin(conn, self.shared_name(), None, Arc::from("dlq")).await?;
+        // The handler runs: in the read model's schema, if it has one.
+        let mut ctx = self.context(None, "dlq").await?;
         let mut alerts = Vec::new();
         let result = self
             .replay_in(&mut ctx, aggregate_id, discard_head, &mut alerts)

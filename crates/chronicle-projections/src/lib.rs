@@ -78,7 +78,9 @@ pub use context::PgContext;
 pub use dlq::{DeadLetter, DeadLetterDetail, DeadLetterState, ReplayReport};
 pub use error::{Error, Result};
 pub use metrics::{install_metrics_recorder, render_metrics, serve_metrics};
-pub use projection::{LAG_COUNT_CAP, PgProjection, ProjectionOptions, StepOutcome};
+pub use projection::{
+    BlueGreenReport, LAG_COUNT_CAP, PgProjection, ProjectionOptions, StepOutcome,
+};
 pub use queue::{PgDeadLetterQueue, QueueError};
 pub use retry::RetryPolicy;
 pub use runner::{LocalAdapter, Runner, RunnerOptions};

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chronicle_core::{
@@ -10,8 +10,8 @@ use chronicle_core::{
     ProjectionState, ProjectionStatus,
 };
 use chronicle_postgres::PgPool;
-use futures_util::FutureExt;
-use tokio_postgres::types::Type;
+use futures_util::{FutureExt, TryStreamExt};
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::alert::LogAlertSink;
@@ -170,7 +170,23 @@ pub struct PgProjection {
     name: Arc<str>,
     options: ProjectionOptions,
     alerts: Arc<dyn AlertSink>,
+    schema: Option<Arc<str>>,
+    seen: Mutex<HashMap<u32, SeenVersions>>,
 }
+
+/// The last version of each aggregate a partition's steps met in the feed,
+/// as of the partition's checkpoint: the order check needs the database
+/// only for aggregates not met before. Kept while this process's steps are
+/// the ones advancing the partition (the checkpoint it was kept at is the
+/// one claimed), dropped otherwise.
+#[derive(Debug, Default)]
+struct SeenVersions {
+    checkpoint: Position,
+    last: HashMap<Uuid, u32>,
+}
+
+/// Aggregates remembered per partition before the memory starts over.
+const SEEN_VERSIONS_CAP: usize = 1_000_000;
 
 impl std::fmt::Debug for PgProjection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -227,6 +243,8 @@ impl PgProjection {
             name,
             options,
             alerts: Arc::new(LogAlertSink),
+            schema: None,
+            seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -235,6 +253,57 @@ impl PgProjection {
     pub fn with_alerts(mut self, sink: impl AlertSink + 'static) -> Self {
         self.alerts = Arc::new(sink);
         self
+    }
+
+    /// Keeps the read model in its own PostgreSQL schema: every step, the
+    /// rebuild hook and dead-letter replays run with `schema` first on the
+    /// search path, so the handler's unqualified table names resolve there
+    /// (other names fall through to the rest of the path). Readers query
+    /// `schema.table`. This is what [`PgProjection::rebuild_blue_green`]
+    /// builds anew and swaps.
+    ///
+    /// `schema` is a lowercase identifier (letters, digits, `_`) of at most
+    /// 57 characters (`__next` is appended during a blue/green rebuild).
+    ///
+    /// ```no_run
+    /// # fn demo(pool: chronicle_postgres::PgPool, handler: impl chronicle_core::ProjectionHandler<chronicle_projections::PgContext> + 'static) -> chronicle_projections::Result<()> {
+    /// use chronicle_projections::{PgProjection, ProjectionOptions};
+    ///
+    /// let projection = PgProjection::new(pool, handler, ProjectionOptions::default())?
+    ///     .with_read_model_schema("user_profile")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_read_model_schema(mut self, schema: &str) -> Result<Self> {
+        let valid = !schema.is_empty()
+            && schema.len() <= 57
+            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return Err(Error::Config {
+                option: "read_model_schema",
+                reason: format!(
+                    "`{schema}` is not a plain schema name: use at most 57 lowercase letters, digits and _"
+                ),
+            });
+        }
+        self.schema = Some(Arc::from(schema));
+        Ok(self)
+    }
+
+    /// The read model's schema, if it has its own.
+    pub fn read_model_schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
+    /// Opens a transaction for the handler outside a step (a dead-letter
+    /// replay): the read model's schema first on the search path.
+    pub(crate) async fn context(&self, partition: Option<u32>, worker: &str) -> Result<PgContext> {
+        let conn = self.pool.get().await?;
+        let ctx = PgContext::begin(conn, self.name.clone(), partition, Arc::from(worker)).await?;
+        self.scope_search_path(ctx.client()).await?;
+        Ok(ctx)
     }
 
     /// The projection's name.
@@ -323,21 +392,29 @@ impl PgProjection {
     async fn step_once(&self, partition: u32, worker: &Arc<str>, mode: Mode) -> Result<Flow> {
         let conn = self.pool.get().await?;
         let mut ctx =
-            PgContext::begin(conn, self.name.clone(), Some(partition), worker.clone()).await?;
+            PgContext::deferred(conn, self.name.clone(), Some(partition), worker.clone());
+        let name: &str = &self.name;
+        let slot = partition as i32;
+        let owner: &str = worker;
         let ttl = self.options.lease_ttl.as_secs_f64();
-        let claim = ctx
-            .client()
-            .query_typed_opt(
-                CLAIM,
-                &[
-                    (&&*self.name, Type::TEXT),
-                    (&(partition as i32), Type::INT4),
-                    (&&**worker, Type::TEXT),
-                    (&ttl, Type::FLOAT8),
-                    (&LAG_COUNT_INTERVAL.as_secs_f64(), Type::FLOAT8),
-                ],
-            )
-            .await;
+        let lag_interval = LAG_COUNT_INTERVAL.as_secs_f64();
+        let claim_params: [(&(dyn ToSql + Sync), Type); 5] = [
+            (&name, Type::TEXT),
+            (&slot, Type::INT4),
+            (&owner, Type::TEXT),
+            (&ttl, Type::FLOAT8),
+            (&lag_interval, Type::FLOAT8),
+        ];
+        // BEGIN, the read model's search path and the claim in one round
+        // trip (requests on a connection go out in the order they are first
+        // polled).
+        let client = ctx.client();
+        let (begun, scoped, claim) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            self.scope_search_path(client),
+            client.query_typed_opt(CLAIM, &claim_params)
+        );
+        let claim = begun.and(scoped).and(claim);
         let row = match claim {
             Ok(Some(row)) => row,
             Ok(None) => {
@@ -382,7 +459,10 @@ impl PgProjection {
             status,
             count_lag,
         };
-        let processed = self.process(&mut ctx, &batch, mode, &mut alerts).await;
+        let mut seen = self.take_seen(partition, checkpoint);
+        let processed = self
+            .process(&mut ctx, &batch, mode, &mut alerts, &mut seen)
+            .await;
         match processed {
             Ok(Flow::Restart(carried)) => {
                 ctx.rollback().await;
@@ -390,6 +470,8 @@ impl PgProjection {
             }
             Ok(Flow::Committed(outcome)) => {
                 ctx.commit().await?;
+                seen.checkpoint = outcome.checkpoint;
+                self.keep_seen(partition, seen);
                 let threshold = self.options.lag_alert_after.as_secs_f64();
                 if outcome.lag_seconds >= threshold && previous_lag < threshold {
                     alerts.push(Alert::Lagging {
@@ -437,6 +519,7 @@ impl PgProjection {
         batch: &Batch,
         mode: Mode,
         alerts: &mut Vec<Alert>,
+        seen: &mut SeenVersions,
     ) -> Result<Flow> {
         let Batch {
             partition,
@@ -450,59 +533,66 @@ impl PgProjection {
         // Read a window of the feed in index order and keep this
         // partition's events. (Filtering the whole feed by partition lets
         // the planner, which cannot estimate the hash filter, scan and sort
-        // the table.) The last row describes the window: its last position
-        // and how many rows it had.
+        // the table.) One pass, no materialization: each row says whether
+        // it is this partition's and, if so, whether its aggregate has dead
+        // letters (a hashed subplan, computed once).
         let window = self.window();
         let rows = ctx
             .client()
-            .query_typed(
+            .query_typed_raw(
                 &format!(
-                    "WITH w AS MATERIALIZED (
-                         SELECT {COLUMNS}, chronicle_partition(aggregate_id, $4) = $5 AS mine
-                           FROM events
-                          WHERE (transaction_id, global_position) > ($1, $2)
-                            AND transaction_id < $3
-                          ORDER BY transaction_id, global_position
-                          LIMIT $6)
-                     SELECT * FROM (
-                         SELECT {COLUMNS}, false AS is_last, NULL::bigint AS window_rows
-                           FROM w WHERE mine
-                         UNION ALL
-                         SELECT {COLUMNS}, true, (SELECT count(*) FROM w)
-                           FROM (SELECT * FROM w
-                                  ORDER BY transaction_id DESC, global_position DESC
-                                  LIMIT 1) AS l
-                     ) AS r
-                     ORDER BY is_last, transaction_id, global_position"
+                    "SELECT event_id, aggregate_id,
+                            CASE WHEN mine THEN aggregate_type END, CASE WHEN mine THEN event_type END,
+                            CASE WHEN mine THEN event_data END, CASE WHEN mine THEN metadata END,
+                            version, timestamp, CASE WHEN mine THEN encrypted_fields END,
+                            transaction_id, global_position, mine,
+                            mine AND aggregate_id IN (SELECT d.aggregate_id FROM projection_dead_letters d
+                                                       WHERE d.projection = $7) AS blocked
+                       FROM (SELECT {COLUMNS}, chronicle_partition(aggregate_id, $4) = $5 AS mine
+                               FROM events
+                              WHERE (transaction_id, global_position) > ($1, $2)
+                                AND transaction_id < $3
+                              ORDER BY transaction_id, global_position
+                              LIMIT $6) AS w
+                      ORDER BY transaction_id, global_position"
                 ),
-                &[
-                    (&Xid8(checkpoint.transaction_id), Type::XID8),
+                [
+                    (&Xid8(checkpoint.transaction_id) as &(dyn ToSql + Sync), Type::XID8),
                     (&checkpoint.global_position, Type::INT8),
                     (&Xid8(horizon), Type::XID8),
                     (&n, Type::INT4),
                     (&p, Type::INT4),
                     (&window, Type::INT8),
+                    (&&*self.name, Type::TEXT),
                 ],
             )
             .await?;
-        // The window's last feed position and size (none: the feed is empty
-        // after the checkpoint).
-        let (window_end, window_rows) = match rows.last() {
-            Some(row) if row.get::<_, bool>(11) => (
-                Some(Position::new(row.get::<_, Xid8>(9).0, row.get(10))),
-                row.get::<_, i64>(12),
-            ),
-            _ => (None, 0),
-        };
-        let events = rows
-            .iter()
-            .filter(|r| !r.get::<_, bool>(11))
-            .map(envelope)
-            .collect::<Result<Vec<_>, _>>()?;
-        self.verify_order(ctx, partition, checkpoint, &events)
+        // Rows stream in feed order and are decoded as they arrive; other
+        // partitions' rows carry only their position (the window's end).
+        futures_util::pin_mut!(rows);
+        let mut events = Vec::new();
+        let mut blocked = HashSet::new();
+        let (mut window_end, mut window_rows) = (None, 0i64);
+        while let Some(row) = rows.try_next().await? {
+            window_rows += 1;
+            window_end = Some(Position::new(row.get::<_, Xid8>(9).0, row.get(10)));
+            if row.get::<_, bool>(11) {
+                let event = envelope(&row)?;
+                if row.get::<_, bool>(12) {
+                    blocked.insert(event.aggregate_id);
+                }
+                events.push(event);
+            }
+        }
+        self.verify_order(ctx, partition, checkpoint, &events, &seen.last)
             .await?;
+        if seen.last.len() + events.len() > SEEN_VERSIONS_CAP {
+            seen.last.clear();
+        }
+        for event in &events {
+            seen.last.insert(event.aggregate_id, event.version);
+        }
 
-        let mut blocked = self.blocked_aggregates(ctx, &events).await?;
         let mut outcome = StepOutcome {
             claimed: true,
             status: Some(status),
@@ -622,71 +712,58 @@ impl PgProjection {
         // the partition); counting the backlog is not, so it is counted when
         // caught up (the backlog is then small) or every few seconds.
         let count_lag = count_lag || outcome.caught_up;
-        let lag = ctx
-            .client()
-            .query_typed_one(
-                "SELECT CASE WHEN $6 THEN (
-                            SELECT count(*) FILTER (WHERE chronicle_partition(aggregate_id, $3) = $4)
-                              FROM (SELECT aggregate_id FROM events
-                                     WHERE (transaction_id, global_position) > ($1, $2)
-                                     ORDER BY transaction_id, global_position
-                                     LIMIT $5) AS backlog) END,
-                        coalesce((
-                            SELECT greatest(extract(epoch FROM clock_timestamp() - timestamp), 0)::float8
-                              FROM (SELECT aggregate_id, timestamp FROM events
-                                     WHERE (transaction_id, global_position) > ($1, $2)
-                                     ORDER BY transaction_id, global_position
-                                     LIMIT $5) AS backlog
-                             WHERE chronicle_partition(aggregate_id, $3) = $4
-                             LIMIT 1), 0)",
-                &[
-                    (&Xid8(outcome.checkpoint.transaction_id), Type::XID8),
-                    (&outcome.checkpoint.global_position, Type::INT8),
-                    (&n, Type::INT4),
-                    (&p, Type::INT4),
-                    (&LAG_COUNT_CAP, Type::INT8),
-                    (&count_lag, Type::BOOL),
-                ],
-            )
-            .await?;
-        let counted: Option<i64> = lag.get(0);
-        outcome.lag_seconds = lag.get(1);
-
         let failures = i64::from(outcome.retries + outcome.dead_lettered);
         let handled = i64::from(outcome.handled);
         let ttl = self.options.lease_ttl.as_secs_f64();
+        // One statement: the lag figures are subqueries of the update (the
+        // count's only runs when asked for).
         let updated = ctx
             .client()
             .query_typed_one(
                 "UPDATE projection_state
                     SET checkpoint_xid = $3, checkpoint_position = $4,
-                        lag_events = coalesce($5, lag_events), lag_seconds = $6,
-                        lag_counted_at = CASE WHEN $5 IS NULL THEN lag_counted_at ELSE clock_timestamp() END,
-                        events_processed = events_processed + $7,
-                        failure_count = failure_count + $8,
-                        last_error = coalesce($9, last_error),
-                        status = CASE WHEN status = 'rebuilding' AND $10 THEN 'running' ELSE status END,
+                        lag_events = CASE WHEN $5 THEN (
+                            SELECT count(*) FILTER (WHERE chronicle_partition(aggregate_id, $11) = $2)
+                              FROM (SELECT aggregate_id FROM events
+                                     WHERE (transaction_id, global_position) > ($3, $4)
+                                     ORDER BY transaction_id, global_position
+                                     LIMIT $12) AS backlog) ELSE lag_events END,
+                        lag_seconds = coalesce((
+                            SELECT greatest(extract(epoch FROM clock_timestamp() - timestamp), 0)::float8
+                              FROM (SELECT aggregate_id, timestamp FROM events
+                                     WHERE (transaction_id, global_position) > ($3, $4)
+                                     ORDER BY transaction_id, global_position
+                                     LIMIT $12) AS backlog
+                             WHERE chronicle_partition(aggregate_id, $11) = $2
+                             LIMIT 1), 0),
+                        lag_counted_at = CASE WHEN $5 THEN clock_timestamp() ELSE lag_counted_at END,
+                        events_processed = events_processed + $6,
+                        failure_count = failure_count + $7,
+                        last_error = coalesce($8, last_error),
+                        status = CASE WHEN status = 'rebuilding' AND $9 THEN 'running' ELSE status END,
                         heartbeat = clock_timestamp(),
-                        lease_expires_at = clock_timestamp() + make_interval(secs => $11),
+                        lease_expires_at = clock_timestamp() + make_interval(secs => $10),
                         updated_at = clock_timestamp()
                   WHERE projection = $1 AND partition = $2
-              RETURNING lag_events",
+              RETURNING lag_events, lag_seconds",
                 &[
                     (&&*self.name, Type::TEXT),
                     (&p, Type::INT4),
                     (&Xid8(outcome.checkpoint.transaction_id), Type::XID8),
                     (&outcome.checkpoint.global_position, Type::INT8),
-                    (&counted, Type::INT8),
-                    (&outcome.lag_seconds, Type::FLOAT8),
+                    (&count_lag, Type::BOOL),
                     (&handled, Type::INT8),
                     (&failures, Type::INT8),
                     (&last_error, Type::TEXT),
                     (&outcome.caught_up, Type::BOOL),
                     (&ttl, Type::FLOAT8),
+                    (&n, Type::INT4),
+                    (&LAG_COUNT_CAP, Type::INT8),
                 ],
             )
             .await?;
         outcome.lag_events = updated.get::<_, i64>(0) as u64;
+        outcome.lag_seconds = updated.get(1);
         if outcome.caught_up && status == ProjectionStatus::Rebuilding {
             outcome.status = Some(ProjectionStatus::Running);
         }
@@ -703,6 +780,7 @@ impl PgProjection {
         partition: u32,
         checkpoint: Position,
         events: &[EventEnvelope],
+        seen: &HashMap<Uuid, u32>,
     ) -> Result<()> {
         let violation = |aggregate_id, version, missing| Error::OrderViolation {
             projection: self.name.to_string(),
@@ -711,7 +789,7 @@ impl PgProjection {
             version,
             missing,
         };
-        let order = batch_order(events);
+        let order = batch_order(events, seen);
         let in_batch = order
             .in_batch
             .map(|(aggregate_id, version, missing)| violation(aggregate_id, version, missing));
@@ -745,32 +823,6 @@ impl PgProjection {
             }
             None => in_batch.map_or(Ok(()), Err),
         }
-    }
-
-    /// The batch's aggregates that have dead letters (their events park).
-    async fn blocked_aggregates(
-        &self,
-        ctx: &PgContext,
-        events: &[EventEnvelope],
-    ) -> Result<HashSet<Uuid>> {
-        if events.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let ids: Vec<Uuid> = events
-            .iter()
-            .map(|e| e.aggregate_id)
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let rows = ctx
-            .client()
-            .query_typed(
-                "SELECT DISTINCT aggregate_id FROM projection_dead_letters
-                  WHERE projection = $1 AND aggregate_id = ANY($2)",
-                &[(&&*self.name, Type::TEXT), (&ids, Type::UUID_ARRAY)],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Queues `event`; returns whether a row was inserted (nothing is
@@ -1010,8 +1062,7 @@ impl PgProjection {
     /// dead-lettering, and each partition returns to `running` when caught
     /// up.
     pub async fn rebuild(&self, from: Position) -> Result<()> {
-        let conn = self.pool.get().await?;
-        let mut ctx = PgContext::begin(conn, self.name.clone(), None, Arc::from("rebuild")).await?;
+        let mut ctx = self.context(None, "rebuild").await?;
         let result = self.rebuild_in(&mut ctx, from).await;
         match result {
             Ok(()) => ctx.commit().await,
@@ -1067,9 +1118,276 @@ impl PgProjection {
         Ok(())
     }
 
-    pub(crate) fn shared_name(&self) -> Arc<str> {
-        self.name.clone()
+    /// Rebuilds the read model beside the live one and swaps it in when
+    /// it has caught up, so readers never see a half-built model (blue/green).
+    ///
+    /// Needs the read model in its own schema
+    /// ([`PgProjection::with_read_model_schema`]). In order:
+    ///
+    /// 1. creates the schema `<schema>__next` (dropping a leftover of an
+    ///    earlier attempt), runs `setup_sql` and the handler's
+    ///    [`ProjectionHandler::rebuild`] hook in it, and registers a shadow
+    ///    projection `<name>~next` at `from` with status `rebuilding`;
+    /// 2. replays the history into it, partition by partition, while the
+    ///    live projection keeps running and serving; `progress` gets the
+    ///    events replayed so far after every step. A failure stops the
+    ///    rebuild (nothing is dead-lettered) and leaves the live model as
+    ///    it was;
+    /// 3. when every shadow partition has caught up, in one transaction
+    ///    that waits for running live steps: renames the live schema away
+    ///    and `<schema>__next` to `<schema>`, drops the old one, moves the
+    ///    shadow's checkpoints and dead letters to the projection, and
+    ///    removes the shadow. Live workers continue from the shadow's
+    ///    checkpoints, into the new model.
+    pub async fn rebuild_blue_green(
+        &self,
+        from: Position,
+        setup_sql: &str,
+        mut progress: impl FnMut(u64) + Send,
+    ) -> Result<BlueGreenReport> {
+        let Some(schema) = self.schema.clone() else {
+            return Err(Error::Config {
+                option: "read_model_schema",
+                reason: format!(
+                    "a blue/green rebuild of `{}` needs its read model in a schema of its own; \
+                     register it with one (with_read_model_schema) or rebuild in place",
+                    self.name
+                ),
+            });
+        };
+        self.register().await?;
+        let started = std::time::Instant::now();
+        let next = format!("{schema}__next");
+        let shadow = PgProjection {
+            pool: self.pool.clone(),
+            handler: self.handler.clone(),
+            name: Arc::from(format!("{}~next", self.name)),
+            options: self.options.clone(),
+            alerts: self.alerts.clone(),
+            schema: Some(Arc::from(next.as_str())),
+            seen: Mutex::new(HashMap::new()),
+        };
+
+        // 1. The empty model and the shadow's partitions.
+        let mut ctx = shadow.context(None, "blue-green").await?;
+        let prepared = async {
+            ctx.exec(&format!(
+                "DROP SCHEMA IF EXISTS {next} CASCADE; CREATE SCHEMA {next}"
+            ))
+            .await?;
+            for table in ["projection_dead_letters", "projection_state"] {
+                ctx.client()
+                    .execute_typed(
+                        &format!("DELETE FROM {table} WHERE projection = $1"),
+                        &[(&&*shadow.name, Type::TEXT)],
+                    )
+                    .await?;
+            }
+            ctx.client()
+                .execute_typed(
+                    "INSERT INTO projection_state
+                            (projection, partition, partitions, checkpoint_xid, checkpoint_position, status)
+                     SELECT $1, g, $2, $3, $4, 'rebuilding' FROM generate_series(0, $2 - 1) AS g",
+                    &[
+                        (&&*shadow.name, Type::TEXT),
+                        (&(self.options.partitions as i32), Type::INT4),
+                        (&Xid8(from.transaction_id), Type::XID8),
+                        (&from.global_position, Type::INT8),
+                    ],
+                )
+                .await?;
+            if !setup_sql.trim().is_empty() {
+                ctx.exec(setup_sql).await?;
+            }
+            self.handler
+                .rebuild(&mut ctx, from)
+                .await
+                .map_err(|e| Error::RebuildHook {
+                    projection: shadow.name.to_string(),
+                    reason: e.to_string(),
+                })
+        }
+        .await;
+        match prepared {
+            Ok(()) => ctx.commit().await?,
+            Err(e) => {
+                ctx.rollback().await;
+                return Err(e);
+            }
+        }
+
+        // 2. Replay; every partition at once.
+        let worker = format!("blue-green-{}", Uuid::now_v7().simple());
+        let mut replayed = 0u64;
+        let mut done = vec![false; self.options.partitions as usize];
+        while done.iter().any(|d| !d) {
+            let steps = (0..self.options.partitions)
+                .filter(|p| !done[*p as usize])
+                .map(|p| {
+                    let (shadow, worker) = (&shadow, &worker);
+                    async move { (p, shadow.step(p, worker).await) }
+                });
+            let mut idle = true;
+            for (p, outcome) in futures_util::future::join_all(steps).await {
+                let outcome = outcome?;
+                replayed += u64::from(outcome.handled);
+                idle &= !outcome.claimed;
+                done[p as usize] = outcome.claimed
+                    && outcome.caught_up
+                    && outcome.status == Some(ProjectionStatus::Running);
+            }
+            progress(replayed);
+            if idle {
+                // Another process holds a shadow partition's lease.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        // 3. The swap.
+        let conn = self.pool.get().await?;
+        let ctx = PgContext::begin(conn, self.name.clone(), None, Arc::from(worker)).await?;
+        let swapped = self.swap_in(&ctx, &shadow, &schema, &next).await;
+        match swapped {
+            Ok(()) => ctx.commit().await?,
+            Err(e) => {
+                ctx.rollback().await;
+                return Err(e);
+            }
+        }
+        for p in 0..self.options.partitions {
+            shadow.seen.lock().expect("seen versions").remove(&p);
+        }
+        Ok(BlueGreenReport {
+            replayed,
+            elapsed: started.elapsed(),
+        })
     }
+
+    async fn swap_in(
+        &self,
+        ctx: &PgContext,
+        shadow: &PgProjection,
+        schema: &str,
+        next: &str,
+    ) -> Result<()> {
+        let client = ctx.client();
+        let rows = client
+            .query_typed(
+                "SELECT projection, status FROM projection_state
+                  WHERE projection = $1 OR projection = $2
+                  ORDER BY projection, partition FOR UPDATE",
+                &[(&&*self.name, Type::TEXT), (&&*shadow.name, Type::TEXT)],
+            )
+            .await?;
+        if let Some(row) = rows
+            .iter()
+            .find(|r| r.get::<_, &str>(0) == &*shadow.name && r.get::<_, &str>(1) != "running")
+        {
+            return Err(Error::Config {
+                option: "rebuild",
+                reason: format!(
+                    "the new model of `{}` is {} instead of caught up; the live model is unchanged",
+                    self.name,
+                    row.get::<_, &str>(1)
+                ),
+            });
+        }
+        let old = format!("{schema}__old");
+        client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {old} CASCADE;
+                 DO $$ BEGIN
+                     IF EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = '{schema}') THEN
+                         ALTER SCHEMA {schema} RENAME TO {old};
+                     END IF;
+                 END $$;
+                 ALTER SCHEMA {next} RENAME TO {schema};
+                 DROP SCHEMA IF EXISTS {old} CASCADE;"
+            ))
+            .await?;
+        let (live_name, new_name): (&str, &str) = (&self.name, &shadow.name);
+        let live: (&(dyn ToSql + Sync), Type) = (&live_name, Type::TEXT);
+        let new: (&(dyn ToSql + Sync), Type) = (&new_name, Type::TEXT);
+        client
+            .execute_typed(
+                "UPDATE projection_state l
+                    SET checkpoint_xid = s.checkpoint_xid, checkpoint_position = s.checkpoint_position,
+                        status = 'running', lag_events = s.lag_events, lag_seconds = s.lag_seconds,
+                        lag_counted_at = s.lag_counted_at, last_error = NULL, updated_at = now()
+                   FROM projection_state s
+                  WHERE l.projection = $1 AND s.projection = $2 AND s.partition = l.partition",
+                &[live.clone(), new.clone()],
+            )
+            .await?;
+        client
+            .execute_typed(
+                "DELETE FROM projection_dead_letters WHERE projection = $1",
+                std::slice::from_ref(&live),
+            )
+            .await?;
+        client
+            .execute_typed(
+                "UPDATE projection_dead_letters SET projection = $1 WHERE projection = $2",
+                &[live.clone(), new.clone()],
+            )
+            .await?;
+        client
+            .execute_typed(
+                "DELETE FROM projection_state WHERE projection = $1",
+                std::slice::from_ref(&new),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// In a transaction: puts the read model's schema, if any, first on
+    /// the search path until the transaction ends.
+    async fn scope_search_path(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        if let Some(schema) = &self.schema {
+            client
+                .query_typed(
+                    "SELECT set_config('search_path',
+                                       quote_ident($1) || ', ' || current_setting('search_path'), true)",
+                    &[(&&**schema, Type::TEXT)],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The versions met by this process's last step on `partition`, if
+    /// that step left the partition at `checkpoint` (else an empty memory).
+    fn take_seen(&self, partition: u32, checkpoint: Position) -> SeenVersions {
+        let kept = self.seen.lock().expect("seen versions").remove(&partition);
+        match kept {
+            Some(seen) if seen.checkpoint == checkpoint => seen,
+            _ => SeenVersions {
+                checkpoint,
+                last: HashMap::new(),
+            },
+        }
+    }
+
+    fn keep_seen(&self, partition: u32, seen: SeenVersions) {
+        self.seen
+            .lock()
+            .expect("seen versions")
+            .insert(partition, seen);
+    }
+
+}
+
+/// What a [`PgProjection::rebuild_blue_green`] did.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct BlueGreenReport {
+    /// Events replayed into the new model before the swap.
+    pub replayed: u64,
+    /// How long the rebuild took, swap included.
+    pub elapsed: Duration,
 }
 
 /// Per-aggregate order within one batch.
@@ -1079,15 +1397,16 @@ struct BatchOrder {
     /// arrived, version that should have come first).
     in_batch: Option<(Uuid, u32, u32)>,
     /// For each aggregate's first event in the batch with a version above
-    /// 1: the aggregate and the version that must already be handled.
+    /// 1 and not met in an earlier batch: the aggregate and the version
+    /// that must already be handled.
     predecessors: Vec<(Uuid, u32)>,
 }
 
-fn batch_order(events: &[EventEnvelope]) -> BatchOrder {
+fn batch_order(events: &[EventEnvelope], seen: &HashMap<Uuid, u32>) -> BatchOrder {
     let mut last: HashMap<Uuid, u32> = HashMap::new();
     let mut order = BatchOrder::default();
     for e in events {
-        match last.get(&e.aggregate_id) {
+        match last.get(&e.aggregate_id).or_else(|| seen.get(&e.aggregate_id)) {
             // A gap: the missing version comes later.
             Some(&v) if e.version > v + 1 => {
                 order
@@ -1139,7 +1458,8 @@ mod tests {
     #[test]
     fn consecutive_versions_pass_and_name_their_predecessors() {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let order = batch_order(&[event(a, 1), event(b, 4), event(a, 2), event(b, 5)]);
+        let none = HashMap::new();
+        let order = batch_order(&[event(a, 1), event(b, 4), event(a, 2), event(b, 5)], &none);
         assert_eq!(order.in_batch, None);
         assert_eq!(
             order.predecessors,
@@ -1151,13 +1471,27 @@ mod tests {
     #[test]
     fn a_gap_or_a_step_back_is_a_violation() {
         let a = Uuid::now_v7();
-        let gap = batch_order(&[event(a, 1), event(a, 3)]);
+        let none = HashMap::new();
+        let gap = batch_order(&[event(a, 1), event(a, 3)], &none);
         assert_eq!(gap.in_batch, Some((a, 3, 2)));
-        let back = batch_order(&[event(a, 2), event(a, 1)]);
+        let back = batch_order(&[event(a, 2), event(a, 1)], &none);
         assert_eq!(back.in_batch, Some((a, 2, 1)));
         assert_eq!(back.predecessors, [(a, 1)]);
-        let repeat = batch_order(&[event(a, 1), event(a, 1)]);
+        let repeat = batch_order(&[event(a, 1), event(a, 1)], &none);
         assert_eq!(repeat.in_batch, Some((a, 1, 1)));
+    }
+
+    #[test]
+    fn versions_met_in_earlier_batches_need_no_lookup() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let seen = HashMap::from([(a, 3), (b, 7)]);
+        let order = batch_order(&[event(a, 4), event(b, 8), event(c, 2), event(a, 5)], &seen);
+        assert_eq!(order.in_batch, None);
+        assert_eq!(order.predecessors, [(c, 1)], "only c was never met");
+        let skipped = batch_order(&[event(b, 9)], &seen);
+        assert_eq!(skipped.in_batch, Some((b, 9, 8)), "b's version 8 never came");
+        let again = batch_order(&[event(a, 3)], &seen);
+        assert_eq!(again.in_batch, Some((a, 3, 3)), "a's version 3 came before");
     }
 
     #[test]

@@ -10,14 +10,14 @@ use async_trait::async_trait;
 use chronicle_core::{
     BoxError, DeploymentResult, HealthStatus, ProjectionAdapter, ProjectionHandler,
 };
-use chronicle_postgres::PgPool;
+use chronicle_postgres::{Listener, PgPool};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::{PgContext, PgProjection, ProjectionOptions, Result};
 
 /// How a [`Runner`] polls and how many partitions it holds.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RunnerOptions {
     /// This worker's id, recorded as the lease owner (default: host name,
     /// process id and a random suffix).
@@ -31,6 +31,13 @@ pub struct RunnerOptions {
     /// The most partitions this worker holds at once (default: all), so
     /// several workers can split a projection.
     pub max_partitions: usize,
+    /// Wake-ups on appends (default none: poll only). With one, a
+    /// caught-up partition steps as soon as an append commits instead of
+    /// at its next poll; open it with
+    /// `PgOptions::listen(chronicle_postgres::EVENTS_CHANNEL)` on a direct
+    /// connection (a transaction-mode pooler does not deliver
+    /// notifications; polling still works through one).
+    pub listener: Option<Listener>,
 }
 
 impl Default for RunnerOptions {
@@ -45,6 +52,7 @@ impl Default for RunnerOptions {
             poll_interval: Duration::from_millis(250),
             error_backoff: Duration::from_secs(1),
             max_partitions: usize::MAX,
+            listener: None,
         }
     }
 }
@@ -94,6 +102,7 @@ impl Runner {
                     held: held.clone(),
                     owned: owned.clone(),
                     stopped: stopped.clone(),
+                    recheck: 0,
                 };
                 tokio::spawn(task.run())
             })
@@ -159,7 +168,14 @@ struct PartitionTask {
     /// Partitions held (for reporting).
     owned: Arc<AtomicUsize>,
     stopped: watch::Receiver<bool>,
+    /// Quick looks left after a notification (see `wait_for_events`).
+    recheck: u32,
 }
+
+/// Quick looks after a notification whose step found nothing: 10 ms,
+/// doubling, about 2.5 s in all.
+const RECHECKS: u32 = 8;
+const RECHECK_FIRST: Duration = Duration::from_millis(10);
 
 impl PartitionTask {
     async fn run(mut self) {
@@ -203,7 +219,10 @@ impl PartitionTask {
                     }
                     holding = true;
                     if outcome.caught_up {
-                        self.pause(self.options.poll_interval).await;
+                        if outcome.handled > 0 {
+                            self.recheck = 0;
+                        }
+                        self.wait_for_events().await;
                     }
                 }
                 Ok(_) => {
@@ -248,6 +267,29 @@ impl PartitionTask {
     /// Stop was asked for, or the [`Runner`] was dropped.
     fn stopping(&self) -> bool {
         *self.stopped.borrow() || self.stopped.has_changed().is_err()
+    }
+
+    /// Waits for the next append's notification, at most the poll
+    /// interval. After a notification whose step found nothing (the
+    /// append's transaction is still above the feed's horizon, held back by
+    /// another open transaction), looks again soon, backing off, before
+    /// waiting for the next notification.
+    async fn wait_for_events(&mut self) {
+        let Some(mut listener) = self.options.listener.take() else {
+            return self.pause(self.options.poll_interval).await;
+        };
+        if self.recheck > 0 {
+            let delay = RECHECK_FIRST * 2u32.pow(RECHECKS - self.recheck);
+            self.recheck -= 1;
+            self.pause(delay.min(self.options.poll_interval)).await;
+        } else if !self.stopping() {
+            tokio::select! {
+                _ = listener.notified() => self.recheck = RECHECKS,
+                _ = tokio::time::sleep(self.options.poll_interval) => {}
+                _ = self.stopped.changed() => {}
+            }
+        }
+        self.options.listener = Some(listener);
     }
 
     async fn pause(&mut self, delay: Duration) {

@@ -24,6 +24,46 @@ fn runner_options() -> RunnerOptions {
     }
 }
 
+/// With a poll interval of ten minutes, only the append's notification can
+/// bring the new events in before the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_runner_wakes_on_append_notifications_not_its_next_poll() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    let accounts = deposit(&db, 20, 2).await;
+    wait_for_horizon(&db).await;
+    let ledger = Ledger::new("wakes");
+    let options = ProjectionOptions {
+        partitions: 2,
+        ..ProjectionOptions::default()
+    };
+    let projection = Arc::new(PgProjection::new(db.pool.clone(), ledger, options).unwrap());
+    let listener = chronicle_postgres::PgOptions::from_url(&db.url)
+        .unwrap()
+        .listen(chronicle_postgres::EVENTS_CHANNEL)
+        .await
+        .unwrap();
+    let runner = Runner::start(
+        projection,
+        RunnerOptions {
+            poll_interval: Duration::from_secs(600),
+            listener: Some(listener),
+            ..RunnerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    wait_until_processed(&db, "wakes", 40, Duration::from_secs(60)).await;
+    for round in 1..=3 {
+        // Let both partitions go back to waiting.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        append_more(&db, &accounts[..5], 1).await;
+        wait_until_processed(&db, "wakes", 40 + 5 * round, Duration::from_secs(30)).await;
+    }
+    assert_eq!(read_model(&db).await, expected_model(&db).await);
+    runner.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catch_up_of_thousands_of_events_equals_the_expected_read_model() {
     let db = fresh_db().await;

@@ -5,6 +5,7 @@ mod support;
 mod ledger;
 
 mod adapter;
+mod blue_green;
 mod catch_up;
 mod dead_letters;
 mod kill9;
