@@ -179,6 +179,12 @@ pub enum ProjectionsCommand {
         /// The deployment YAML (`projections: NAME: handler, provider, config`).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where to LISTEN for appends, so caught-up workers wake at once
+        /// (default: the database URL). Give the direct URL when
+        /// --database-url goes through a transaction-mode pooler; workers
+        /// poll either way.
+        #[arg(long, env = "CHRONICLE_LISTEN_URL", hide_env_values = true)]
+        listen_url: Option<String>,
     },
     /// Replay a projection's history from a checkpoint (default: the start),
     /// with a progress bar; a failure stops the rebuild.
@@ -385,6 +391,7 @@ async fn run_projections(
     registry: &Registry,
     names: Vec<String>,
     config: Option<PathBuf>,
+    listen_url: &str,
 ) -> Result<()> {
     use chronicle_projections::{DeploymentConfig, ProjectionOptions, Runner, RunnerOptions};
     let mut selected: Vec<(String, ProjectionOptions)> = Vec::new();
@@ -415,10 +422,24 @@ async fn run_projections(
             "no projection to run: name one, or give --config".into()
         ));
     }
+    let listener = match chronicle_postgres::PgOptions::from_url(listen_url)?
+        .listen(chronicle_postgres::EVENTS_CHANNEL)
+        .await
+    {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            eprintln!("warning: {e}; the workers poll instead");
+            None
+        }
+    };
     let mut runners = Vec::new();
     for (name, options) in selected {
         let projection = open_projection(pool, registry, &name, options).await?;
-        runners.push(Runner::start(projection, RunnerOptions::default()).await?);
+        let runner = RunnerOptions {
+            listener: listener.clone(),
+            ..RunnerOptions::default()
+        };
+        runners.push(Runner::start(projection, runner).await?);
         eprintln!("running `{name}`");
     }
     eprintln!(
@@ -509,8 +530,13 @@ async fn projections(
             }
             return Ok(());
         }
-        ProjectionsCommand::Run { names, config } => {
-            return run_projections(&pool, registry, names, config).await;
+        ProjectionsCommand::Run {
+            names,
+            config,
+            listen_url,
+        } => {
+            let listen_url = listen_url.unwrap_or_else(|| db.url.clone());
+            return run_projections(&pool, registry, names, config, &listen_url).await;
         }
         ProjectionsCommand::Rebuild { name, from } => {
             return rebuild_projection(&pool, registry, &name, from, format).await;
