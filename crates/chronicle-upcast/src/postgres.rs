@@ -462,8 +462,8 @@ impl VerifyReport {
 /// - [`PgUpcaster::check`]: upcasts and validates every matching event
 ///   without writing, so a bad event is found before any batch commits.
 /// - [`PgUpcaster::run`]: rewrites every event of every eager migration.
-///   Each batch is one transaction: lock the next matching rows after the
-///   run's cursor (`FOR UPDATE`), copy them to `chronicle_upcast_backup`,
+///   Each batch is one transaction: read the next matching rows after the
+///   run's cursor, copy them to `chronicle_upcast_backup`,
 ///   upcast and validate them ([`UpcasterChain::upcast_validated`]),
 ///   update them, move the cursor. A failing event aborts its batch
 ///   (nothing of it is written), marks the run failed and is named in
@@ -550,6 +550,7 @@ struct Rewrites {
     data: Vec<Value>,
     versions: Vec<i32>,
     encrypted: Vec<Option<Value>>,
+    xmins: Vec<String>,
 }
 
 impl PgUpcaster {
@@ -1078,45 +1079,59 @@ impl PgUpcaster {
                 &after.encrypted_fields,
             ));
             w.data.push(after.data);
+            w.xmins.push(row.try_get(11)?);
         }
         let n = w.ids.len();
-        let backed_up = tx
-            .execute_typed(
-                "INSERT INTO chronicle_upcast_backup \
-                        (run_id, event_id, aggregate_id, version, global_position, \
-                         event_type, event_data, metadata, encrypted_fields) \
-                 SELECT $1, event_id, aggregate_id, version, global_position, \
-                        event_type, event_data, metadata, encrypted_fields \
-                   FROM events WHERE event_id = ANY($2)",
-                &[(&run_id, Type::UUID), (&w.ids, Type::UUID_ARRAY)],
-            )
-            .await?;
-        let updated = tx
-            .execute_typed(
-                "UPDATE events e \
-                    SET event_type = u.event_type, \
-                        event_data = u.event_data, \
-                        metadata = jsonb_set(coalesce(e.metadata, '{}'::jsonb), \
-                                             '{schema_version}', to_jsonb(u.schema_version)), \
-                        encrypted_fields = CASE WHEN u.encrypted IS NULL THEN NULL \
-                            ELSE ARRAY(SELECT jsonb_array_elements_text(u.encrypted)) END \
-                   FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int[], $5::jsonb[]) \
-                        AS u(event_id, event_type, event_data, schema_version, encrypted) \
-                  WHERE e.event_id = u.event_id",
+        // Backup and rewrite in one statement (one snapshot: the backup
+        // copies the rows as they were), each only for rows still at the
+        // version read (same xmin): a row changed meanwhile (the
+        // re-encryption job) makes the counts differ and the batch roll
+        // back, so nothing is overwritten unseen. No row locks are taken
+        // up front; the lease keeps other runners off the key.
+        let counts = tx
+            .query_typed_one(
+                "WITH u AS ( \
+                     SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int[], \
+                                          $5::jsonb[], $6::text[]) \
+                         AS u(event_id, event_type, event_data, schema_version, encrypted, xmin)), \
+                 backup AS ( \
+                     INSERT INTO chronicle_upcast_backup \
+                            (run_id, event_id, aggregate_id, version, global_position, \
+                             event_type, event_data, metadata, encrypted_fields) \
+                     SELECT $7, e.event_id, e.aggregate_id, e.version, e.global_position, \
+                            e.event_type, e.event_data, e.metadata, e.encrypted_fields \
+                       FROM events e JOIN u ON e.event_id = u.event_id AND e.xmin::text = u.xmin \
+                     RETURNING 1), \
+                 rewritten AS ( \
+                     UPDATE events e \
+                        SET event_type = u.event_type, \
+                            event_data = u.event_data, \
+                            metadata = jsonb_set(coalesce(e.metadata, '{}'::jsonb), \
+                                                 '{schema_version}', to_jsonb(u.schema_version)), \
+                            encrypted_fields = CASE WHEN u.encrypted IS NULL THEN NULL \
+                                ELSE ARRAY(SELECT jsonb_array_elements_text(u.encrypted)) END \
+                       FROM u \
+                      WHERE e.event_id = u.event_id AND e.xmin::text = u.xmin \
+                     RETURNING 1) \
+                 SELECT (SELECT count(*) FROM backup), (SELECT count(*) FROM rewritten)",
                 &[
                     (&w.ids, Type::UUID_ARRAY),
                     (&w.types, Type::TEXT_ARRAY),
                     (&w.data, Type::JSONB_ARRAY),
                     (&w.versions, Type::INT4_ARRAY),
                     (&w.encrypted, Type::JSONB_ARRAY),
+                    (&w.xmins, Type::TEXT_ARRAY),
+                    (&run_id, Type::UUID),
                 ],
             )
             .await?;
-        if backed_up != n as u64 || updated != n as u64 {
+        let (backed_up, updated): (i64, i64) = (counts.try_get(0)?, counts.try_get(1)?);
+        if backed_up != n as i64 || updated != n as i64 {
             return Err(RunError::Inconsistent {
                 run_id,
                 message: format!(
-                    "locked {n} events but backed up {backed_up} and updated {updated}"
+                    "read {n} events but backed up {backed_up} and rewrote {updated}: some \
+                     changed meanwhile; run again to resume"
                 ),
             });
         }
@@ -1398,12 +1413,15 @@ impl PgUpcaster {
     }
 }
 
-fn select_sql(lock: bool) -> String {
+/// The next matching events after a cursor. `with_xmin` adds each row
+/// version's `xmin` (column 11): the runner reads without row locks and
+/// writes only rows still at the version it read.
+fn select_sql(with_xmin: bool) -> String {
     format!(
-        "SELECT {EVENT_COLUMNS} FROM events \
+        "SELECT {EVENT_COLUMNS}{} FROM events \
           WHERE event_type = $1 AND {VERSION_EXPR} = $2 AND global_position > $3 \
-          ORDER BY global_position LIMIT $4{}",
-        if lock { " FOR UPDATE" } else { "" }
+          ORDER BY global_position LIMIT $4",
+        if with_xmin { ", xmin::text" } else { "" }
     )
 }
 
