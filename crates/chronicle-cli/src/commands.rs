@@ -194,6 +194,11 @@ pub enum ProjectionsCommand {
         /// Replay events after this feed checkpoint.
         #[arg(long, default_value = "0-0")]
         from: Position,
+        /// Build the new model beside the live one (which keeps serving)
+        /// and swap it in when caught up; needs a projection registered
+        /// with its own schema.
+        #[arg(long)]
+        blue_green: bool,
     },
 }
 
@@ -260,6 +265,10 @@ pub enum BenchCommand {
     /// Eager upcast with backup against a raw `UPDATE ... jsonb_set`, and
     /// lazy upcasting on read against plain reads.
     Upcast(crate::bench_upcast::UpcastBenchArgs),
+    /// Projection catch-up (no-op and upsert read model, 1 and 4
+    /// partitions) against a raw COPY read and a raw batched upsert, and
+    /// the lag of a tailing projection at half the append capacity.
+    Projections(crate::bench_projections::ProjectionsBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -274,6 +283,9 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
                 BenchCommand::Append(args) => crate::bench::append(&db, args, format).await,
                 BenchCommand::Crypto(args) => crate::bench::crypto(&db, args, format).await,
                 BenchCommand::Upcast(args) => crate::bench_upcast::upcast(&db, args, format).await,
+                BenchCommand::Projections(args) => {
+                    crate::bench_projections::projections(&db, args, format).await
+                }
             };
         }
         _ => {}
@@ -366,13 +378,6 @@ async fn open_projection(
             registry.handlers().names().collect::<Vec<_>>().join(", ")
         ))
     })?;
-    if let Some(sql) = registry.setup_sql(name) {
-        pool.get()
-            .await?
-            .batch_execute(sql)
-            .await
-            .with_context(|| format!("setting up the read model of `{name}`"))?;
-    }
     let existing = chronicle_projections::load_state(pool, Some(name)).await?;
     let options = match existing.first() {
         Some(state) => chronicle_projections::ProjectionOptions {
@@ -381,9 +386,87 @@ async fn open_projection(
         },
         None => options,
     };
-    Ok(std::sync::Arc::new(
-        chronicle_projections::PgProjection::new(pool.clone(), handler, options)?,
-    ))
+    let mut projection = chronicle_projections::PgProjection::new(pool.clone(), handler, options)?;
+    if let Some(schema) = registry.read_model_schema(name) {
+        // Validates the name before it goes into SQL.
+        projection = projection.with_read_model_schema(schema)?;
+    }
+    if let Some(sql) = registry.setup_sql(name) {
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        if let Some(schema) = projection.read_model_schema() {
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema};
+                 SELECT set_config('search_path', '{schema}, ' || current_setting('search_path'), true)"
+            ))
+            .await?;
+        }
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("setting up the read model of `{name}`"))?;
+        tx.commit().await?;
+    }
+    Ok(std::sync::Arc::new(projection))
+}
+
+async fn rebuild_blue_green(
+    pool: &chronicle_postgres::PgPool,
+    registry: &Registry,
+    name: &str,
+    from: Position,
+    format: OutputFormat,
+) -> Result<()> {
+    let projection = open_projection(
+        pool,
+        registry,
+        name,
+        chronicle_projections::ProjectionOptions::default(),
+    )
+    .await?;
+    if projection.read_model_schema().is_none() {
+        bail!(UsageError(format!(
+            "`{name}` keeps its read model in the shared schema; a blue/green rebuild needs it in a schema \
+             of its own (Registry::projection_in_schema). Rebuild it in place without --blue-green"
+        )));
+    }
+    let total: i64 = pool
+        .get()
+        .await?
+        .query_one("SELECT count(*) FROM events", &[])
+        .await?
+        .get(0);
+    let bar = match format {
+        OutputFormat::Table => indicatif::ProgressBar::new(total as u64),
+        OutputFormat::Json => indicatif::ProgressBar::hidden(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} building the new {msg} [{bar:30}] {pos}/{len} events",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(name.to_owned());
+    let report = projection
+        .rebuild_blue_green(from, registry.setup_sql(name).unwrap_or(""), |n| {
+            bar.set_position(n)
+        })
+        .await;
+    bar.finish_and_clear();
+    let report = report.with_context(|| {
+        format!("the blue/green rebuild of `{name}` stopped; the live model is unchanged")
+    })?;
+    print_record(
+        &json!({
+            "projection": name,
+            "rebuilt_from": from.to_string(),
+            "replayed": report.replayed,
+            "seconds": report.elapsed.as_secs_f64(),
+            "swapped": true,
+        }),
+        format,
+    );
+    Ok(())
 }
 
 async fn run_projections(
@@ -538,7 +621,14 @@ async fn projections(
             let listen_url = listen_url.unwrap_or_else(|| db.url.clone());
             return run_projections(&pool, registry, names, config, &listen_url).await;
         }
-        ProjectionsCommand::Rebuild { name, from } => {
+        ProjectionsCommand::Rebuild {
+            name,
+            from,
+            blue_green: true,
+        } => {
+            return rebuild_blue_green(&pool, registry, &name, from, format).await;
+        }
+        ProjectionsCommand::Rebuild { name, from, .. } => {
             return rebuild_projection(&pool, registry, &name, from, format).await;
         }
     };

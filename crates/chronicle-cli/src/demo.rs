@@ -9,7 +9,7 @@ use std::sync::Arc;
 use chronicle_postgres::{MigrateOptions, PgEventStore, migrate};
 use chronicle_projections::{PgProjection, ProjectionOptions, RetryPolicy, Runner, RunnerOptions};
 use serde_json::json;
-use user_profile::projection::{READ_MODEL_DDL, UserProfileProjection};
+use user_profile::projection::{READ_MODEL_DDL, READ_MODEL_SCHEMA, UserProfileProjection};
 use user_profile::{ProfileCommand, UserProfile};
 use uuid::Uuid;
 
@@ -170,7 +170,7 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
     }
     print_record(&value, OutputFormat::Table);
     projections(&store, user).await?;
-    crate::upcast::demo(&store, 12).await?;
+    crate::upcast::demo(&store, 13).await?;
     println!(
         "\nTry: chronicle read stream {user}    chronicle state {user} --as-of 1    chronicle status    \
          chronicle projections status    chronicle dlq list user-profile"
@@ -205,7 +205,7 @@ async fn print_read_model(pool: &chronicle_postgres::PgPool) -> Result<()> {
         .get()
         .await?
         .query_typed(
-            "SELECT user_id::text, email, name, closed, version FROM user_profiles ORDER BY user_id DESC LIMIT 5",
+            "SELECT user_id::text, email, name, closed, version FROM user_profile.user_profiles ORDER BY user_id DESC LIMIT 5",
             &[],
         )
         .await?;
@@ -226,12 +226,19 @@ async fn print_read_model(pool: &chronicle_postgres::PgPool) -> Result<()> {
     Ok(())
 }
 
-/// Steps 9 to 11: the user-profile read model catches up, a malformed event
-/// is dead-lettered with the user's later events parked behind it, and a
-/// retry after the fix delivers them in order.
+/// Steps 9 to 12: the user-profile read model catches up, a malformed event
+/// is dead-lettered with the user's later events parked behind it, a retry
+/// after the fix delivers them in order, and a blue/green rebuild swaps in a
+/// rebuilt model.
 async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     let pool = store.pool().clone();
-    pool.get().await?.batch_execute(READ_MODEL_DDL).await?;
+    pool.get()
+        .await?
+        .batch_execute(&format!(
+            "BEGIN; CREATE SCHEMA IF NOT EXISTS {READ_MODEL_SCHEMA};
+             SET LOCAL search_path = {READ_MODEL_SCHEMA}, public; {READ_MODEL_DDL}; COMMIT"
+        ))
+        .await?;
 
     step(
         9,
@@ -244,7 +251,10 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
         retry: RetryPolicy::none(),
         ..ProjectionOptions::default()
     };
-    let projection = Arc::new(PgProjection::new(pool.clone(), handler, options)?);
+    let projection = Arc::new(
+        PgProjection::new(pool.clone(), handler, options)?
+            .with_read_model_schema(READ_MODEL_SCHEMA)?,
+    );
     let runner = Runner::start(projection.clone(), RunnerOptions::default()).await?;
     let repo = Repository::new(store.clone());
     for i in 0..20 {
@@ -260,7 +270,7 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     settle(
         &projection,
         &pool,
-        &format!("SELECT EXISTS (SELECT 1 FROM user_profiles WHERE user_id = '{user}')"),
+        &format!("SELECT EXISTS (SELECT 1 FROM user_profile.user_profiles WHERE user_id = '{user}')"),
     )
     .await?;
     let health = projection.health().await?;
@@ -296,7 +306,7 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     settle(
         &projection,
         &pool,
-        &format!("SELECT EXISTS (SELECT 1 FROM user_profiles WHERE user_id = '{newcomer}')"),
+        &format!("SELECT EXISTS (SELECT 1 FROM user_profile.user_profiles WHERE user_id = '{newcomer}')"),
     )
     .await?;
     for l in chronicle_projections::dlq::list(&pool, "user-profile", Some(user)).await? {
@@ -327,13 +337,34 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
         .get()
         .await?
         .query_typed_one(
-            "SELECT email FROM user_profiles WHERE user_id = $1",
+            "SELECT email FROM user_profile.user_profiles WHERE user_id = $1",
             &[(&user, tokio_postgres::types::Type::UUID)],
         )
         .await?
         .get(0);
     println!(
         "user {user} now reads {email} in the read model (`chronicle projections status` shows the partitions)"
+    );
+
+    step(
+        12,
+        "Blue/green rebuild: a new model is built beside the live one, then swapped in at once",
+    );
+    let report = projection
+        .rebuild_blue_green(Position::START, READ_MODEL_DDL, |_| {})
+        .await?;
+    let rows: i64 = pool
+        .get()
+        .await?
+        .query_typed_one("SELECT count(*) FROM user_profile.user_profiles", &[])
+        .await?
+        .get(0);
+    println!(
+        "replayed {} events into {READ_MODEL_SCHEMA}__next while the live model kept serving, then swapped it in \
+         ({:.2} s); readers of {READ_MODEL_SCHEMA}.user_profiles now see the rebuilt model: {rows} users \
+         (`chronicle projections rebuild user-profile --blue-green`)",
+        report.replayed,
+        report.elapsed.as_secs_f64()
     );
     runner.stop().await;
     Ok(())

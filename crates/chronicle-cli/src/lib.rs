@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod bench;
+mod bench_projections;
 mod bench_upcast;
 mod commands;
 mod database;

@@ -30,6 +30,7 @@ use chronicle_projections::{HandlerRegistry, PgContext};
 pub struct Registry {
     handlers: HandlerRegistry,
     setup: BTreeMap<String, String>,
+    schemas: BTreeMap<String, String>,
 }
 
 impl Registry {
@@ -41,8 +42,9 @@ impl Registry {
     /// The stock binary's registry: the `user-profile` example projection.
     pub fn with_examples() -> Self {
         let mut registry = Registry::new();
-        registry.projection(
+        registry.projection_in_schema(
             user_profile::projection::UserProfileProjection::default(),
+            user_profile::projection::READ_MODEL_SCHEMA,
             user_profile::projection::READ_MODEL_DDL,
         );
         registry
@@ -59,6 +61,28 @@ impl Registry {
             .insert(handler.name().to_owned(), setup_sql.to_owned());
         self.handlers.register(handler);
         self
+    }
+
+    /// Registers `handler` with its read model in the PostgreSQL schema
+    /// `schema` (created if missing; `setup_sql` runs with it first on the
+    /// search path, and so do the handler's writes). Such a projection can
+    /// be rebuilt blue/green: `chronicle projections rebuild NAME
+    /// --blue-green`.
+    pub fn projection_in_schema(
+        &mut self,
+        handler: impl ProjectionHandler<PgContext> + 'static,
+        schema: &str,
+        setup_sql: &str,
+    ) -> &mut Self {
+        self.schemas
+            .insert(handler.name().to_owned(), schema.to_owned());
+        self.projection(handler, setup_sql)
+    }
+
+    /// The schema of the read model of the handler named `name`, if it
+    /// has its own.
+    pub fn read_model_schema(&self, name: &str) -> Option<&str> {
+        self.schemas.get(name).map(String::as_str)
     }
 
     /// The handlers, by name.

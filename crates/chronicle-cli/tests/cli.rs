@@ -436,7 +436,7 @@ fn projections_run_dlq_retry_discard_and_rebuild() {
         .expect("start the worker");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while psql_value(&url, "SELECT count(*) FROM projection_dead_letters") != "2"
-        || psql_value(&url, "SELECT count(*) FROM user_profiles") != "2"
+        || psql_value(&url, "SELECT count(*) FROM user_profile.user_profiles") != "2"
     {
         assert!(
             std::time::Instant::now() < deadline,
@@ -488,7 +488,7 @@ fn projections_run_dlq_retry_discard_and_rebuild() {
     assert_eq!(
         psql_value(
             &url,
-            &format!("SELECT email FROM user_profiles WHERE user_id = '{ada}'")
+            &format!("SELECT email FROM user_profile.user_profiles WHERE user_id = '{ada}'")
         ),
         "ada@engine.org"
     );

@@ -18,7 +18,8 @@ use crate::connect::Tls;
 use crate::{Error, PgOptions, Result};
 
 /// The channel the events table's trigger notifies after each append
-/// statement (migration 9; `SET chronicle.notify = off` silences it).
+/// statement of a session with `chronicle.notify = on` (migration 9; off by
+/// default: see docs/architecture.md, "Live tailing").
 pub const EVENTS_CHANNEL: &str = "chronicle_events";
 
 /// Wake-ups from `LISTEN` on one channel. Clones share the connection;

@@ -18,10 +18,13 @@ use crate::support::fresh_db;
 
 const URL_VAR: &str = "CHRONICLE_KILL9_URL";
 
+/// The catch-up's length.
+const EVENTS: u64 = 100_000;
+
 fn options() -> ProjectionOptions {
     ProjectionOptions {
         partitions: 3,
-        batch_size: 50,
+        batch_size: 500,
         lease_ttl: Duration::from_millis(700),
         ..ProjectionOptions::default()
     }
@@ -36,7 +39,6 @@ async fn kill9_worker_process() {
     };
     let pool = PgOptions::from_url(&url).unwrap().pool().unwrap();
     let ledger = Ledger::new("kill9");
-    *ledger.shared.delay.lock().unwrap() = Duration::from_millis(1);
     let projection = Arc::new(PgProjection::new(pool, ledger, options()).unwrap());
     let runner = Runner::start(
         projection,
@@ -85,14 +87,16 @@ impl Drop for Worker {
 async fn kill_dash_nine_mid_batch_repeatedly_loses_nothing_and_applies_nothing_twice() {
     let db = fresh_db().await;
     create_read_model(&db).await;
-    deposit(&db, 100, 60).await; // 6,000 events
+    deposit(&db, 1_000, 100).await; // 100,000 events
     let mut kills = 0;
-    for round in 0..6u64 {
+    // Kill workers through the first half of the catch-up (at most 15
+    // rounds of a few seconds), then let a last one finish.
+    for round in 0..15u64 {
         // Two worker processes share the partitions; let them work a while
         // (past the previous round's leases), then SIGKILL both wherever
         // they are.
         let workers = [Worker::spawn(&db.url), Worker::spawn(&db.url)];
-        tokio::time::sleep(Duration::from_millis(900 + 97 * round)).await;
+        tokio::time::sleep(Duration::from_millis(3_500 + 97 * (round % 7))).await;
         for worker in workers {
             worker.kill();
             kills += 1;
@@ -103,7 +107,7 @@ async fn kill_dash_nine_mid_batch_repeatedly_loses_nothing_and_applies_nothing_t
             .iter()
             .map(|s| s.events_processed)
             .sum();
-        if processed >= 6_000 {
+        if processed >= EVENTS / 2 {
             break;
         }
     }
@@ -116,7 +120,7 @@ async fn kill_dash_nine_mid_batch_repeatedly_loses_nothing_and_applies_nothing_t
         .sum();
     // A last worker, left alone, finishes.
     let last = Worker::spawn(&db.url);
-    wait_until_processed(&db, "kill9", 6_000, Duration::from_secs(120)).await;
+    wait_until_processed(&db, "kill9", EVENTS, Duration::from_secs(600)).await;
     last.kill();
 
     eprintln!("kills: {kills}, handled before the last worker: {processed_before_last}");
@@ -142,7 +146,7 @@ async fn kill_dash_nine_mid_batch_repeatedly_loses_nothing_and_applies_nothing_t
         .await
         .unwrap()
         .get(0);
-    assert_eq!(effects, 6_000);
+    assert_eq!(effects, EVENTS as i64);
     let dead: i64 = client
         .query_typed_one("SELECT count(*) FROM projection_dead_letters", &[])
         .await

@@ -1,5 +1,6 @@
-//! The `user-profile` read model: one row per user in `user_profiles`,
-//! kept by a projection whose writes commit with its checkpoint.
+//! The `user-profile` read model: one row per user in
+//! `user_profile.user_profiles`, kept by a projection whose writes commit
+//! with its checkpoint.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,12 @@ use tokio_postgres::types::Type;
 
 use crate::ProfileEvent;
 
-/// The read model's table.
+/// The read model's own schema: the handler writes unqualified names, the
+/// runtime puts this schema first on the search path, and readers query
+/// `user_profile.user_profiles`; a blue/green rebuild swaps it whole.
+pub const READ_MODEL_SCHEMA: &str = "user_profile";
+
+/// The read model's table (unqualified: created in [`READ_MODEL_SCHEMA`]).
 pub const READ_MODEL_DDL: &str = "CREATE TABLE IF NOT EXISTS user_profiles (
     user_id UUID PRIMARY KEY,
     email TEXT NOT NULL,
@@ -31,10 +37,14 @@ pub const READ_MODEL_DDL: &str = "CREATE TABLE IF NOT EXISTS user_profiles (
 /// ```no_run
 /// # async fn demo(pool: chronicle_postgres::PgPool) -> Result<(), Box<dyn std::error::Error>> {
 /// use chronicle_projections::{PgProjection, ProjectionOptions};
-/// use user_profile::projection::{UserProfileProjection, READ_MODEL_DDL};
+/// use user_profile::projection::{READ_MODEL_DDL, READ_MODEL_SCHEMA, UserProfileProjection};
 ///
-/// pool.get().await?.batch_execute(READ_MODEL_DDL).await?;
-/// let projection = PgProjection::new(pool, UserProfileProjection::default(), ProjectionOptions::default())?;
+/// pool.get().await?.batch_execute(&format!(
+///     "BEGIN; CREATE SCHEMA IF NOT EXISTS {READ_MODEL_SCHEMA};
+///      SET LOCAL search_path = {READ_MODEL_SCHEMA}; {READ_MODEL_DDL}; COMMIT"
+/// )).await?;
+/// let projection = PgProjection::new(pool, UserProfileProjection::default(), ProjectionOptions::default())?
+///     .with_read_model_schema(READ_MODEL_SCHEMA)?;
 /// projection.register().await?;
 /// # Ok(()) }
 /// ```
