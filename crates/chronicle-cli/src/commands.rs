@@ -185,6 +185,11 @@ pub enum ProjectionsCommand {
         /// poll either way.
         #[arg(long, env = "CHRONICLE_LISTEN_URL", hide_env_values = true)]
         listen_url: Option<String>,
+        /// Serve Prometheus metrics on `GET http://ADDR/metrics` (e.g.
+        /// 127.0.0.1:9464): this process's steps, retries and dead letters,
+        /// and every projection's lag and queue from the database.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Replay a projection's history from a checkpoint (default: the start),
     /// with a progress bar; a failure stops the rebuild.
@@ -617,8 +622,22 @@ async fn projections(
             names,
             config,
             listen_url,
+            metrics_addr,
         } => {
             let listen_url = listen_url.unwrap_or_else(|| db.url.clone());
+            if let Some(addr) = metrics_addr {
+                chronicle_projections::install_metrics_recorder();
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                eprintln!("metrics on http://{addr}/metrics");
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = chronicle_projections::serve_metrics(listener, pool).await {
+                        tracing::warn!(error = %e, "the metrics endpoint stopped");
+                    }
+                });
+            }
             return run_projections(&pool, registry, names, config, &listen_url).await;
         }
         ProjectionsCommand::Rebuild {
