@@ -18,8 +18,9 @@ use crate::connect::Tls;
 use crate::{Error, PgOptions, Result};
 
 /// The channel the events table's trigger notifies after each append
-/// statement of a session with `chronicle.notify = on` (migration 9; off by
-/// default: see docs/architecture.md, "Live tailing").
+/// statement once enabled (migration 9 installs it disabled: `ALTER TABLE
+/// events ENABLE TRIGGER chronicle_events_notify`; see docs/architecture.md,
+/// "Live tailing").
 pub const EVENTS_CHANNEL: &str = "chronicle_events";
 
 /// Wake-ups from `LISTEN` on one channel. Clones share the connection;

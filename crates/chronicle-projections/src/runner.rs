@@ -33,8 +33,8 @@ pub struct RunnerOptions {
     pub max_partitions: usize,
     /// Wake-ups on appends (default none: poll only). With one, a
     /// caught-up partition steps as soon as an append commits instead of
-    /// at its next poll (appends notify when their session has
-    /// `chronicle.notify = on`); open it with
+    /// at its next poll (appends notify once the events table's
+    /// `chronicle_events_notify` trigger is enabled); open it with
     /// `PgOptions::listen(chronicle_postgres::EVENTS_CHANNEL)` on a direct
     /// connection (a transaction-mode pooler does not deliver
     /// notifications; polling still works through one).

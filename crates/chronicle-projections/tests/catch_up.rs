@@ -54,21 +54,18 @@ async fn a_caught_up_runner_wakes_on_append_notifications_not_its_next_poll() {
     .await
     .unwrap();
     wait_until_processed(&db, "wakes", 40, Duration::from_secs(60)).await;
-    // Notifications are opt-in (`chronicle.notify = on`): a writer whose
-    // sessions turn them on.
-    let mut options = chronicle_postgres::PgOptions::from_url(&db.url).unwrap();
-    options.config_mut().options("-c chronicle.notify=on");
-    let pool = options.pool().unwrap();
-    let writer = crate::support::TestDb {
-        name: db.name.clone(),
-        store: chronicle_postgres::PgEventStore::new(pool.clone()),
-        pool,
-        url: db.url.clone(),
-    };
+    // Notifications are opt-in: the trigger is installed disabled.
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE events ENABLE TRIGGER chronicle_events_notify")
+        .await
+        .unwrap();
     for round in 1..=3 {
         // Let both partitions go back to waiting.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        append_more(&writer, &accounts[..5], 1).await;
+        append_more(&db, &accounts[..5], 1).await;
         wait_until_processed(&db, "wakes", 40 + 5 * round, Duration::from_secs(30)).await;
     }
     assert_eq!(read_model(&db).await, expected_model(&db).await);
