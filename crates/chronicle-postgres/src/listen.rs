@@ -18,7 +18,7 @@ use crate::connect::Tls;
 use crate::{Error, PgOptions, Result};
 
 /// The channel the events table's trigger notifies after each append
-/// statement once enabled (migration 9 installs it disabled: `ALTER TABLE
+/// statement once enabled (migration 8 installs it disabled: `ALTER TABLE
 /// events ENABLE TRIGGER chronicle_events_notify`; see docs/architecture.md,
 /// "Live tailing").
 pub const EVENTS_CHANNEL: &str = "chronicle_events";

@@ -64,9 +64,9 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0007_upcast_lease.sql"),
     },
     Migration {
-        version: 9,
+        version: 8,
         name: "notify",
-        sql: include_str!("../migrations/0009_notify.sql"),
+        sql: include_str!("../migrations/0008_notify.sql"),
     },
 ];
 
