@@ -140,7 +140,9 @@ pub async fn projections(
                  notifications off, the default, so the runner polls every 250 ms): \
                  p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} events",
                 lag["load_events_per_sec"].as_f64().unwrap_or(0.0),
-                lag["append_capacity_events_per_sec"].as_f64().unwrap_or(0.0),
+                lag["append_capacity_events_per_sec"]
+                    .as_f64()
+                    .unwrap_or(0.0),
                 lag["p50_ms"].as_f64().unwrap_or(0.0),
                 lag["p99_ms"].as_f64().unwrap_or(0.0),
                 lag["max_ms"].as_f64().unwrap_or(0.0),
@@ -399,7 +401,12 @@ async fn append_for(
         while started.elapsed() < duration {
             let event = NewEvent::new("Deposited", json!({ "amount": 1 }));
             store
-                .append(Uuid::now_v7(), "account", ExpectedVersion::NoStream, vec![event])
+                .append(
+                    Uuid::now_v7(),
+                    "account",
+                    ExpectedVersion::NoStream,
+                    vec![event],
+                )
                 .await?;
             done += 1;
             if let Some(interval) = interval {

@@ -270,7 +270,9 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     settle(
         &projection,
         &pool,
-        &format!("SELECT EXISTS (SELECT 1 FROM user_profile.user_profiles WHERE user_id = '{user}')"),
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM user_profile.user_profiles WHERE user_id = '{user}')"
+        ),
     )
     .await?;
     let health = projection.health().await?;
@@ -306,7 +308,9 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     settle(
         &projection,
         &pool,
-        &format!("SELECT EXISTS (SELECT 1 FROM user_profile.user_profiles WHERE user_id = '{newcomer}')"),
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM user_profile.user_profiles WHERE user_id = '{newcomer}')"
+        ),
     )
     .await?;
     for l in chronicle_projections::dlq::list(&pool, "user-profile", Some(user)).await? {

@@ -391,8 +391,7 @@ impl PgProjection {
 
     async fn step_once(&self, partition: u32, worker: &Arc<str>, mode: Mode) -> Result<Flow> {
         let conn = self.pool.get().await?;
-        let mut ctx =
-            PgContext::deferred(conn, self.name.clone(), Some(partition), worker.clone());
+        let mut ctx = PgContext::deferred(conn, self.name.clone(), Some(partition), worker.clone());
         let name: &str = &self.name;
         let slot = partition as i32;
         let owner: &str = worker;
@@ -1377,7 +1376,6 @@ impl PgProjection {
             .expect("seen versions")
             .insert(partition, seen);
     }
-
 }
 
 /// What a [`PgProjection::rebuild_blue_green`] did.
@@ -1406,7 +1404,10 @@ fn batch_order(events: &[EventEnvelope], seen: &HashMap<Uuid, u32>) -> BatchOrde
     let mut last: HashMap<Uuid, u32> = HashMap::new();
     let mut order = BatchOrder::default();
     for e in events {
-        match last.get(&e.aggregate_id).or_else(|| seen.get(&e.aggregate_id)) {
+        match last
+            .get(&e.aggregate_id)
+            .or_else(|| seen.get(&e.aggregate_id))
+        {
             // A gap: the missing version comes later.
             Some(&v) if e.version > v + 1 => {
                 order
@@ -1489,7 +1490,11 @@ mod tests {
         assert_eq!(order.in_batch, None);
         assert_eq!(order.predecessors, [(c, 1)], "only c was never met");
         let skipped = batch_order(&[event(b, 9)], &seen);
-        assert_eq!(skipped.in_batch, Some((b, 9, 8)), "b's version 8 never came");
+        assert_eq!(
+            skipped.in_batch,
+            Some((b, 9, 8)),
+            "b's version 8 never came"
+        );
         let again = batch_order(&[event(a, 3)], &seen);
         assert_eq!(again.in_batch, Some((a, 3, 3)), "a's version 3 came before");
     }

@@ -15,7 +15,6 @@ use tokio_postgres::types::Type;
 use crate::ledger::{append_more, deposit, wait_for_horizon};
 use crate::support::{TestDb, fresh_db};
 
-
 const SETUP: &str = "CREATE TABLE IF NOT EXISTS totals (
     account UUID PRIMARY KEY,
     points BIGINT NOT NULL
@@ -57,7 +56,10 @@ async fn points(db: &TestDb) -> i64 {
         .get()
         .await
         .unwrap()
-        .query_one("SELECT coalesce(sum(points), 0)::int8 FROM rm_points.totals", &[])
+        .query_one(
+            "SELECT coalesce(sum(points), 0)::int8 FROM rm_points.totals",
+            &[],
+        )
         .await
         .unwrap()
         .get(0)
@@ -136,11 +138,17 @@ async fn a_blue_green_rebuild_swaps_in_a_complete_model_readers_never_see_half_b
             let (mut last, mut reads) = (0i64, 0u32);
             while !stop.load(Ordering::SeqCst) {
                 let now: i64 = client
-                    .query_one("SELECT coalesce(sum(points), 0)::int8 FROM rm_points.totals", &[])
+                    .query_one(
+                        "SELECT coalesce(sum(points), 0)::int8 FROM rm_points.totals",
+                        &[],
+                    )
                     .await
                     .unwrap()
                     .get(0);
-                assert!(now >= last, "a reader saw the model shrink: {last} -> {now}");
+                assert!(
+                    now >= last,
+                    "a reader saw the model shrink: {last} -> {now}"
+                );
                 (last, reads) = (now, reads + 1);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -181,7 +189,10 @@ async fn a_blue_green_rebuild_swaps_in_a_complete_model_readers_never_see_half_b
         .get()
         .await
         .unwrap()
-        .query("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'rm_points%'", &[])
+        .query(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'rm_points%'",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -197,14 +208,20 @@ async fn blue_green_needs_the_model_in_its_own_schema() {
     let handler = Points {
         weight: Arc::new(AtomicI64::new(1)),
     };
-    let projection = PgProjection::new(db.pool.clone(), handler, ProjectionOptions::default())
-        .unwrap();
+    let projection =
+        PgProjection::new(db.pool.clone(), handler, ProjectionOptions::default()).unwrap();
     let err = projection
         .rebuild_blue_green(Position::START, SETUP, |_| {})
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::Config { option: "read_model_schema", .. }),
+        matches!(
+            err,
+            Error::Config {
+                option: "read_model_schema",
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("schema of its own"), "{err}");
