@@ -153,25 +153,97 @@ pub async fn append(db: &Database, args: AppendBenchArgs, format: OutputFormat) 
 /// `chronicle bench crypto` arguments.
 #[derive(Debug, Args)]
 pub struct CryptoBenchArgs {
-    /// Events appended per side.
+    /// Events appended per side and run.
     #[arg(long, default_value_t = 4000)]
     events: usize,
     /// Events per aggregate (each aggregate is one data subject with one
     /// data key).
     #[arg(long, default_value_t = 20)]
     per_aggregate: usize,
-    /// Concurrent writers and readers.
+    /// Concurrent writers and readers (the read cases also run with four
+    /// times as many readers).
     #[arg(long, default_value_t = 4)]
     writers: usize,
+    /// How many times each read case reads every aggregate.
+    #[arg(long, default_value_t = 5)]
+    read_passes: usize,
+    /// Run only the `synchronous_commit` setting given (default: both).
+    #[arg(long)]
+    synchronous_commit: Option<bool>,
+    /// Also break the read cost down: ciphertext reads through the
+    /// wrapper, decryption with the audit records thrown away, and the
+    /// audit sink without group commit.
+    #[arg(long)]
+    profile: bool,
+}
+
+/// An audit sink that drops everything: for `--profile` only.
+struct NullAudit;
+
+#[async_trait::async_trait]
+impl chronicle_crypto::AuditSink for NullAudit {
+    async fn append(&self, _: Vec<chronicle_crypto::AuditEntry>) -> chronicle_crypto::Result<()> {
+        Ok(())
+    }
+}
+
+/// Times the appends of the sink underneath: for `--profile` only.
+struct TimedAudit {
+    inner: Arc<dyn chronicle_crypto::AuditSink>,
+    appends: AtomicU64,
+    entries: AtomicU64,
+    micros: AtomicU64,
+}
+
+impl TimedAudit {
+    fn new(inner: Arc<dyn chronicle_crypto::AuditSink>) -> Self {
+        TimedAudit {
+            inner,
+            appends: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            micros: AtomicU64::new(0),
+        }
+    }
+
+    /// "N appends, E entries each, L ms each", and resets.
+    fn report(&self) -> String {
+        let n = self.appends.swap(0, Ordering::Relaxed).max(1);
+        let e = self.entries.swap(0, Ordering::Relaxed);
+        let us = self.micros.swap(0, Ordering::Relaxed);
+        format!(
+            "{n} audit appends, {:.1} entries each, {:.2} ms each",
+            e as f64 / n as f64,
+            us as f64 / n as f64 / 1000.0
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl chronicle_crypto::AuditSink for TimedAudit {
+    async fn append(
+        &self,
+        entries: Vec<chronicle_crypto::AuditEntry>,
+    ) -> chronicle_crypto::Result<()> {
+        let started = Instant::now();
+        let n = entries.len() as u64;
+        let result = self.inner.append(entries).await;
+        self.appends.fetch_add(1, Ordering::Relaxed);
+        self.entries.fetch_add(n, Ordering::Relaxed);
+        self.micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        result
+    }
 }
 
 /// Runs `chronicle bench crypto`: appends and per-aggregate reads with two
-/// encrypted fields per event (local keyring, data keys and a hash-chained
-/// audit record per field operation in PostgreSQL), against the same
-/// without encryption.
+/// encrypted fields per event (local keyring; data keys and the
+/// hash-chained audit log in PostgreSQL: each append's `encrypt` record in
+/// the append's own statement, each read's `decrypt` record through a
+/// group-commit sink before the read returns), against the same without
+/// encryption, in the same run.
 pub async fn crypto(db: &Database, args: CryptoBenchArgs, format: OutputFormat) -> Result<()> {
     let scratch = Scratch::create(db).await?;
-    let result = crypto_cases(&scratch, &args).await;
+    let result = crypto_cases(&scratch, &args, format).await;
     scratch.drop_schema().await?;
     let cases = result?;
     match format {
@@ -181,72 +253,284 @@ pub async fn crypto(db: &Database, args: CryptoBenchArgs, format: OutputFormat) 
     Ok(())
 }
 
-async fn crypto_cases(scratch: &Scratch, args: &CryptoBenchArgs) -> Result<Vec<Case>> {
+async fn crypto_cases(
+    scratch: &Scratch,
+    args: &CryptoBenchArgs,
+    format: OutputFormat,
+) -> Result<Vec<Case>> {
     use chronicle_crypto::{
-        AccessContext, EncryptedStore, EncryptionConfig, FieldEncryptorBuilder,
-        GroupCommitAuditSink, LocalKeyring,
+        AccessContext, EncryptionConfig, FieldEncryptorBuilder, GroupCommitAuditSink, LocalKeyring,
     };
     use chronicle_postgres::{PgAuditSink, PgDataKeyStore};
 
-    let pool = scratch.pool(true, args.writers * 2, None)?;
-    let plain = PgEventStore::new(pool.clone());
-    let config = EncryptionConfig::from_yaml(
-        "encryption:\n  events:\n    UserRegistered:\n      fields: [\"/email\", \"/address/street\"]\n",
-    )?;
-    let encryptor = FieldEncryptorBuilder::new(
-        config,
-        Arc::new(LocalKeyring::generate()?),
-        Arc::new(PgDataKeyStore::new(pool.clone())),
-        Arc::new(GroupCommitAuditSink::new(Arc::new(PgAuditSink::new(
-            pool.clone(),
-        )))),
-    )
-    .build();
-    let encrypted: Arc<dyn chronicle_core::EventStore> = Arc::new(EncryptedStore::new(
-        Arc::new(plain.clone()),
-        Arc::new(encryptor),
-        AccessContext::new("bench", "benchmark"),
-    ));
-    let plain: Arc<dyn chronicle_core::EventStore> = Arc::new(plain);
-
-    let aggregates = args.events.div_ceil(args.per_aggregate.max(1));
-    let plain_ids: Vec<Uuid> = (0..aggregates).map(|_| Uuid::now_v7()).collect();
-    let secret_ids: Vec<Uuid> = (0..aggregates).map(|_| Uuid::now_v7()).collect();
+    let progress = match format {
+        OutputFormat::Table => indicatif::ProgressBar::new_spinner(),
+        OutputFormat::Json => indicatif::ProgressBar::hidden(),
+    };
+    progress.enable_steady_tick(Duration::from_millis(200));
+    let writers = args.writers.max(1);
+    let many = writers * 4;
+    let modes: Vec<bool> = match args.synchronous_commit {
+        Some(m) => vec![m],
+        None => vec![true, false],
+    };
     let mut cases = Vec::new();
+    // One keyring for the run: the bulk reads of the second setting read
+    // events encrypted in the first.
+    let keyring = Arc::new(LocalKeyring::generate()?);
+    for sync in modes {
+        let tag = if sync { "sync on" } else { "sync off" };
+        // The encrypted side's connections count their round trips.
+        let counter = Arc::new(Counter::default());
+        let pool = scratch.pool(sync, many + 2, Some(counter.clone()))?;
+        let plain_pool = scratch.pool(sync, many + 2, None)?;
+        let config = EncryptionConfig::from_yaml(
+            "encryption:\n  events:\n    UserRegistered:\n      fields: [\"/email\", \"/address/street\"]\n",
+        )?;
+        let with_sink = |sink: Arc<dyn chronicle_crypto::AuditSink>| {
+            let encryptor = FieldEncryptorBuilder::new(
+                config.clone(),
+                keyring.clone(),
+                Arc::new(PgDataKeyStore::new(pool.clone())),
+                sink,
+            )
+            .build();
+            let store: Arc<dyn chronicle_core::EventStore> =
+                Arc::new(PgEventStore::new(pool.clone()).encrypted(
+                    Arc::new(encryptor),
+                    AccessContext::new("bench", "benchmark"),
+                ));
+            store
+        };
+        let audit = Arc::new(PgAuditSink::new(pool.clone()));
+        let timed = Arc::new(TimedAudit::new(audit.clone()));
+        let sink: Arc<dyn chronicle_crypto::AuditSink> = if args.profile {
+            timed.clone()
+        } else {
+            audit.clone()
+        };
+        let encrypted = with_sink(Arc::new(GroupCommitAuditSink::with_max_in_flight(
+            sink, writers,
+        )));
+        let plain: Arc<dyn chronicle_core::EventStore> = Arc::new(PgEventStore::new(plain_pool));
+        let aggregates = args.events.div_ceil(args.per_aggregate.max(1));
 
-    // Appends, alternating sides so drift hits both alike.
-    let ours = user_appends(&encrypted, &secret_ids, args).await?;
-    let theirs = user_appends(&plain, &plain_ids, args).await?;
-    cases.push(Case::new(
-        format!(
-            "append, 2 encrypted fields, {} writers (vs plain)",
-            args.writers
-        ),
-        ours,
-        theirs,
-        None,
-    ));
-    pool.get()
-        .await?
-        .batch_execute("VACUUM ANALYZE events")
-        .await?;
-    let ours = user_reads(&encrypted, &secret_ids, args.writers).await?;
-    let theirs = user_reads(&plain, &plain_ids, args.writers).await?;
-    cases.push(Case::new(
-        format!(
-            "read + decrypt + audit, {} readers (vs plain)",
-            args.writers
-        ),
-        ours,
-        theirs,
-        None,
-    ));
+        // Appends: sides alternate, each keeps its best of two runs (new
+        // aggregates, so new subjects and keys, every run).
+        let name = format!("append 1 event, 2 encrypted fields, {writers} writers, {tag}");
+        progress.set_message(name.clone());
+        let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
+        let mut secret_ids = Vec::new();
+        let mut plain_ids = Vec::new();
+        for _ in 0..2 {
+            secret_ids = (0..aggregates).map(|_| Uuid::now_v7()).collect();
+            plain_ids = (0..aggregates).map(|_| Uuid::now_v7()).collect();
+            counter.reset();
+            let (rate, calls) = user_appends(&encrypted, &secret_ids, args, SECRET_TYPE).await?;
+            if rate > ours {
+                ours = rate;
+                trips = counter.round_trips() as f64 / calls as f64;
+            }
+            theirs = theirs.max(user_appends(&plain, &plain_ids, args, PLAIN_TYPE).await?.0);
+        }
+        cases.push(Case::new(name, ours, theirs, Some(trips)));
+
+        scratch
+            .pool(true, 1, None)?
+            .get()
+            .await?
+            .batch_execute("VACUUM ANALYZE events")
+            .await?;
+        for readers in [writers, many] {
+            let name = format!(
+                "read {}-event streams + decrypt + audit, {readers} readers, {tag}",
+                args.per_aggregate
+            );
+            progress.set_message(name.clone());
+            let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
+            for _ in 0..2 {
+                counter.reset();
+                let (rate, calls) =
+                    user_reads(&encrypted, &secret_ids, readers, args.read_passes).await?;
+                if rate > ours {
+                    ours = rate;
+                    trips = counter.round_trips() as f64 / calls as f64;
+                }
+                theirs = theirs.max(
+                    user_reads(&plain, &plain_ids, readers, args.read_passes)
+                        .await?
+                        .0,
+                );
+            }
+            if args.profile {
+                progress.suspend(|| eprintln!("{name}: {}", timed.report()));
+            }
+            cases.push(Case::new(name, ours, theirs, Some(trips)));
+        }
+        // Bulk reads, as a projection or an export reads: 1,000 events per
+        // call (one audit record per subject in them).
+        let name = format!("read 1,000 events by type + decrypt + audit, {writers} readers, {tag}");
+        progress.set_message(name.clone());
+        let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
+        for _ in 0..2 {
+            counter.reset();
+            let (rate, calls) =
+                bulk_reads(&encrypted, SECRET_TYPE, writers, args.read_passes).await?;
+            if rate > ours {
+                ours = rate;
+                trips = counter.round_trips() as f64 / calls as f64;
+            }
+            theirs = theirs.max(
+                bulk_reads(&plain, PLAIN_TYPE, writers, args.read_passes)
+                    .await?
+                    .0,
+            );
+        }
+        if args.profile {
+            progress.suspend(|| eprintln!("{name}: {}", timed.report()));
+        }
+        cases.push(Case::new(name, ours, theirs, Some(trips)));
+
+        if args.profile {
+            let variants: [(&str, Arc<dyn chronicle_core::EventStore>); 4] = [
+                (
+                    "ciphertext through the wrapper",
+                    Arc::new(
+                        PgEventStore::new(pool.clone())
+                            .encrypted(
+                                Arc::new(
+                                    FieldEncryptorBuilder::new(
+                                        config.clone(),
+                                        keyring.clone(),
+                                        Arc::new(PgDataKeyStore::new(pool.clone())),
+                                        Arc::new(NullAudit),
+                                    )
+                                    .build(),
+                                ),
+                                AccessContext::new("bench", "benchmark"),
+                            )
+                            .reading(chronicle_crypto::ReadMode::Ciphertext),
+                    ),
+                ),
+                (
+                    "decrypt, audit records dropped",
+                    with_sink(Arc::new(NullAudit)),
+                ),
+                (
+                    "decrypt + audit without group commit",
+                    with_sink(timed.clone()),
+                ),
+                (
+                    "decrypt + audit, group commit, 1 in flight",
+                    with_sink(Arc::new(GroupCommitAuditSink::new(timed.clone()))),
+                ),
+            ];
+            for (what, store) in variants {
+                for readers in [writers, many] {
+                    let name = format!("profile: read + {what}, {readers} readers, {tag}");
+                    progress.set_message(name.clone());
+                    counter.reset();
+                    let check = !what.starts_with("ciphertext");
+                    let (ours, calls) = if check {
+                        user_reads(&store, &secret_ids, readers, args.read_passes).await?
+                    } else {
+                        user_reads_unchecked(&store, &secret_ids, readers, args.read_passes).await?
+                    };
+                    let trips = counter.round_trips() as f64 / calls as f64;
+                    let theirs = user_reads(&plain, &plain_ids, readers, args.read_passes)
+                        .await?
+                        .0;
+                    if what.contains("audit without") || what.contains("in flight") {
+                        progress.suspend(|| eprintln!("{name}: {}", timed.report()));
+                    }
+                    cases.push(Case::new(name, ours, theirs, Some(trips)));
+                }
+            }
+        }
+    }
+    progress.finish_and_clear();
     Ok(cases)
 }
 
-fn user_event(n: usize) -> NewEvent {
+/// Each reader reads the first 1,000 events of `event_type` `passes` times
+/// over. Returns events/s and the number of reads.
+async fn bulk_reads(
+    store: &Arc<dyn chronicle_core::EventStore>,
+    event_type: &'static str,
+    readers: usize,
+    passes: usize,
+) -> Result<(f64, usize)> {
+    let started = Instant::now();
+    let mut tasks: Vec<JoinHandle<Result<(usize, usize)>>> = Vec::new();
+    for _ in 0..readers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut events, mut calls) = (0, 0);
+            for _ in 0..passes.max(1) * 2 {
+                let read = store
+                    .read_by_type(event_type, chronicle_core::TimeRange::default(), 1000)
+                    .await?;
+                anyhow::ensure!(
+                    read.len() == 1000 && read.iter().all(|e| e.event_data["email"].is_string()),
+                    "a bulk read returned {} events, or an undecrypted field",
+                    read.len()
+                );
+                events += read.len();
+                calls += 1;
+            }
+            Ok((events, calls))
+        }));
+    }
+    let (mut events, mut calls) = (0, 0);
+    for t in tasks {
+        let (e, c) = t.await??;
+        events += e;
+        calls += c;
+    }
+    Ok((events as f64 / started.elapsed().as_secs_f64(), calls))
+}
+
+/// [`user_reads`] without checking that fields were decrypted.
+async fn user_reads_unchecked(
+    store: &Arc<dyn chronicle_core::EventStore>,
+    ids: &[Uuid],
+    readers: usize,
+    passes: usize,
+) -> Result<(f64, usize)> {
+    let started = Instant::now();
+    let mut tasks: Vec<JoinHandle<Result<(usize, usize)>>> = Vec::new();
+    for r in 0..readers {
+        let store = store.clone();
+        let mine: Vec<Uuid> = ids.iter().skip(r).step_by(readers).copied().collect();
+        tasks.push(tokio::spawn(async move {
+            let (mut events, mut calls) = (0, 0);
+            for _ in 0..passes.max(1) {
+                for id in &mine {
+                    events += store.read_stream(*id, 1, None).await?.len();
+                    calls += 1;
+                }
+            }
+            Ok((events, calls))
+        }));
+    }
+    let (mut events, mut calls) = (0, 0);
+    for t in tasks {
+        let (e, c) = t.await??;
+        events += e;
+        calls += c;
+    }
+    Ok((events as f64 / started.elapsed().as_secs_f64(), calls))
+}
+
+/// The encrypted side's event type, and the plain side's (the same
+/// events, not in the encryption config), so that each side can read its
+/// own events by type.
+const SECRET_TYPE: &str = "UserRegistered";
+const PLAIN_TYPE: &str = "UserRegisteredPlain";
+
+fn user_event(n: usize, event_type: &str) -> NewEvent {
     NewEvent::new(
-        "UserRegistered",
+        event_type,
         json!({
             "email": format!("user{n}@example.com"),
             "name": "A. Person",
@@ -257,18 +541,21 @@ fn user_event(n: usize) -> NewEvent {
 }
 
 /// Appends `per_aggregate` single-event appends to each aggregate, the
-/// aggregates spread over the writers. Returns events/s.
+/// aggregates spread over the writers. Returns events/s and the number of
+/// appends.
 async fn user_appends(
     store: &Arc<dyn chronicle_core::EventStore>,
     ids: &[Uuid],
     args: &CryptoBenchArgs,
-) -> Result<f64> {
+    event_type: &'static str,
+) -> Result<(f64, usize)> {
+    let writers = args.writers.max(1);
     let started = Instant::now();
     let mut tasks: Vec<JoinHandle<Result<usize>>> = Vec::new();
-    for w in 0..args.writers {
+    for w in 0..writers {
         let store = store.clone();
-        let mine: Vec<Uuid> = ids.iter().skip(w).step_by(args.writers).copied().collect();
-        let per = args.per_aggregate;
+        let mine: Vec<Uuid> = ids.iter().skip(w).step_by(writers).copied().collect();
+        let per = args.per_aggregate.max(1);
         tasks.push(tokio::spawn(async move {
             let mut n = 0;
             for id in mine {
@@ -279,7 +566,7 @@ async fn user_appends(
                         ExpectedVersion::Exact(v as u32)
                     };
                     store
-                        .append(id, "user", expected, vec![user_event(n)])
+                        .append(id, "user", expected, vec![user_event(n, event_type)])
                         .await?;
                     n += 1;
                 }
@@ -291,38 +578,45 @@ async fn user_appends(
     for t in tasks {
         total += t.await??;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    Ok((total as f64 / started.elapsed().as_secs_f64(), total))
 }
 
-/// Reads every aggregate's stream, spread over the readers. Returns events/s.
+/// Reads every aggregate's stream `passes` times, spread over the readers.
+/// Returns events/s and the number of reads.
 async fn user_reads(
     store: &Arc<dyn chronicle_core::EventStore>,
     ids: &[Uuid],
     readers: usize,
-) -> Result<f64> {
+    passes: usize,
+) -> Result<(f64, usize)> {
     let started = Instant::now();
-    let mut tasks: Vec<JoinHandle<Result<usize>>> = Vec::new();
+    let mut tasks: Vec<JoinHandle<Result<(usize, usize)>>> = Vec::new();
     for r in 0..readers {
         let store = store.clone();
         let mine: Vec<Uuid> = ids.iter().skip(r).step_by(readers).copied().collect();
         tasks.push(tokio::spawn(async move {
-            let mut n = 0;
-            for id in mine {
-                let events = store.read_stream(id, 1, None).await?;
-                anyhow::ensure!(
-                    events.iter().all(|e| e.event_data["email"].is_string()),
-                    "a read returned an undecrypted or redacted field"
-                );
-                n += events.len();
+            let (mut events, mut calls) = (0, 0);
+            for _ in 0..passes.max(1) {
+                for id in &mine {
+                    let read = store.read_stream(*id, 1, None).await?;
+                    anyhow::ensure!(
+                        read.iter().all(|e| e.event_data["email"].is_string()),
+                        "a read returned an undecrypted or redacted field"
+                    );
+                    events += read.len();
+                    calls += 1;
+                }
             }
-            Ok(n)
+            Ok((events, calls))
         }));
     }
-    let mut total = 0;
+    let (mut events, mut calls) = (0, 0);
     for t in tasks {
-        total += t.await??;
+        let (e, c) = t.await??;
+        events += e;
+        calls += c;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    Ok((events as f64 / started.elapsed().as_secs_f64(), calls))
 }
 
 /// Prints cases as a table with ratios.

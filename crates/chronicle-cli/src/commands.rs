@@ -81,6 +81,11 @@ pub enum Command {
     /// Schema evolution: plan, run, verify, roll back eager upcasts of
     /// stored events (definitions: --config, default ./upcasters.yaml).
     Upcast(crate::upcast::UpcastArgs),
+    /// Field encryption keys: list, rotate the key-encryption key, rotate
+    /// or shred a subject's data keys.
+    Keys(crate::keys::KeysArgs),
+    /// The hash-chained audit log of field encryption: list, verify.
+    Audit(crate::audit::AuditArgs),
     /// Benchmarks that print figures and ratios against raw PostgreSQL.
     Bench {
         /// Which benchmark.
@@ -326,6 +331,8 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         }
         Command::Projections { action } => projections(&db, registry, action, format).await?,
         Command::Dlq { action } => dlq(&db, registry, action, format).await?,
+        Command::Keys(args) => crate::keys::run(&db, args, format).await?,
+        Command::Audit(args) => crate::audit::run(&db, args, format).await?,
         Command::Upcast(args) => crate::upcast::run(&db, args, format).await?,
         Command::Dev { .. } | Command::Demo | Command::Bench { .. } => {
             unreachable!("handled above")

@@ -171,6 +171,7 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
     print_record(&value, OutputFormat::Table);
     projections(&store, user).await?;
     crate::upcast::demo(&store, 13).await?;
+    crate::keys::demo(&store, 14).await?;
     println!(
         "\nTry: chronicle read stream {user}    chronicle state {user} --as-of 1    chronicle status    \
          chronicle projections status    chronicle dlq list user-profile"

@@ -12,6 +12,7 @@
 //! conflict, 4 not found.
 #![deny(missing_docs)]
 
+mod audit;
 mod bench;
 mod bench_projections;
 mod bench_upcast;
@@ -19,6 +20,7 @@ mod commands;
 mod database;
 mod demo;
 mod dlq_show;
+mod keys;
 mod output;
 mod registry;
 mod upcast;

@@ -1,8 +1,11 @@
-//! The audit trail: one [`AuditEntry`] per key or field operation, chained
-//! into [`AuditRecord`]s by SHA-256 so that [`verify_chain`] detects edited,
-//! deleted and inserted rows.
+//! The audit trail: one [`AuditEntry`] per operation (per call, subject and
+//! key, listing the events and fields concerned), chained into
+//! [`AuditRecord`]s by SHA-256 so that [`verify_chain`] detects edited,
+//! deleted and inserted rows. A log may hold several independent chains
+//! (stripes, so that concurrent writers do not queue for one head);
+//! [`verify_log`] checks each.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,6 +162,13 @@ impl FromStr for AuditOutcome {
 }
 
 /// One audited operation, before it is chained.
+///
+/// One entry covers one call's work on one subject under one key with one
+/// outcome: an append of three events of a user is one `encrypt` entry
+/// listing the three event ids and the encrypted fields; a read of a
+/// user's stream is one `decrypt` entry listing the events read and the
+/// fields released. Failures (a tampered ciphertext, an unknown key) get an
+/// entry of their own naming the one event and field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// When, truncated to microseconds (the precision of PostgreSQL's
@@ -174,10 +184,14 @@ pub struct AuditEntry {
     pub key_id: Option<DataKeyId>,
     /// The key-encryption key involved (rotate, rewrap, create-key).
     pub kek_id: Option<KekId>,
-    /// The event whose field was processed.
-    pub event_id: Option<Uuid>,
-    /// The field's JSON pointer.
-    pub field: Option<String>,
+    /// The events whose fields were processed, in the order processed
+    /// (empty for key operations).
+    #[serde(default)]
+    pub event_ids: Vec<Uuid>,
+    /// The fields' JSON pointers (each once, in first-seen order; the
+    /// union over `event_ids`).
+    #[serde(default)]
+    pub fields: Vec<String>,
     /// The actor, from the caller's [`AccessContext`].
     pub actor: String,
     /// The purpose, from the caller's [`AccessContext`].
@@ -194,8 +208,8 @@ impl AuditEntry {
             subject: None,
             key_id: None,
             kek_id: None,
-            event_id: None,
-            field: None,
+            event_ids: Vec::new(),
+            fields: Vec::new(),
             actor: context.actor.clone(),
             purpose: context.purpose.clone(),
         }
@@ -219,33 +233,96 @@ impl AuditEntry {
         self
     }
 
-    /// Sets the event and field.
+    /// Sets one event and one field.
     pub fn with_field(mut self, event_id: Uuid, field: &str) -> Self {
-        self.event_id = Some(event_id);
-        self.field = Some(field.to_owned());
+        self.event_ids = vec![event_id];
+        self.fields = vec![field.to_owned()];
         self
     }
 
-    /// The canonical serialisation hashed into the chain: the compact JSON
-    /// array `["chronicle-audit/v1", at (microseconds since the epoch),
-    /// operation, outcome, subject, key_id, kek_id, event_id, field, actor,
-    /// purpose]`, absent values as `null`, ids in their string forms.
+    /// Adds an event (unless it is the last one added) and a field (unless
+    /// listed already).
+    pub fn add(&mut self, event_id: Uuid, field: &str) {
+        if self.event_ids.last() != Some(&event_id) {
+            self.event_ids.push(event_id);
+        }
+        if !self.fields.iter().any(|f| f == field) {
+            self.fields.push(field.to_owned());
+        }
+    }
+
+    /// The event, if the entry covers exactly one.
+    pub fn event_id(&self) -> Option<Uuid> {
+        match self.event_ids.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    /// The field, if the entry covers exactly one.
+    pub fn field(&self) -> Option<&str> {
+        match self.fields.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+
+    /// Whether the entry covers `event_id`.
+    pub fn covers_event(&self, event_id: Uuid) -> bool {
+        self.event_ids.contains(&event_id)
+    }
+
+    /// The canonical serialisation hashed into the chain, a compact JSON
+    /// array with absent values as `null` and ids in their string forms:
+    ///
+    /// - at most one event and one field (every entry of the first
+    ///   format): `["chronicle-audit/v1", at (microseconds since the
+    ///   epoch), operation, outcome, subject, key_id, kek_id, event_id,
+    ///   field, actor, purpose]`;
+    /// - otherwise `["chronicle-audit/v2", at, operation, outcome, subject,
+    ///   key_id, kek_id, [event_id, …], [field, …], actor, purpose]`.
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        let tuple = (
-            "chronicle-audit/v1",
+        let head = (
             self.at.timestamp_micros(),
             self.operation.as_str(),
             self.outcome.as_str(),
             self.subject.as_ref().map(SubjectId::as_str),
             self.key_id.map(|k| k.to_string()),
             self.kek_id.as_ref().map(KekId::as_str),
-            self.event_id.map(|e| e.to_string()),
-            self.field.as_deref(),
-            self.actor.as_str(),
-            self.purpose.as_str(),
         );
-        // Strings, integers and nulls always serialize.
-        serde_json::to_vec(&tuple).unwrap_or_default()
+        // Strings, integers, nulls and arrays of them always serialize.
+        if self.event_ids.len() <= 1 && self.fields.len() <= 1 {
+            serde_json::to_vec(&(
+                "chronicle-audit/v1",
+                head.0,
+                head.1,
+                head.2,
+                head.3,
+                head.4,
+                head.5,
+                self.event_ids.first().map(|e| e.to_string()),
+                self.fields.first().map(String::as_str),
+                self.actor.as_str(),
+                self.purpose.as_str(),
+            ))
+            .unwrap_or_default()
+        } else {
+            let events: Vec<String> = self.event_ids.iter().map(Uuid::to_string).collect();
+            serde_json::to_vec(&(
+                "chronicle-audit/v2",
+                head.0,
+                head.1,
+                head.2,
+                head.3,
+                head.4,
+                head.5,
+                events,
+                &self.fields,
+                self.actor.as_str(),
+                self.purpose.as_str(),
+            ))
+            .unwrap_or_default()
+        }
     }
 }
 
@@ -316,11 +393,19 @@ impl<'de> Deserialize<'de> for ChainHash {
 
 /// A chained audit row: `hash = SHA-256(prev_hash || entry.canonical_bytes())`.
 ///
-/// `seq` numbers the rows for lookup and gap detection; it is not hashed,
-/// the order is fixed by the `prev_hash` links.
+/// `id` orders the rows of the whole log (for listing and paging); `chain`
+/// and `seq` place the row in its chain, for gap detection. None of them
+/// is hashed: the order within a chain is fixed by the `prev_hash` links.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
-    /// Position in the chain, from 1.
+    /// The row's number in the whole log: unique and increasing, not
+    /// gapless (equal to `seq` in a single-chain log).
+    #[serde(default)]
+    pub id: u64,
+    /// The chain the row belongs to (0 in a single-chain log).
+    #[serde(default)]
+    pub chain: u16,
+    /// Position in its chain, from 1, without gaps.
     pub seq: u64,
     /// What happened.
     #[serde(flatten)]
@@ -380,6 +465,8 @@ impl ChainHead {
     pub fn link(&mut self, entry: AuditEntry) -> AuditRecord {
         let hash = AuditRecord::compute_hash(&self.hash, &entry);
         let record = AuditRecord {
+            id: self.seq + 1,
+            chain: 0,
             seq: self.seq + 1,
             entry,
             prev_hash: self.hash,
@@ -654,6 +741,130 @@ pub fn verify_chain_from(
         head: prev,
         problems,
     }
+}
+
+/// A problem in one chain of an audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditProblem {
+    /// The chain.
+    pub chain: u16,
+    /// What is wrong, with rows numbered by their `seq` in that chain.
+    pub problem: ChainProblem,
+}
+
+impl fmt::Display for AuditProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "chain {}: {}", self.chain, self.problem)
+    }
+}
+
+/// One chain of a verified log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainSummary {
+    /// The chain.
+    pub chain: u16,
+    /// Rows examined.
+    pub rows: usize,
+    /// The head after the last row that belongs to the chain.
+    pub head: ChainHead,
+}
+
+/// The result of verifying a whole audit log, chain by chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Rows examined, over all chains.
+    pub checked: usize,
+    /// Every chain, in chain order.
+    pub chains: Vec<ChainSummary>,
+    /// Everything wrong, by chain and row; empty if the log is intact.
+    pub problems: Vec<AuditProblem>,
+}
+
+impl AuditReport {
+    /// Whether no problem was found.
+    pub fn is_intact(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// The chains' heads as verified: keep them outside the database as an
+    /// anchor, and pass them to a later verification to detect rows cut
+    /// from the end or rewritten.
+    pub fn heads(&self) -> BTreeMap<u16, ChainHead> {
+        self.chains.iter().map(|c| (c.chain, c.head)).collect()
+    }
+
+    /// The problems without their chains (for a single-chain log).
+    pub fn chain_problems(&self) -> Vec<ChainProblem> {
+        self.problems.iter().map(|p| p.problem.clone()).collect()
+    }
+
+    /// Adds one chain's verification.
+    pub fn push_chain(&mut self, chain: u16, report: ChainReport) {
+        self.checked += report.checked;
+        self.chains.push(ChainSummary {
+            chain,
+            rows: report.checked,
+            head: report.head,
+        });
+        self.problems.extend(
+            report
+                .problems
+                .into_iter()
+                .map(|problem| AuditProblem { chain, problem }),
+        );
+    }
+}
+
+/// Verifies a log of one or more chains: each chain's records (grouped by
+/// [`AuditRecord::chain`], in `seq` order) from its first row, against
+/// `anchors` when given (the heads of every chain, kept elsewhere: a chain
+/// missing from the records but anchored was cut, records of a chain that
+/// is not anchored were added).
+///
+/// ```
+/// use chronicle_crypto::{AccessContext, AuditEntry, AuditOperation, AuditOutcome, ChainHead, verify_log};
+///
+/// let ctx = AccessContext::new("ops", "test");
+/// let mut heads = [ChainHead::GENESIS, ChainHead::GENESIS];
+/// let mut records = Vec::new();
+/// for i in 0..6u16 {
+///     let chain = i % 2;
+///     let mut r = heads[chain as usize]
+///         .link(AuditEntry::new(AuditOperation::Rotate, AuditOutcome::Success, &ctx));
+///     r.chain = chain;
+///     records.push(r);
+/// }
+/// let report = verify_log(&records, None);
+/// assert!(report.is_intact());
+/// assert_eq!(report.chains.len(), 2);
+/// records.remove(2); // the second row of chain 0
+/// assert_eq!(verify_log(&records, None).problems[0].to_string(), "chain 0: row 2 was deleted");
+/// ```
+pub fn verify_log(
+    records: &[AuditRecord],
+    anchors: Option<&BTreeMap<u16, ChainHead>>,
+) -> AuditReport {
+    let mut chains: BTreeMap<u16, Vec<AuditRecord>> = BTreeMap::new();
+    for r in records {
+        chains.entry(r.chain).or_default().push(r.clone());
+    }
+    if let Some(anchors) = anchors {
+        for chain in anchors.keys() {
+            chains.entry(*chain).or_default();
+        }
+    }
+    let mut report = AuditReport {
+        checked: 0,
+        chains: Vec::new(),
+        problems: Vec::new(),
+    };
+    for (chain, mut rows) in chains {
+        rows.sort_by_key(|r| (r.seq, r.id));
+        let anchor = anchors.map(|a| a.get(&chain).copied().unwrap_or(ChainHead::GENESIS));
+        let verified = verify_chain_from(&ChainHead::GENESIS, &rows, anchor.as_ref());
+        report.push_chain(chain, verified);
+    }
+    report
 }
 
 /// Where audit entries go. Implementations chain each batch after their

@@ -124,6 +124,15 @@ impl KeyCache {
             .retain(|_, slot| !matches!(&slot.value, Cached::Live(k) if &k.subject == subject));
     }
 
+    /// Forgets every live key.
+    pub(crate) fn clear(&self) {
+        let mut inner = self.lock();
+        inner.current.clear();
+        inner
+            .by_id
+            .retain(|_, slot| matches!(slot.value, Cached::Shredded(_)));
+    }
+
     /// Forgets the subject's live keys and remembers `ids` as shredded.
     pub(crate) fn shred(&self, subject: &SubjectId, ids: &[DataKeyId]) {
         let mut inner = self.lock();

@@ -11,9 +11,10 @@ use chronicle_core::{
 };
 use chrono::{DateTime, Utc};
 
-use crate::audit::AccessContext;
+use crate::audit::{AccessContext, AuditEntry};
 use crate::encryptor::FieldEncryptor;
 use crate::envelope::redact_event;
+use crate::store::StoredDataKey;
 
 /// What reads through an [`EncryptedStore`] return in place of encrypted
 /// fields.
@@ -32,6 +33,35 @@ pub enum ReadMode {
     /// The envelopes as stored, `encrypted_fields` kept: for copying events
     /// elsewhere (a backup, a re-encryption job) without decrypting them.
     Ciphertext,
+}
+
+/// An event store that can append events, the data keys they were
+/// encrypted under and their audit entries in one transaction: all are
+/// stored, or none. `chronicle-postgres` implements it for `PgEventStore`
+/// (keys into `chronicle_data_keys`, records into `chronicle_audit_log`, in
+/// the append's own statement).
+///
+/// [`EncryptedStore::audit_in_append`] uses it: an encrypted append then
+/// costs no separate audit transaction, a subject's first event no separate
+/// key transaction, and a failed append (a conflict) leaves neither an
+/// `encrypt` record nor an unused key behind.
+#[async_trait]
+pub trait AuditedAppender: Send + Sync {
+    /// Appends like [`EventAppender::append`]; if (and only if) the events
+    /// are newly stored, stores `new_keys` (each becomes its subject's
+    /// current key unless the subject has one; a shredded subject fails the
+    /// whole append with [`crate::Error::SubjectShredded`]) and `audit` in
+    /// the same transaction. An idempotent repeat of an earlier append
+    /// stores neither.
+    async fn append_audited(
+        &self,
+        aggregate_id: AggregateId,
+        aggregate_type: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        new_keys: Vec<StoredDataKey>,
+        audit: Vec<AuditEntry>,
+    ) -> chronicle_core::Result<AppendOutcome>;
 }
 
 /// An event store that encrypts the configured fields of every appended
@@ -85,6 +115,8 @@ pub struct EncryptedStore<S: ?Sized> {
     encryptor: Arc<FieldEncryptor>,
     writer: AccessContext,
     reads: ReadMode,
+    /// The inner store, when appends store their audit entries themselves.
+    audited: Option<Arc<dyn AuditedAppender>>,
 }
 
 impl<S: ?Sized> Clone for EncryptedStore<S> {
@@ -94,6 +126,7 @@ impl<S: ?Sized> Clone for EncryptedStore<S> {
             encryptor: Arc::clone(&self.encryptor),
             writer: self.writer.clone(),
             reads: self.reads.clone(),
+            audited: self.audited.clone(),
         }
     }
 }
@@ -103,6 +136,7 @@ impl<S: ?Sized> fmt::Debug for EncryptedStore<S> {
         f.debug_struct("EncryptedStore")
             .field("writer", &self.writer)
             .field("reads", &self.reads)
+            .field("audit_in_append", &self.audited.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -116,7 +150,29 @@ impl<S: EventStore + ?Sized> EncryptedStore<S> {
             encryptor,
             reads: ReadMode::Decrypt(context.clone()),
             writer: context,
+            audited: None,
         }
+    }
+
+    /// The same store, storing each append's `encrypt` audit entries in the
+    /// append's own transaction ([`AuditedAppender`]) instead of through
+    /// the encryptor's sink beforehand. Use it when the inner store writes
+    /// to the audit log the encryptor's sink reads from (on PostgreSQL:
+    /// `PgEventStore` with `PgAuditSink` on the same database).
+    pub fn audit_in_append(self) -> Self
+    where
+        S: AuditedAppender + Sized + 'static,
+    {
+        let audited: Arc<dyn AuditedAppender> = self.inner.clone();
+        EncryptedStore {
+            audited: Some(audited),
+            ..self
+        }
+    }
+
+    /// Whether appends store their audit entries in their own transaction.
+    pub fn audits_in_append(&self) -> bool {
+        self.audited.is_some()
     }
 
     /// The same store acting for `context`, both appending and decrypting.
@@ -181,12 +237,39 @@ impl<S: EventStore + ?Sized> EventAppender for EncryptedStore<S> {
         expected: ExpectedVersion,
         mut events: Vec<NewEvent>,
     ) -> chronicle_core::Result<AppendOutcome> {
-        self.encryptor
-            .encrypt_events(&self.writer, aggregate_id, &mut events)
+        let Some(audited) = &self.audited else {
+            self.encryptor
+                .encrypt_events(&self.writer, aggregate_id, &mut events)
+                .await?;
+            return self
+                .inner
+                .append(aggregate_id, aggregate_type, expected, events)
+                .await;
+        };
+        let mut pending = self
+            .encryptor
+            .encrypt_for_append(&self.writer, aggregate_id, &mut events)
             .await?;
-        self.inner
-            .append(aggregate_id, aggregate_type, expected, events)
-            .await
+        if pending.is_empty() {
+            return self
+                .inner
+                .append(aggregate_id, aggregate_type, expected, events)
+                .await;
+        }
+        let outcome = audited
+            .append_audited(
+                aggregate_id,
+                aggregate_type,
+                expected,
+                events,
+                pending.new_keys().to_vec(),
+                pending.take_entries(),
+            )
+            .await?;
+        if outcome.appended {
+            self.encryptor.appended(pending);
+        }
+        Ok(outcome)
     }
 }
 
@@ -437,6 +520,151 @@ mod tests {
         let support = store.with_context(AccessContext::new("support:alice", "ticket-1"));
         support.read_stream(user, 1, None).await.unwrap();
         assert_eq!(audit.records().last().unwrap().entry.actor, "support:alice");
+    }
+
+    /// A [`VecStore`] that stores keys and records with its events, as
+    /// `PgEventStore` does in one transaction.
+    struct Transactional {
+        events: VecStore,
+        keys: Arc<MemoryDataKeyStore>,
+        audit: Arc<MemoryAuditSink>,
+    }
+
+    #[async_trait]
+    impl AuditedAppender for Transactional {
+        async fn append_audited(
+            &self,
+            aggregate_id: AggregateId,
+            aggregate_type: &str,
+            expected: ExpectedVersion,
+            events: Vec<NewEvent>,
+            new_keys: Vec<StoredDataKey>,
+            audit: Vec<AuditEntry>,
+        ) -> chronicle_core::Result<AppendOutcome> {
+            let outcome = self
+                .events
+                .append(aggregate_id, aggregate_type, expected, events)
+                .await?;
+            for key in new_keys {
+                crate::DataKeyStore::insert_first(&*self.keys, key).await?;
+            }
+            crate::AuditSink::append(&*self.audit, audit).await?;
+            Ok(outcome)
+        }
+    }
+
+    #[async_trait]
+    impl EventAppender for Transactional {
+        async fn append(
+            &self,
+            aggregate_id: AggregateId,
+            aggregate_type: &str,
+            expected: ExpectedVersion,
+            events: Vec<NewEvent>,
+        ) -> chronicle_core::Result<AppendOutcome> {
+            self.events
+                .append(aggregate_id, aggregate_type, expected, events)
+                .await
+        }
+    }
+
+    #[async_trait]
+    impl EventReader for Transactional {
+        async fn read_stream(
+            &self,
+            aggregate_id: AggregateId,
+            from: u32,
+            to: Option<u32>,
+        ) -> chronicle_core::Result<Vec<EventEnvelope>> {
+            self.events.read_stream(aggregate_id, from, to).await
+        }
+
+        async fn read_stream_as_of(
+            &self,
+            aggregate_id: AggregateId,
+            at: DateTime<Utc>,
+        ) -> chronicle_core::Result<Vec<EventEnvelope>> {
+            self.events.read_stream_as_of(aggregate_id, at).await
+        }
+
+        async fn read_all(
+            &self,
+            after: Position,
+            limit: usize,
+        ) -> chronicle_core::Result<FeedBatch> {
+            self.events.read_all(after, limit).await
+        }
+
+        async fn read_by_type(
+            &self,
+            event_type: &str,
+            range: TimeRange,
+            limit: usize,
+        ) -> chronicle_core::Result<Vec<EventEnvelope>> {
+            self.events.read_by_type(event_type, range, limit).await
+        }
+    }
+
+    #[tokio::test]
+    async fn audit_in_append_stores_keys_and_records_only_with_the_events() {
+        let keys = Arc::new(MemoryDataKeyStore::new());
+        let audit = Arc::new(MemoryAuditSink::new());
+        let crypto = FieldEncryptorBuilder::new(
+            EncryptionConfig::from_yaml(
+                "encryption:\n  events:\n    UserRegistered:\n      fields: [/email]\n",
+            )
+            .unwrap(),
+            Arc::new(LocalKeyring::generate().unwrap()),
+            keys.clone(),
+            audit.clone(),
+        )
+        .build();
+        let inner = Arc::new(Transactional {
+            events: VecStore::default(),
+            keys: keys.clone(),
+            audit: audit.clone(),
+        });
+        let store = EncryptedStore::new(
+            inner,
+            Arc::new(crypto),
+            AccessContext::new("writer", "test"),
+        )
+        .audit_in_append();
+        assert!(store.audits_in_append());
+        let user = Uuid::now_v7();
+
+        // A conflict: no key, no record.
+        let err = store
+            .append(user, "user", ExpectedVersion::Exact(4), vec![registered()])
+            .await
+            .unwrap_err();
+        assert!(err.is_conflict(), "{err}");
+        assert!(keys.all().is_empty());
+        assert!(audit.is_empty());
+
+        // Stored: the key and both records came with the event.
+        store
+            .append(user, "user", ExpectedVersion::NoStream, vec![registered()])
+            .await
+            .unwrap();
+        assert_eq!(keys.all().len(), 1);
+        let ops: Vec<_> = audit
+            .records()
+            .iter()
+            .map(|r| r.entry.operation.as_str())
+            .collect();
+        assert_eq!(ops, ["create-key", "encrypt"]);
+        // The next append uses the cached key: no second key.
+        store
+            .append(user, "user", ExpectedVersion::Exact(1), vec![registered()])
+            .await
+            .unwrap();
+        assert_eq!(keys.all().len(), 1);
+        let read = store.read_stream(user, 1, None).await.unwrap();
+        assert!(
+            read.iter()
+                .all(|e| e.event_data["email"] == "ada@example.com")
+        );
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! stored ones, and carries out rotation, re-wrapping and shredding, writing
 //! an audit entry for each operation.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -186,11 +187,13 @@ impl FieldEncryptorBuilder {
 /// Encrypts and decrypts the configured fields of events, and manages data
 /// keys: rotation, re-wrapping under a new KEK, re-encryption, shredding.
 ///
-/// Every call collects one audit entry per field (or key) operation and
-/// hands them to the [`AuditSink`] in one batch *before* it changes the
-/// caller's events: if the sink fails, the call fails and the events are
-/// left exactly as they were, so no plaintext is released (and no ciphertext
-/// handed out) without its audit record.
+/// Every call collects one audit entry per operation, subject, key and
+/// outcome (listing the events and fields covered) and hands them to the
+/// [`AuditSink`] in one batch *before* it changes the caller's events: if
+/// the sink fails, the call fails and the events are left exactly as they
+/// were, so no plaintext is released (and no ciphertext handed out) without
+/// its audit record. ([`FieldEncryptor::encrypt_for_append`] hands an
+/// append's entries to the caller, to store with the events.)
 ///
 /// Share one encryptor per process (`Arc<FieldEncryptor>`): it caches
 /// unwrapped data keys.
@@ -262,6 +265,12 @@ impl FieldEncryptor {
     /// current data key is made on first use. Returns how many fields were
     /// encrypted.
     ///
+    /// The audit entries (one `encrypt` per subject and key, listing the
+    /// events and fields; `create-key` for a subject's first key) are
+    /// written through the [`AuditSink`] before the events are changed. To
+    /// store them in the append's own transaction instead, use
+    /// [`FieldEncryptor::encrypt_for_append`].
+    ///
     /// On error nothing is changed.
     pub async fn encrypt_events(
         &self,
@@ -269,8 +278,73 @@ impl FieldEncryptor {
         aggregate_id: AggregateId,
         events: &mut [NewEvent],
     ) -> Result<usize> {
-        let mut sealed: Vec<(usize, &FieldPointer, Value)> = Vec::new();
-        let mut audit = Vec::new();
+        let (sealed, audit) = self.seal_all(context, aggregate_id, events, None).await?;
+        if audit.is_empty() {
+            return Ok(0);
+        }
+        self.write_audit(audit).await?;
+        Ok(apply_sealed(events, sealed))
+    }
+
+    /// Encrypts like [`FieldEncryptor::encrypt_events`], but neither
+    /// writes the audit entries nor stores the data keys it makes (a
+    /// subject's first key): it hands both to the caller, who must store
+    /// them in the same transaction as the events (see
+    /// [`crate::AuditedAppender`]), so that an event is stored with its
+    /// `encrypt` record and its key, or nothing is. After a successful
+    /// append, pass the [`PendingAudit`] to [`FieldEncryptor::appended`] so
+    /// that the new keys are cached; otherwise drop it.
+    ///
+    /// On error nothing is changed.
+    pub async fn encrypt_for_append(
+        &self,
+        context: &AccessContext,
+        aggregate_id: AggregateId,
+        events: &mut [NewEvent],
+    ) -> Result<PendingAudit> {
+        let mut new_keys = Vec::new();
+        let (sealed, entries) = self
+            .seal_all(context, aggregate_id, events, Some(&mut new_keys))
+            .await?;
+        let fields = apply_sealed(events, sealed);
+        let (keys, live) = new_keys.into_iter().unzip();
+        Ok(PendingAudit {
+            fields,
+            entries,
+            keys,
+            live,
+        })
+    }
+
+    /// Caches the data keys of `pending` once they are stored with its
+    /// events, so that the subject's next events use them without a lookup.
+    pub fn appended(&self, pending: PendingAudit) {
+        for key in pending.live {
+            self.cache.insert(key, true);
+        }
+    }
+
+    /// Writes audit entries through the sink, as every operation of the
+    /// encryptor does (for callers that audit operations of their own
+    /// alongside, e.g. a job's summary).
+    pub async fn write_audit_entries(&self, entries: Vec<AuditEntry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.write_audit(entries).await
+    }
+
+    /// Seals every configured field of `events`, without changing them:
+    /// the envelopes to put in place, and the audit entries.
+    async fn seal_all<'c>(
+        &'c self,
+        context: &AccessContext,
+        aggregate_id: AggregateId,
+        events: &[NewEvent],
+        mut deferred: Option<&mut Vec<(StoredDataKey, Arc<LiveKey>)>>,
+    ) -> Result<(Vec<Sealed<'c>>, Vec<AuditEntry>)> {
+        let mut sealed: Vec<Sealed<'c>> = Vec::new();
+        let mut audit: Vec<AuditEntry> = Vec::new();
         for (i, event) in events.iter().enumerate() {
             let Some(rule) = self.config.rule(&event.event_type) else {
                 continue;
@@ -283,7 +357,7 @@ impl FieldEncryptor {
                 ));
             }
             let subject = subject_for(rule, aggregate_id, event)?;
-            let mut key: Option<Arc<LiveKey>> = None;
+            let mut key: Option<(Arc<LiveKey>, usize)> = None;
             for field in rule.fields() {
                 let Some(value) = field.get(&event.data) else {
                     continue;
@@ -292,12 +366,31 @@ impl FieldEncryptor {
                 {
                     continue;
                 }
-                let key = match &key {
-                    Some(k) => Arc::clone(k),
+                let (key, entry) = match &key {
+                    Some((k, e)) => (Arc::clone(k), *e),
                     None => {
-                        let k = self.current_key(context, &subject, &mut audit).await?;
-                        key = Some(Arc::clone(&k));
-                        k
+                        let k = self
+                            .current_key(context, &subject, &mut audit, deferred.as_deref_mut())
+                            .await?;
+                        let e = match audit.iter().position(|a| {
+                            a.operation == AuditOperation::Encrypt && a.key_id == Some(k.id)
+                        }) {
+                            Some(e) => e,
+                            None => {
+                                audit.push(
+                                    AuditEntry::new(
+                                        AuditOperation::Encrypt,
+                                        AuditOutcome::Success,
+                                        context,
+                                    )
+                                    .with_subject(&k.subject)
+                                    .with_key(k.id),
+                                );
+                                audit.len() - 1
+                            }
+                        };
+                        key = Some((Arc::clone(&k), e));
+                        (k, e)
                     }
                 };
                 let envelope =
@@ -309,30 +402,11 @@ impl FieldEncryptor {
                                 format!("field {field} is too large to encrypt"),
                             )
                         })?;
-                audit.push(
-                    AuditEntry::new(AuditOperation::Encrypt, AuditOutcome::Success, context)
-                        .with_subject(&key.subject)
-                        .with_key(key.id)
-                        .with_field(event.event_id, field.as_str()),
-                );
+                audit[entry].add(event.event_id, field.as_str());
                 sealed.push((i, field, envelope));
             }
         }
-        if audit.is_empty() {
-            return Ok(0);
-        }
-        self.write_audit(audit).await?;
-        let count = sealed.len();
-        for (i, field, envelope) in sealed {
-            let event = &mut events[i];
-            if let Some(slot) = field.get_mut(&mut event.data) {
-                scrub(std::mem::replace(slot, envelope));
-            }
-            if !event.encrypted_fields.iter().any(|f| f == field.as_str()) {
-                event.encrypted_fields.push(field.as_str().to_owned());
-            }
-        }
-        Ok(count)
+        Ok((sealed, audit))
     }
 
     /// Decrypts one stored event; see [`FieldEncryptor::decrypt_events`].
@@ -395,12 +469,10 @@ impl FieldEncryptor {
         audit: &mut Vec<AuditEntry>,
         summary: &mut DecryptSummary,
     ) -> Result<()> {
+        // Parse every envelope first, so that each key is looked up once.
+        let mut sealed: Vec<(usize, usize, envelope::Envelope)> = Vec::new();
         for (i, event) in events.iter().enumerate() {
             for (f, field) in event.encrypted_fields.iter().enumerate() {
-                let entry = |outcome| {
-                    AuditEntry::new(AuditOperation::Decrypt, outcome, context)
-                        .with_field(event.event_id, field)
-                };
                 let Some(value) = event.event_data.pointer(field) else {
                     return Err(malformed(
                         event.event_id,
@@ -414,77 +486,111 @@ impl FieldEncryptor {
                 }
                 let parsed = envelope::parse(value)
                     .map_err(|reason| malformed(event.event_id, field, reason))?;
-                let kid = parsed.kid;
-                let key = match self.resolve(kid).await? {
-                    Resolved::Missing => {
-                        self.audit_failure(entry(AuditOutcome::Failed).with_key(kid))
-                            .await;
-                        return Err(Error::UnknownDataKey {
-                            event_id: event.event_id,
-                            field: field.clone(),
-                            key_id: kid,
-                        });
-                    }
-                    Resolved::Shredded(subject) => {
-                        audit.push(
-                            entry(AuditOutcome::Shredded)
-                                .with_subject(&subject)
-                                .with_key(kid),
-                        );
-                        opened.push((i, f, Redaction::Shredded.marker()));
-                        summary.redacted += 1;
-                        continue;
-                    }
-                    Resolved::Key(key) => key,
-                };
-                let subject = key.subject().clone();
-                let access = FieldAccess {
-                    event_id: event.event_id,
-                    event_type: &event.event_type,
-                    field,
-                    subject: &subject,
-                };
-                if !self.policy.allows(context, &access) {
-                    audit.push(
-                        entry(AuditOutcome::Denied)
-                            .with_subject(&subject)
-                            .with_key(kid),
-                    );
-                    opened.push((i, f, Redaction::Denied.marker()));
-                    summary.redacted += 1;
-                    continue;
-                }
-                let key = self.load(key).await?;
-                let Some(plain) =
-                    envelope::open(&key, event.event_id, event.aggregate_id, field, parsed)
-                else {
-                    self.audit_failure(
-                        entry(AuditOutcome::Failed)
-                            .with_subject(&subject)
-                            .with_key(kid),
-                    )
-                    .await;
-                    return Err(Error::Tampered {
+                sealed.push((i, f, parsed));
+            }
+        }
+        if sealed.is_empty() {
+            return Ok(());
+        }
+        let mut keys = self
+            .resolve_many(sealed.iter().map(|(_, _, e)| e.kid))
+            .await?;
+        // One entry per outcome and key (so per subject), listing events
+        // and fields.
+        let mut groups: HashMap<(AuditOutcome, DataKeyId), usize> = HashMap::new();
+        let mut group = |outcome: AuditOutcome, subject: &SubjectId, kid: DataKeyId| {
+            *groups.entry((outcome, kid)).or_insert_with(|| {
+                audit.push(
+                    AuditEntry::new(AuditOperation::Decrypt, outcome, context)
+                        .with_subject(subject)
+                        .with_key(kid),
+                );
+                audit.len() - 1
+            })
+        };
+        // (entry, event, field) of every field handled.
+        let mut success: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, f, parsed) in sealed {
+            let event = &events[i];
+            let field = &event.encrypted_fields[f];
+            let kid = parsed.kid;
+            let failure = |outcome| {
+                AuditEntry::new(AuditOperation::Decrypt, outcome, context)
+                    .with_key(kid)
+                    .with_field(event.event_id, field)
+            };
+            let slot = keys.get_mut(&kid);
+            let subject = match slot.as_deref() {
+                None | Some(Resolved::Missing) => {
+                    self.audit_failure(failure(AuditOutcome::Failed)).await;
+                    return Err(Error::UnknownDataKey {
                         event_id: event.event_id,
                         field: field.clone(),
                         key_id: kid,
                     });
-                };
-                let value: Value = serde_json::from_slice(&plain).map_err(|_| {
-                    malformed(
-                        event.event_id,
-                        field,
-                        "the decrypted value is not JSON".into(),
-                    )
-                })?;
-                audit.push(
-                    entry(AuditOutcome::Success)
-                        .with_subject(&subject)
-                        .with_key(kid),
-                );
-                opened.push((i, f, value));
-                summary.decrypted += 1;
+                }
+                Some(Resolved::Shredded(subject)) => {
+                    let g = group(AuditOutcome::Shredded, subject, kid);
+                    success.push((g, i, f));
+                    opened.push((i, f, Redaction::Shredded.marker()));
+                    summary.redacted += 1;
+                    continue;
+                }
+                Some(Resolved::Key(key)) => key.subject().clone(),
+            };
+            let Some(slot) = slot else {
+                unreachable!("a missing key was handled above")
+            };
+            let access = FieldAccess {
+                event_id: event.event_id,
+                event_type: &event.event_type,
+                field,
+                subject: &subject,
+            };
+            if !self.policy.allows(context, &access) {
+                let g = group(AuditOutcome::Denied, &subject, kid);
+                success.push((g, i, f));
+                opened.push((i, f, Redaction::Denied.marker()));
+                summary.redacted += 1;
+                continue;
             }
+            let key = match slot {
+                Resolved::Key(KeyRef::Live(k)) => Arc::clone(k),
+                Resolved::Key(KeyRef::Stored(row)) => {
+                    let k = self.unwrap_row(row).await?;
+                    self.cache.insert(Arc::clone(&k), false);
+                    *slot = Resolved::Key(KeyRef::Live(Arc::clone(&k)));
+                    k
+                }
+                Resolved::Missing | Resolved::Shredded(_) => unreachable!("handled above"),
+            };
+            let Some(plain) =
+                envelope::open(&key, event.event_id, event.aggregate_id, field, parsed)
+            else {
+                self.audit_failure(failure(AuditOutcome::Failed).with_subject(&subject))
+                    .await;
+                return Err(Error::Tampered {
+                    event_id: event.event_id,
+                    field: field.clone(),
+                    key_id: kid,
+                });
+            };
+            let value: Value = serde_json::from_slice(&plain).map_err(|_| {
+                malformed(
+                    event.event_id,
+                    field,
+                    "the decrypted value is not JSON".into(),
+                )
+            })?;
+            let g = group(AuditOutcome::Success, &subject, kid);
+            success.push((g, i, f));
+            opened.push((i, f, value));
+            summary.decrypted += 1;
+        }
+        // Fill in the entries' events and fields, in order.
+        for (g, i, f) in success {
+            let event = &events[i];
+            audit[g].add(event.event_id, &event.encrypted_fields[f]);
         }
         Ok(())
     }
@@ -530,7 +636,9 @@ impl FieldEncryptor {
                     }
                     Resolved::Key(key) => self.load(key).await?,
                 };
-                let current = self.current_key(context, &old.subject, &mut audit).await?;
+                let current = self
+                    .current_key(context, &old.subject, &mut audit, None)
+                    .await?;
                 if current.id == old.id {
                     continue;
                 }
@@ -567,12 +675,24 @@ impl FieldEncryptor {
                         format!("field {field} is too large to encrypt"),
                     )
                 })?;
-                audit.push(
-                    AuditEntry::new(AuditOperation::Reencrypt, AuditOutcome::Success, context)
-                        .with_subject(&current.subject)
-                        .with_key(current.id)
-                        .with_field(event.event_id, field),
-                );
+                let entry = match audit.iter().position(|a| {
+                    a.operation == AuditOperation::Reencrypt && a.key_id == Some(current.id)
+                }) {
+                    Some(e) => e,
+                    None => {
+                        audit.push(
+                            AuditEntry::new(
+                                AuditOperation::Reencrypt,
+                                AuditOutcome::Success,
+                                context,
+                            )
+                            .with_subject(&current.subject)
+                            .with_key(current.id),
+                        );
+                        audit.len() - 1
+                    }
+                };
+                audit[entry].add(event.event_id, field);
                 resealed.push((i, f, sealed));
             }
         }
@@ -751,14 +871,32 @@ impl FieldEncryptor {
         self.cache.forget(subject);
     }
 
+    /// Drops every cached live key (shredded tombstones stay, they are
+    /// permanent): for when announcements of other processes' rotations
+    /// and shreds may have been missed, e.g. after a lost `LISTEN`
+    /// connection.
+    pub fn forget_all_keys(&self) {
+        self.cache.clear();
+    }
+
+    /// The subject's current key: cached, stored, or made now. With
+    /// `deferred`, a new key is not stored but handed back there, to be
+    /// stored with the events it encrypts (and cached once it is).
     async fn current_key(
         &self,
         context: &AccessContext,
         subject: &SubjectId,
         audit: &mut Vec<AuditEntry>,
+        deferred: Option<&mut Vec<(StoredDataKey, Arc<LiveKey>)>>,
     ) -> Result<Arc<LiveKey>> {
         if let Some(key) = self.cache.current(subject) {
             return Ok(key);
+        }
+        if let Some((_, key)) = deferred
+            .as_deref()
+            .and_then(|d| d.iter().find(|(row, _)| &row.subject == subject))
+        {
+            return Ok(Arc::clone(key));
         }
         let key = match self.store.current(subject).await? {
             KeyLookup::Found(row) => self.unwrap_row(&row).await?,
@@ -781,18 +919,20 @@ impl FieldEncryptor {
                     wrapped,
                     created_at: Utc::now(),
                 };
+                let created =
+                    AuditEntry::new(AuditOperation::CreateKey, AuditOutcome::Success, context)
+                        .with_subject(subject)
+                        .with_key(id)
+                        .with_kek(&kek_id);
+                if let Some(deferred) = deferred {
+                    let live = Arc::new(LiveKey::new(id, subject.clone(), &key));
+                    audit.push(created);
+                    deferred.push((row, Arc::clone(&live)));
+                    return Ok(live);
+                }
                 match self.store.insert_first(row).await? {
                     KeyLookup::Found(winner) if winner.id == id => {
-                        audit.push(
-                            AuditEntry::new(
-                                AuditOperation::CreateKey,
-                                AuditOutcome::Success,
-                                context,
-                            )
-                            .with_subject(subject)
-                            .with_key(id)
-                            .with_kek(&kek_id),
-                        );
+                        audit.push(created);
                         Arc::new(LiveKey::new(id, subject.clone(), &key))
                     }
                     KeyLookup::Found(winner) => self.unwrap_row(&winner).await?,
@@ -830,6 +970,44 @@ impl FieldEncryptor {
             }
             KeyLookup::Missing => Resolved::Missing,
         })
+    }
+
+    /// Resolves each distinct key id once: from the cache, and the rest
+    /// with one lookup in the data-key store.
+    async fn resolve_many(
+        &self,
+        ids: impl Iterator<Item = DataKeyId>,
+    ) -> Result<HashMap<DataKeyId, Resolved>> {
+        let mut resolved: HashMap<DataKeyId, Resolved> = HashMap::new();
+        let mut missing: Vec<DataKeyId> = Vec::new();
+        for id in ids {
+            if resolved.contains_key(&id) {
+                continue;
+            }
+            let slot = match self.cache.get(id) {
+                Some(Cached::Live(key)) => Resolved::Key(KeyRef::Live(key)),
+                Some(Cached::Shredded(subject)) => Resolved::Shredded(subject),
+                None => {
+                    missing.push(id);
+                    Resolved::Missing
+                }
+            };
+            resolved.insert(id, slot);
+        }
+        if !missing.is_empty() {
+            for (id, lookup) in self.store.get_many(&missing).await? {
+                let slot = match lookup {
+                    KeyLookup::Found(row) => Resolved::Key(KeyRef::Stored(row)),
+                    KeyLookup::Shredded { subject } => {
+                        self.cache.insert_shredded(id, subject.clone());
+                        Resolved::Shredded(subject)
+                    }
+                    KeyLookup::Missing => Resolved::Missing,
+                };
+                resolved.insert(id, slot);
+            }
+        }
+        Ok(resolved)
     }
 
     /// Unwraps a stored key (and caches it) unless it already is.
@@ -872,6 +1050,76 @@ impl FieldEncryptor {
     /// return the failure itself.
     async fn audit_failure(&self, entry: AuditEntry) {
         let _ = self.audit.append(vec![entry]).await;
+    }
+}
+
+/// An envelope to put in place: (event index, field, envelope).
+type Sealed<'c> = (usize, &'c FieldPointer, Value);
+
+/// Replaces the sealed fields' values by their envelopes and lists them in
+/// `encrypted_fields`; returns how many.
+fn apply_sealed(events: &mut [NewEvent], sealed: Vec<Sealed<'_>>) -> usize {
+    let count = sealed.len();
+    for (i, field, envelope) in sealed {
+        let event = &mut events[i];
+        if let Some(slot) = field.get_mut(&mut event.data) {
+            scrub(std::mem::replace(slot, envelope));
+        }
+        if !event.encrypted_fields.iter().any(|f| f == field.as_str()) {
+            event.encrypted_fields.push(field.as_str().to_owned());
+        }
+    }
+    count
+}
+
+/// The audit entries of an encryption whose events are about to be
+/// appended ([`FieldEncryptor::encrypt_for_append`]): to be stored in the
+/// same transaction as the events.
+#[must_use = "the audit entries and new keys must be stored with the events"]
+pub struct PendingAudit {
+    fields: usize,
+    entries: Vec<AuditEntry>,
+    keys: Vec<StoredDataKey>,
+    live: Vec<Arc<LiveKey>>,
+}
+
+impl std::fmt::Debug for PendingAudit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAudit")
+            .field("fields", &self.fields)
+            .field("entries", &self.entries)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingAudit {
+    /// How many fields were encrypted.
+    pub fn fields(&self) -> usize {
+        self.fields
+    }
+
+    /// Whether there is nothing to audit (no field was encrypted).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries, in order.
+    pub fn entries(&self) -> &[AuditEntry] {
+        &self.entries
+    }
+
+    /// Takes the entries, to store (they are then gone from `self`).
+    pub fn take_entries(&mut self) -> Vec<AuditEntry> {
+        std::mem::take(&mut self.entries)
+    }
+
+    /// The data keys made for subjects that had none: wrapped, not yet
+    /// stored. The appender stores them with the events (each becomes its
+    /// subject's current key unless another writer's first key got there
+    /// first, in which case it is kept as one more key of the subject).
+    pub fn new_keys(&self) -> &[StoredDataKey] {
+        &self.keys
     }
 }
 

@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
+use tokio::sync::watch;
 
 use crate::audit::{AuditEntry, AuditSink};
 use crate::{Error, Result};
@@ -18,24 +19,36 @@ struct Queue {
     waiting: usize,
     /// The generation `entries` will be flushed as.
     generation: u64,
+    /// Appends of the sink underneath in progress.
+    in_flight: usize,
     /// Outcomes of flushed generations that callers have yet to collect:
     /// (callers left, outcome).
     done: HashMap<u64, (usize, std::result::Result<(), String>)>,
 }
 
+/// Outcomes older than this many generations are dropped (their callers
+/// were cancelled before collecting them).
+const KEEP_OUTCOMES: u64 = 1024;
+
 /// An [`AuditSink`] that merges the batches of concurrent callers into one
 /// append of the sink underneath (group commit), so that many concurrent
-/// decrypting reads share one database transaction instead of queueing for
-/// the chain's head one by one.
+/// decrypting reads share a few database transactions instead of one each.
 ///
-/// While one append is in flight, new batches queue up; the next caller to
-/// get the flush lock appends everything queued, in arrival order, as one
-/// batch. Every caller's [`AuditSink::append`] returns only after the append
-/// that holds its entries has returned, with its outcome: a read is never
-/// acknowledged before its audit records are stored, and if the append
-/// fails, every caller in it fails (and releases no plaintext). If the task
-/// doing an append is cancelled, the other callers of that batch get
+/// Up to `max_in_flight` appends of the sink underneath run at once (1 by
+/// default; [`GroupCommitAuditSink::with_max_in_flight`]). While they run,
+/// new batches queue up; the next caller to find a free slot appends
+/// everything queued, in arrival order, as one batch. Every caller's
+/// [`AuditSink::append`] returns only after the append that holds its
+/// entries has returned, with its outcome: a read is never acknowledged
+/// before its audit records are stored, and if the append fails, every
+/// caller in it fails (and releases no plaintext). If the task doing an
+/// append is cancelled, the other callers of that batch get
 /// [`Error::Audit`] rather than waiting forever.
+///
+/// With one append at a time, a batch waits for the one before it; a sink
+/// that takes concurrent appends well (the PostgreSQL sink links each
+/// batch into whichever of its chains is free, and the server commits
+/// concurrent transactions together) does better with a few in flight.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -57,23 +70,33 @@ struct Queue {
 pub struct GroupCommitAuditSink<S: ?Sized> {
     inner: Arc<S>,
     queue: Mutex<Queue>,
-    flush: futures_util::lock::Mutex<()>,
+    max_in_flight: usize,
+    /// Bumped whenever an append of the sink underneath ends.
+    flushed: watch::Sender<u64>,
 }
 
 impl<S: ?Sized> fmt::Debug for GroupCommitAuditSink<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GroupCommitAuditSink")
+            .field("max_in_flight", &self.max_in_flight)
             .finish_non_exhaustive()
     }
 }
 
 impl<S: AuditSink + ?Sized> GroupCommitAuditSink<S> {
-    /// Merges concurrent appends to `inner`.
+    /// Merges concurrent appends to `inner`, one append of it at a time.
     pub fn new(inner: Arc<S>) -> Self {
+        Self::with_max_in_flight(inner, 1)
+    }
+
+    /// Merges concurrent appends to `inner`, with up to `max_in_flight`
+    /// appends of it at once (at least 1).
+    pub fn with_max_in_flight(inner: Arc<S>, max_in_flight: usize) -> Self {
         GroupCommitAuditSink {
             inner,
             queue: Mutex::new(Queue::default()),
-            flush: futures_util::lock::Mutex::new(()),
+            max_in_flight: max_in_flight.max(1),
+            flushed: watch::channel(0).0,
         }
     }
 
@@ -101,42 +124,93 @@ fn collect(queue: &mut Queue, generation: u64) -> Option<Result<()>> {
     }))
 }
 
+/// Ends an append of the sink underneath: records its outcome for the
+/// other callers of its batch, frees the slot and wakes the waiters, also
+/// when the appending task is cancelled.
+struct Flush<'a, S: ?Sized> {
+    sink: &'a GroupCommitAuditSink<S>,
+    generation: u64,
+    others: usize,
+    outcome: Option<std::result::Result<(), String>>,
+}
+
+impl<S: ?Sized> Drop for Flush<'_, S> {
+    fn drop(&mut self) {
+        let outcome = self.outcome.take().unwrap_or_else(|| {
+            Err("the append holding these records was cancelled; they may not be stored".into())
+        });
+        {
+            let mut queue = self
+                .sink
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queue.in_flight -= 1;
+            if self.others > 0 {
+                queue.done.insert(self.generation, (self.others, outcome));
+                let oldest = self.generation.saturating_sub(KEEP_OUTCOMES);
+                queue.done.retain(|g, _| *g >= oldest);
+            }
+        }
+        self.sink.flushed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
 #[async_trait]
 impl<S: AuditSink + ?Sized> AuditSink for GroupCommitAuditSink<S> {
     async fn append(&self, entries: Vec<AuditEntry>) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
+        let mut flushed = self.flushed.subscribe();
         let generation = {
             let mut queue = self.lock();
             queue.entries.extend(entries);
             queue.waiting += 1;
             queue.generation
         };
-        let _flushing = self.flush.lock().await;
-        let (batch, others) = {
-            let mut queue = self.lock();
-            if let Some(outcome) = collect(&mut queue, generation) {
-                return outcome;
-            }
-            if queue.generation != generation {
-                // Taken by a caller that was cancelled before it finished.
-                return Err(Error::Audit {
-                    message: "the grouped audit append holding these records was cancelled; they may not be stored".into(),
-                    source: None,
-                });
-            }
-            let batch = std::mem::take(&mut queue.entries);
-            let others = std::mem::take(&mut queue.waiting) - 1;
-            queue.generation += 1;
-            (batch, others)
-        };
-        let result = self.inner.append(batch).await;
-        if others > 0 {
-            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
-            self.lock().done.insert(generation, (others, outcome));
+        loop {
+            let taken = {
+                let mut queue = self.lock();
+                if let Some(outcome) = collect(&mut queue, generation) {
+                    return outcome;
+                }
+                if queue.generation == generation && queue.in_flight < self.max_in_flight {
+                    let batch = std::mem::take(&mut queue.entries);
+                    let others = std::mem::take(&mut queue.waiting) - 1;
+                    queue.generation += 1;
+                    queue.in_flight += 1;
+                    Some((batch, others))
+                } else if queue.generation > generation + KEEP_OUTCOMES {
+                    return Err(Error::Audit {
+                        message: "the grouped audit append holding these records ended long ago and its outcome is gone; they may not be stored".into(),
+                        source: None,
+                    });
+                } else {
+                    None
+                }
+            };
+            let Some((batch, others)) = taken else {
+                // Wait for an append to end: ours, or a free slot.
+                if flushed.changed().await.is_err() {
+                    return Err(Error::Audit {
+                        message: "the grouped audit sink is gone".into(),
+                        source: None,
+                    });
+                }
+                continue;
+            };
+            let mut flush = Flush {
+                sink: self,
+                generation,
+                others,
+                outcome: None,
+            };
+            let result = self.inner.append(batch).await;
+            flush.outcome = Some(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            drop(flush);
+            return result;
         }
-        result
     }
 }
 
@@ -199,6 +273,56 @@ mod tests {
         let calls = slow.calls.load(Ordering::SeqCst);
         assert!(calls < 20, "{calls} appends for 20 callers");
         assert!(sink.lock().done.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_appends_in_flight_merge_and_overlap() {
+        /// Counts the most appends running at once.
+        struct Overlapping {
+            memory: MemoryAuditSink,
+            running: AtomicUsize,
+            most: AtomicUsize,
+        }
+
+        #[async_trait]
+        impl AuditSink for Overlapping {
+            async fn append(&self, entries: Vec<AuditEntry>) -> Result<()> {
+                let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                self.memory.append(entries).await
+            }
+        }
+
+        let sink_under = Arc::new(Overlapping {
+            memory: MemoryAuditSink::new(),
+            running: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+        });
+        let sink = Arc::new(GroupCommitAuditSink::with_max_in_flight(
+            sink_under.clone(),
+            3,
+        ));
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let sink = Arc::clone(&sink);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(i % 7)).await;
+                    sink.append(vec![entry(i as usize)]).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let records = sink_under.memory.records();
+        assert_eq!(records.len(), 30);
+        assert!(verify_chain(&records).is_intact());
+        let most = sink_under.most.load(Ordering::SeqCst);
+        assert!((2..=3).contains(&most), "{most} appends at once");
+        assert!(sink.lock().done.is_empty());
+        assert_eq!(sink.lock().in_flight, 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@
 //!   [`ReadMode`]).
 //!
 //! On PostgreSQL, `chronicle-postgres` provides `PgDataKeyStore` and
-//! `PgAuditSink` (migration 4: `chronicle_key_subjects`,
+//! `PgAuditSink` (migrations 3 and 9: `chronicle_key_subjects`,
 //! `chronicle_data_keys`, `chronicle_audit_log`, `chronicle_audit_head`);
 //! the in-memory [`MemoryDataKeyStore`] and [`MemoryAuditSink`] serve tests.
 //!
@@ -167,12 +167,18 @@
 //!
 //! # Audit trail
 //!
-//! Every call collects one [`AuditEntry`] per field or key operation
-//! (encrypt, decrypt, re-encrypt, create-key, rotate, rewrap, shred; outcome
-//! success, denied, shredded or failed; subject, key id, event id, field,
-//! actor and purpose from the caller's [`AccessContext`], time) and hands the
-//! batch to the [`AuditSink`] *before* changing the caller's events: if the
-//! sink fails, no plaintext is released.
+//! Every call collects one [`AuditEntry`] per operation, subject, key and
+//! outcome (encrypt, decrypt, re-encrypt, create-key, rotate, rewrap,
+//! shred; outcome success, denied, shredded or failed; subject, key id, the
+//! event ids and field pointers covered, actor and purpose from the
+//! caller's [`AccessContext`], time): a read of a user's stream is one
+//! `decrypt` entry listing its events and fields. Failures (a tampered
+//! ciphertext, an unknown key) get an entry naming the one event and field.
+//! The batch goes to the [`AuditSink`] *before* the caller's events change:
+//! if the sink fails, no plaintext is released. An append can instead store
+//! its entries (and a new subject's first key) in its own transaction
+//! ([`FieldEncryptor::encrypt_for_append`], [`AuditedAppender`],
+//! [`EncryptedStore::audit_in_append`]).
 //!
 //! The sink chains entries into [`AuditRecord`]s: `hash = SHA-256(prev_hash
 //! || canonical(entry))`, starting from 32 zero bytes, where the canonical
@@ -199,14 +205,15 @@ mod secrets;
 mod store;
 
 pub use audit::{
-    AccessContext, AuditEntry, AuditOperation, AuditOutcome, AuditRecord, AuditSink, ChainHash,
-    ChainHead, ChainProblem, ChainReport, MemoryAuditSink, verify_chain, verify_chain_from,
+    AccessContext, AuditEntry, AuditOperation, AuditOutcome, AuditProblem, AuditRecord,
+    AuditReport, AuditSink, ChainHash, ChainHead, ChainProblem, ChainReport, ChainSummary,
+    MemoryAuditSink, verify_chain, verify_chain_from, verify_log,
 };
 pub use config::{EncryptionConfig, EventRule, FieldPointer};
-pub use encrypted_store::{EncryptedStore, ReadMode};
+pub use encrypted_store::{AuditedAppender, EncryptedStore, ReadMode};
 pub use encryptor::{
     AccessPolicy, AllowAll, DecryptSummary, FieldAccess, FieldEncryptor, FieldEncryptorBuilder,
-    RewrapPage, RewrapProgress,
+    PendingAudit, RewrapPage, RewrapProgress,
 };
 pub use envelope::{
     ENVELOPE_TAG, ENVELOPE_VERSION, REDACTED_TAG, Redaction, is_envelope, redact_event,

@@ -55,6 +55,18 @@ pub trait DataKeyStore: Send + Sync {
     /// The key with this id, its tombstone, or [`KeyLookup::Missing`].
     async fn get(&self, id: DataKeyId) -> Result<KeyLookup>;
 
+    /// [`DataKeyStore::get`] for several ids at once, one answer per id in
+    /// any order. Readers call it once per batch of events with the ids
+    /// their cache lacks; the default asks [`DataKeyStore::get`] for each,
+    /// stores with round trips answer in one.
+    async fn get_many(&self, ids: &[DataKeyId]) -> Result<Vec<(DataKeyId, KeyLookup)>> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.push((*id, self.get(*id).await?));
+        }
+        Ok(found)
+    }
+
     /// Stores `key` as its subject's first key, unless the subject already
     /// has a current key or is shredded. Returns the subject's current key
     /// afterwards (another writer's key if it won a race), or

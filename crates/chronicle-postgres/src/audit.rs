@@ -1,30 +1,38 @@
 //! [`PgAuditSink`]: the hash-chained audit log in `chronicle_audit_log`,
-//! anchored by the one-row `chronicle_audit_head`.
+//! sixteen chains anchored by `chronicle_audit_head` (one row per chain);
+//! and the audited append of [`PgEventStore`].
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use chronicle_core::TimeRange;
+use chronicle_core::{AggregateId, AppendOutcome, ExpectedVersion, NewEvent, TimeRange};
 use chronicle_crypto::{
-    AuditEntry, AuditOperation, AuditOutcome, AuditRecord, AuditSink, ChainHash, ChainHead,
-    ChainProblem, ChainReport, DataKeyId, KekId, SubjectId, verify_chain_from,
+    AccessContext, AuditEntry, AuditOperation, AuditOutcome, AuditRecord, AuditReport, AuditSink,
+    AuditedAppender, ChainHash, ChainHead, ChainProblem, ChainReport, DataKeyId, EncryptedStore,
+    FieldEncryptor, KekId, StoredDataKey, SubjectId, verify_chain_from,
 };
 use chrono::{DateTime, Utc};
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, IsolationLevel, Row};
 use uuid::Uuid;
 
-use crate::{Error, PgPool};
+use crate::{Error, PgEventStore, PgPool};
 
 /// The columns [`record`] decodes, in order.
-const RECORD_COLUMNS: &str = "seq, at, operation, outcome, subject, key_id, kek_id, event_id, \
-                              field, actor, purpose, prev_hash, hash";
+const RECORD_COLUMNS: &str = "id, chain, seq, at, operation, outcome, subject, key_id, kek_id, \
+                              event_ids, fields, actor, purpose, prev_hash, hash";
 
-/// The first key of the audit log's two-key advisory lock (`"aud1"`).
-const AUDIT_LOCK_CLASS: i32 = 0x6175_6431;
+/// Column positions in [`RECORD_COLUMNS`].
+const PREV_HASH: usize = 13;
+const HASH: usize = 14;
 
 /// How many rows [`PgAuditSink::verify`] reads per page.
 pub const DEFAULT_VERIFY_PAGE: usize = 10_000;
+
+/// The number of chains of the log (migration 9).
+pub const AUDIT_CHAINS: u16 = 16;
 
 /// Which audit records to list: every filter set must match.
 ///
@@ -47,15 +55,16 @@ pub struct AuditQuery {
     pub operation: Option<AuditOperation>,
     /// Only this outcome. Default: any.
     pub outcome: Option<AuditOutcome>,
-    /// Only records about this event. Default: any.
+    /// Only records covering this event. Default: any.
     pub event_id: Option<Uuid>,
     /// Only this actor's records. Default: any.
     pub actor: Option<String>,
     /// Only records whose time is in `[from, to)`. Default: all time.
     pub range: TimeRange,
-    /// Only records after this `seq` (to page on). Default: from the first.
-    pub after_seq: u64,
-    /// At most this many records, oldest first. Default: 1 000.
+    /// Only records after this [`AuditRecord::id`] (to page on). Default:
+    /// from the first.
+    pub after_id: u64,
+    /// At most this many records, oldest (lowest id) first. Default: 1 000.
     pub limit: usize,
 }
 
@@ -68,25 +77,30 @@ impl Default for AuditQuery {
             event_id: None,
             actor: None,
             range: TimeRange::default(),
-            after_seq: 0,
+            after_id: 0,
             limit: 1_000,
         }
     }
 }
 
-/// An [`AuditSink`] on PostgreSQL (migration 4), and the reader and verifier
-/// of what it stored.
+/// An [`AuditSink`] on PostgreSQL (migrations 3 and 9), and the reader and
+/// verifier of what it stored.
 ///
-/// [`AuditSink::append`] links the batch after the chain's head in one
-/// transaction: it takes the log's advisory transaction lock (waiting for it
-/// assigns no transaction id, so a queue of appends does not hold back the
-/// event feed), locks `chronicle_audit_head` (`FOR UPDATE`), chains the
-/// entries (`hash = SHA-256(prev_hash || canonical(entry))`), inserts them
-/// with one multi-row `INSERT` and moves the head, then commits. It returns
-/// only after the commit, so a caller never releases plaintext whose audit
-/// record could still be lost. Triggers refuse `UPDATE`, `DELETE` and
-/// `TRUNCATE` of the log; [`PgAuditSink::verify`] detects what someone who
-/// disabled them did.
+/// The log is [`AUDIT_CHAINS`] independent hash chains. [`AuditSink::append`]
+/// is one statement, `chronicle_audit_append`, in its own transaction: it
+/// takes the advisory transaction lock of the first chain nobody holds
+/// (waiting for none unless all are held; waiting assigns no transaction
+/// id, so it does not hold back the event feed), locks that chain's head
+/// row, links the entries (`hash = SHA-256(prev_hash || canonical(entry))`,
+/// the canonical bytes sent by the client), inserts them and moves the head.
+/// It returns only after the commit, so a caller never releases plaintext
+/// whose audit record could still be lost. Concurrent appends land in
+/// different chains and commit together; wrap the sink in a
+/// [`chronicle_crypto::GroupCommitAuditSink`] to also merge concurrent
+/// readers' batches into one statement.
+///
+/// Triggers refuse `UPDATE`, `DELETE` and `TRUNCATE` of the log;
+/// [`PgAuditSink::verify`] detects what someone who disabled them did.
 ///
 /// ```no_run
 /// # async fn demo(pool: chronicle_postgres::PgPool) -> chronicle_crypto::Result<()> {
@@ -132,33 +146,44 @@ impl PgAuditSink {
             .map_err(|e| failed("connect", Error::from(e)))
     }
 
-    /// The chain's head as anchored in `chronicle_audit_head`.
-    pub async fn head(&self) -> chronicle_crypto::Result<ChainHead> {
+    /// Every chain's head as anchored in `chronicle_audit_head`: what to
+    /// keep outside the database for [`PgAuditSink::verify_against`].
+    pub async fn heads(&self) -> chronicle_crypto::Result<BTreeMap<u16, ChainHead>> {
         let client = self.client().await?;
-        read_head(&**client, false).await
+        read_heads(&**client).await
     }
 
-    /// The records matching `query`, in `seq` order.
+    /// The number of records in the log (the sum of the chains' heads).
+    pub async fn len(&self) -> chronicle_crypto::Result<u64> {
+        Ok(self.heads().await?.values().map(|h| h.seq).sum())
+    }
+
+    /// Whether the log has no record.
+    pub async fn is_empty(&self) -> chronicle_crypto::Result<bool> {
+        Ok(self.len().await? == 0)
+    }
+
+    /// The records matching `query`, in `id` order.
     pub async fn list(&self, query: &AuditQuery) -> chronicle_crypto::Result<Vec<AuditRecord>> {
         let client = self.client().await?;
         let subject = query.subject.as_ref().map(SubjectId::as_str);
         let operation = query.operation.map(AuditOperation::as_str);
         let outcome = query.outcome.map(AuditOutcome::as_str);
-        let after = i64::try_from(query.after_seq).unwrap_or(i64::MAX);
+        let after = i64::try_from(query.after_id).unwrap_or(i64::MAX);
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
         let rows = client
             .query_typed(
                 &format!(
                     "SELECT {RECORD_COLUMNS} FROM chronicle_audit_log \
-                      WHERE seq > $1 \
+                      WHERE id > $1 \
                         AND ($2::text IS NULL OR subject = $2) \
                         AND ($3::text IS NULL OR operation = $3) \
                         AND ($4::text IS NULL OR outcome = $4) \
-                        AND ($5::uuid IS NULL OR event_id = $5) \
+                        AND ($5::uuid IS NULL OR event_ids @> ARRAY[$5::uuid]) \
                         AND ($6::text IS NULL OR actor = $6) \
                         AND at >= coalesce($7, '-infinity'::timestamptz) \
                         AND at < coalesce($8, 'infinity'::timestamptz) \
-                      ORDER BY seq LIMIT $9"
+                      ORDER BY id LIMIT $9"
                 ),
                 &[
                     (&after, Type::INT8),
@@ -187,46 +212,49 @@ impl PgAuditSink {
             .collect()
     }
 
-    /// Verifies the whole chain in the table against the anchored head, in
+    /// Verifies every chain in the table against its anchored head, in
     /// pages of [`DEFAULT_VERIFY_PAGE`] rows; see [`PgAuditSink::verify_paged`].
-    pub async fn verify(&self) -> chronicle_crypto::Result<ChainReport> {
+    pub async fn verify(&self) -> chronicle_crypto::Result<AuditReport> {
         self.verify_paged(DEFAULT_VERIFY_PAGE).await
     }
 
-    /// Verifies the whole chain in the table, reading `page_size` rows at a
+    /// Verifies every chain in the table, reading `page_size` rows at a
     /// time inside one read-only repeatable-read transaction (a consistent
-    /// snapshot of the log and its head).
+    /// snapshot of the log and its heads).
     ///
-    /// Reports edited rows, deleted rows (a gap), inserted rows, rewritten
-    /// links, rows cut from the end (the head row says more), rows added
-    /// after the head, and rows that cannot even be decoded (reported as
-    /// edited). A problem that straddles two pages is always reported, but
-    /// may be named differently than within one page (e.g. an inserted row
-    /// as a broken link); use a larger page to tell them apart.
-    pub async fn verify_paged(&self, page_size: usize) -> chronicle_crypto::Result<ChainReport> {
+    /// Reports, per chain: edited rows, deleted rows (a gap), inserted rows,
+    /// rewritten links, rows cut from the end (the head row says more),
+    /// rows added after the head, and rows that cannot even be decoded
+    /// (reported as edited); rows of a chain without a head row are
+    /// reported as added after the head. A problem that straddles two pages
+    /// is always reported, but may be named differently than within one
+    /// page (e.g. an inserted row as a broken link); use a larger page to
+    /// tell them apart.
+    pub async fn verify_paged(&self, page_size: usize) -> chronicle_crypto::Result<AuditReport> {
         self.verify_inner(page_size, None).await
     }
 
-    /// Like [`PgAuditSink::verify`], and also against `anchor`: a head
+    /// Like [`PgAuditSink::verify`], and also against `anchors`: heads
     /// recorded earlier *outside* the database (read with
-    /// [`PgAuditSink::head`] and kept in a write-once store, a ticket, a
-    /// signed log). The head row in the database is only as trustworthy
-    /// as the database: someone able to rewrite the log can rewrite it too,
-    /// recomputing every hash. Against an outside anchor, a log rewritten
-    /// at or before the anchored row reports [`ChainProblem::HeadMismatch`],
-    /// and one cut back before it [`ChainProblem::Truncated`].
+    /// [`PgAuditSink::heads`], or [`AuditReport::heads`], and kept in a
+    /// write-once store, a ticket, a signed log). The head rows in the
+    /// database are only as trustworthy as the database: someone able to
+    /// rewrite the log can rewrite them too, recomputing every hash.
+    /// Against an outside anchor, a chain rewritten at or before the
+    /// anchored row reports [`ChainProblem::HeadMismatch`], and one cut back
+    /// before it [`ChainProblem::Truncated`].
     pub async fn verify_against(
         &self,
-        anchor: &ChainHead,
-    ) -> chronicle_crypto::Result<ChainReport> {
-        self.verify_inner(DEFAULT_VERIFY_PAGE, Some(anchor)).await
+        anchors: &BTreeMap<u16, ChainHead>,
+    ) -> chronicle_crypto::Result<AuditReport> {
+        self.verify_inner(DEFAULT_VERIFY_PAGE, Some(anchors)).await
     }
 
     async fn verify_inner(
         &self,
         page_size: usize,
-        outside: Option<&ChainHead>,
-    ) -> chronicle_crypto::Result<ChainReport> {
+        outside: Option<&BTreeMap<u16, ChainHead>>,
+    ) -> chronicle_crypto::Result<AuditReport> {
         let page_size = page_size.max(2);
         let mut client = self.client().await?;
         let tx = client
@@ -236,63 +264,101 @@ impl PgAuditSink {
             .start()
             .await
             .map_err(|e| failed("begin a read-only transaction", e))?;
-        let anchor = read_head(&*tx, false).await?;
-        let mut report = ChainReport {
+        let mut heads = read_heads(&*tx).await?;
+        // Chains that have rows but no head: verified against an empty one.
+        let stored = tx
+            .query_typed("SELECT DISTINCT chain FROM chronicle_audit_log", &[])
+            .await
+            .map_err(|e| failed("list the chains", e))?;
+        for row in &stored {
+            let chain = u16::try_from(row.get::<_, i16>(0)).unwrap_or(u16::MAX);
+            heads.entry(chain).or_insert(ChainHead::GENESIS);
+        }
+        let mut report = AuditReport {
             checked: 0,
-            head: ChainHead::GENESIS,
+            chains: Vec::new(),
             problems: Vec::new(),
         };
-        let mut pending = read_page(&*tx, 0, page_size).await?;
-        loop {
-            let next = match pending.records.last() {
-                Some(last) if pending.records.len() == page_size => {
-                    read_page(&*tx, last.seq, page_size).await?
-                }
-                _ => Page::default(),
-            };
-            let is_last = next.records.is_empty();
-            let page =
-                verify_chain_from(&report.head, &pending.records, is_last.then_some(&anchor));
-            report.checked += page.checked;
-            report.head = page.head;
-            report.problems.extend(page.problems);
-            for seq in pending.undecodable {
-                if !report.problems.contains(&ChainProblem::Edited { seq }) {
-                    report.problems.push(ChainProblem::Edited { seq });
-                }
-            }
-            if is_last {
-                break;
-            }
-            pending = next;
+        for (chain, anchor) in heads {
+            let verified = verify_chain_paged(&*tx, chain, page_size, &anchor).await?;
+            report.push_chain(chain, verified);
         }
-        if let Some(outside) = outside.filter(|a| a.seq > 0) {
-            let seq = i64::try_from(outside.seq).unwrap_or(i64::MAX);
-            let row = tx
-                .query_typed_opt(
-                    "SELECT hash FROM chronicle_audit_log WHERE seq = $1",
-                    &[(&seq, Type::INT8)],
-                )
-                .await
-                .map_err(|e| failed("read the anchored row", e))?;
-            let problem = match row.map(|r| r.get::<_, Vec<u8>>(0)) {
-                None if report.head.seq < outside.seq => Some(ChainProblem::Truncated {
-                    last_seq: report.head.seq,
-                    expected_seq: outside.seq,
-                }),
-                Some(hash) if hash.as_slice() == outside.hash.as_bytes() => None,
-                _ => Some(ChainProblem::HeadMismatch { seq: outside.seq }),
-            };
-            if let Some(problem) = problem
-                && !report.problems.contains(&problem)
-            {
-                report.problems.push(problem);
+        if let Some(outside) = outside {
+            for (chain, anchor) in outside.iter().filter(|(_, a)| a.seq > 0) {
+                let seq = i64::try_from(anchor.seq).unwrap_or(i64::MAX);
+                let chain_param = i16::try_from(*chain).unwrap_or(i16::MAX);
+                let row = tx
+                    .query_typed_opt(
+                        "SELECT hash FROM chronicle_audit_log WHERE chain = $1 AND seq = $2",
+                        &[(&chain_param, Type::INT2), (&seq, Type::INT8)],
+                    )
+                    .await
+                    .map_err(|e| failed("read the anchored row", e))?;
+                let last = report
+                    .chains
+                    .iter()
+                    .find(|c| c.chain == *chain)
+                    .map_or(0, |c| c.head.seq);
+                let problem = match row.map(|r| r.get::<_, Vec<u8>>(0)) {
+                    None if last < anchor.seq => Some(ChainProblem::Truncated {
+                        last_seq: last,
+                        expected_seq: anchor.seq,
+                    }),
+                    Some(hash) if hash.as_slice() == anchor.hash.as_bytes() => None,
+                    _ => Some(ChainProblem::HeadMismatch { seq: anchor.seq }),
+                };
+                if let Some(problem) = problem {
+                    let problem = chronicle_crypto::AuditProblem {
+                        chain: *chain,
+                        problem,
+                    };
+                    if !report.problems.contains(&problem) {
+                        report.problems.push(problem);
+                    }
+                }
             }
         }
         tx.commit()
             .await
             .map_err(|e| failed("end the read-only transaction", e))?;
         Ok(report)
+    }
+}
+
+/// Verifies one chain, page by page, against its head row.
+async fn verify_chain_paged(
+    client: &impl GenericClient,
+    chain: u16,
+    page_size: usize,
+    anchor: &ChainHead,
+) -> chronicle_crypto::Result<ChainReport> {
+    let mut report = ChainReport {
+        checked: 0,
+        head: ChainHead::GENESIS,
+        problems: Vec::new(),
+    };
+    let mut pending = read_page(client, chain, 0, page_size).await?;
+    loop {
+        let next = match pending.records.last() {
+            Some(last) if pending.records.len() == page_size => {
+                read_page(client, chain, last.seq, page_size).await?
+            }
+            _ => Page::default(),
+        };
+        let is_last = next.records.is_empty();
+        let page = verify_chain_from(&report.head, &pending.records, is_last.then_some(anchor));
+        report.checked += page.checked;
+        report.head = page.head;
+        report.problems.extend(page.problems);
+        for seq in pending.undecodable {
+            if !report.problems.contains(&ChainProblem::Edited { seq }) {
+                report.problems.push(ChainProblem::Edited { seq });
+            }
+        }
+        if is_last {
+            return Ok(report);
+        }
+        pending = next;
     }
 }
 
@@ -306,17 +372,24 @@ struct Page {
 
 async fn read_page(
     client: &impl GenericClient,
+    chain: u16,
     after: u64,
     limit: usize,
 ) -> chronicle_crypto::Result<Page> {
+    let chain = i16::try_from(chain).unwrap_or(i16::MAX);
     let after = i64::try_from(after).unwrap_or(i64::MAX);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = client
         .query_typed(
             &format!(
-                "SELECT {RECORD_COLUMNS} FROM chronicle_audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
+                "SELECT {RECORD_COLUMNS} FROM chronicle_audit_log \
+                  WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3"
             ),
-            &[(&after, Type::INT8), (&limit, Type::INT8)],
+            &[
+                (&chain, Type::INT2),
+                (&after, Type::INT8),
+                (&limit, Type::INT8),
+            ],
         )
         .await
         .map_err(|e| failed("read records", e))?;
@@ -325,7 +398,11 @@ async fn read_page(
         match record(row) {
             Ok(r) => page.records.push(r),
             Err(_) => {
-                let seq = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+                let seq = row
+                    .try_get::<_, i64>(2)
+                    .ok()
+                    .and_then(|s| u64::try_from(s).ok())
+                    .unwrap_or(0);
                 page.undecodable.push(seq);
                 page.records.push(stand_in(row, seq));
             }
@@ -344,61 +421,79 @@ fn stand_in(row: &Row, seq: u64) -> AuditRecord {
             .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
             .map_or(ChainHash::ZERO, ChainHash::from_bytes)
     };
-    let context = chronicle_crypto::AccessContext::new("", "");
+    let context = AccessContext::new("", "");
     AuditRecord {
+        id: row
+            .try_get::<_, i64>(0)
+            .ok()
+            .and_then(|i| u64::try_from(i).ok())
+            .unwrap_or(0),
+        chain: row
+            .try_get::<_, i16>(1)
+            .ok()
+            .and_then(|c| u16::try_from(c).ok())
+            .unwrap_or(0),
         seq,
         entry: AuditEntry::new(AuditOperation::Encrypt, AuditOutcome::Failed, &context),
-        prev_hash: hash_at(11),
-        hash: hash_at(12),
+        prev_hash: hash_at(PREV_HASH),
+        hash: hash_at(HASH),
     }
 }
 
-async fn read_head(client: &impl GenericClient, lock: bool) -> chronicle_crypto::Result<ChainHead> {
-    // Locking: the advisory lock is taken while the rows are scanned, the
-    // row lock on top of that (which assigns the transaction id, and
-    // re-reads the row if a concurrent append moved it meanwhile).
-    let row = if lock {
-        client
-            .query_typed_opt(
-                "SELECT h.seq, h.hash FROM chronicle_audit_head h, pg_advisory_xact_lock($1, 0)
-                  WHERE h.id FOR UPDATE OF h",
-                &[(&AUDIT_LOCK_CLASS, Type::INT4)],
-            )
-            .await
-    } else {
-        client
-            .query_typed_opt("SELECT seq, hash FROM chronicle_audit_head WHERE id", &[])
-            .await
-    };
-    let row = row.map_err(|e| failed("read the chain head", e))?;
-    let Some(row) = row else {
+async fn read_heads(
+    client: &impl GenericClient,
+) -> chronicle_crypto::Result<BTreeMap<u16, ChainHead>> {
+    let rows = client
+        .query_typed(
+            "SELECT chain, seq, hash FROM chronicle_audit_head ORDER BY chain",
+            &[],
+        )
+        .await
+        .map_err(|e| failed("read the chain heads", e))?;
+    let mut heads = BTreeMap::new();
+    for row in &rows {
+        let chain: i16 = row.get(0);
+        let seq: i64 = row.get(1);
+        let hash: Vec<u8> = row.get(2);
+        let hash = <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| {
+            chronicle_crypto::Error::Backend {
+                message: format!("audit log: the head hash of chain {chain} is not 32 bytes"),
+                source: None,
+            }
+        })?;
+        heads.insert(
+            u16::try_from(chain).unwrap_or(u16::MAX),
+            ChainHead {
+                seq: u64::try_from(seq).unwrap_or(0),
+                hash: ChainHash::from_bytes(hash),
+            },
+        );
+    }
+    if heads.len() < usize::from(AUDIT_CHAINS) {
         return Err(chronicle_crypto::Error::Backend {
-            message: "audit log: the head row of chronicle_audit_head is missing; the audit log was tampered with or the schema is incomplete".into(),
+            message: format!(
+                "audit log: chronicle_audit_head has {} of its {AUDIT_CHAINS} rows; the audit log was tampered with or the schema is incomplete",
+                heads.len()
+            ),
             source: None,
         });
-    };
-    let seq: i64 = row.get(0);
-    let hash: Vec<u8> = row.get(1);
-    let hash =
-        <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| chronicle_crypto::Error::Backend {
-            message: "audit log: the head hash is not 32 bytes".into(),
-            source: None,
-        })?;
-    Ok(ChainHead {
-        seq: u64::try_from(seq).unwrap_or(0),
-        hash: ChainHash::from_bytes(hash),
-    })
+    }
+    Ok(heads)
 }
 
 /// Decodes a row selected with [`RECORD_COLUMNS`].
 fn record(row: &Row) -> Result<AuditRecord, String> {
     let text = |e: tokio_postgres::Error| e.to_string();
-    let seq: i64 = row.try_get(0).map_err(text)?;
-    let operation: String = row.try_get(2).map_err(text)?;
-    let outcome: String = row.try_get(3).map_err(text)?;
-    let subject: Option<String> = row.try_get(4).map_err(text)?;
-    let key_id: Option<Uuid> = row.try_get(5).map_err(text)?;
-    let kek_id: Option<String> = row.try_get(6).map_err(text)?;
+    let id: i64 = row.try_get(0).map_err(text)?;
+    let chain: i16 = row.try_get(1).map_err(text)?;
+    let seq: i64 = row.try_get(2).map_err(text)?;
+    let operation: String = row.try_get(4).map_err(text)?;
+    let outcome: String = row.try_get(5).map_err(text)?;
+    let subject: Option<String> = row.try_get(6).map_err(text)?;
+    let key_id: Option<Uuid> = row.try_get(7).map_err(text)?;
+    let kek_id: Option<String> = row.try_get(8).map_err(text)?;
+    let event_ids: Option<Vec<Uuid>> = row.try_get(9).map_err(text)?;
+    let fields: Option<Vec<String>> = row.try_get(10).map_err(text)?;
     let hash = |i: usize| -> Result<ChainHash, String> {
         let bytes: Vec<u8> = row.try_get(i).map_err(text)?;
         <[u8; 32]>::try_from(bytes.as_slice())
@@ -406,103 +501,241 @@ fn record(row: &Row) -> Result<AuditRecord, String> {
             .map_err(|_| format!("column {i} is not a 32-byte hash"))
     };
     Ok(AuditRecord {
+        id: u64::try_from(id).map_err(|_| "negative id".to_owned())?,
+        chain: u16::try_from(chain).map_err(|_| "negative chain".to_owned())?,
         seq: u64::try_from(seq).map_err(|_| "negative seq".to_owned())?,
         entry: AuditEntry {
-            at: row.try_get::<_, DateTime<Utc>>(1).map_err(text)?,
+            at: row.try_get::<_, DateTime<Utc>>(3).map_err(text)?,
             operation: AuditOperation::from_str(&operation).map_err(|e| e.to_string())?,
             outcome: AuditOutcome::from_str(&outcome).map_err(|e| e.to_string())?,
             subject: subject.map(SubjectId::new),
             key_id: key_id.map(DataKeyId::from_uuid),
             kek_id: kek_id.map(KekId::new),
-            event_id: row.try_get(7).map_err(text)?,
-            field: row.try_get(8).map_err(text)?,
-            actor: row.try_get(9).map_err(text)?,
-            purpose: row.try_get(10).map_err(text)?,
+            event_ids: event_ids.unwrap_or_default(),
+            fields: fields.unwrap_or_default(),
+            actor: row.try_get(11).map_err(text)?,
+            purpose: row.try_get(12).map_err(text)?,
         },
-        prev_hash: hash(11)?,
-        hash: hash(12)?,
+        prev_hash: hash(PREV_HASH)?,
+        hash: hash(HASH)?,
     })
+}
+
+/// A batch of audit entries as the array parameters of
+/// `chronicle_audit_append` (and the audit half of
+/// `chronicle_append_audited`), in that order.
+pub(crate) struct AuditColumns {
+    at: Vec<DateTime<Utc>>,
+    operation: Vec<&'static str>,
+    outcome: Vec<&'static str>,
+    subject: Vec<Option<String>>,
+    key_id: Vec<Option<Uuid>>,
+    kek_id: Vec<Option<String>>,
+    event_counts: Vec<i32>,
+    event_ids: Vec<Uuid>,
+    field_counts: Vec<i32>,
+    fields: Vec<String>,
+    actor: Vec<String>,
+    purpose: Vec<String>,
+    canonical: Vec<Vec<u8>>,
+}
+
+impl AuditColumns {
+    pub(crate) fn new(entries: Vec<AuditEntry>) -> Self {
+        let n = entries.len();
+        let mut c = AuditColumns {
+            at: Vec::with_capacity(n),
+            operation: Vec::with_capacity(n),
+            outcome: Vec::with_capacity(n),
+            subject: Vec::with_capacity(n),
+            key_id: Vec::with_capacity(n),
+            kek_id: Vec::with_capacity(n),
+            event_counts: Vec::with_capacity(n),
+            event_ids: Vec::new(),
+            field_counts: Vec::with_capacity(n),
+            fields: Vec::new(),
+            actor: Vec::with_capacity(n),
+            purpose: Vec::with_capacity(n),
+            canonical: Vec::with_capacity(n),
+        };
+        for e in entries {
+            c.canonical.push(e.canonical_bytes());
+            c.at.push(e.at);
+            c.operation.push(e.operation.as_str());
+            c.outcome.push(e.outcome.as_str());
+            c.subject.push(e.subject.map(|s| s.as_str().to_owned()));
+            c.key_id.push(e.key_id.map(|k| k.as_uuid()));
+            c.kek_id.push(e.kek_id.map(|k| k.as_str().to_owned()));
+            c.event_counts
+                .push(i32::try_from(e.event_ids.len()).unwrap_or(i32::MAX));
+            c.event_ids.extend(e.event_ids);
+            c.field_counts
+                .push(i32::try_from(e.fields.len()).unwrap_or(i32::MAX));
+            c.fields.extend(e.fields);
+            c.actor.push(e.actor);
+            c.purpose.push(e.purpose);
+        }
+        c
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.canonical.is_empty()
+    }
+
+    /// The thirteen parameters of `chronicle_audit_append`, typed.
+    pub(crate) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 13] {
+        [
+            (&self.at, Type::TIMESTAMPTZ_ARRAY),
+            (&self.operation, Type::TEXT_ARRAY),
+            (&self.outcome, Type::TEXT_ARRAY),
+            (&self.subject, Type::TEXT_ARRAY),
+            (&self.key_id, Type::UUID_ARRAY),
+            (&self.kek_id, Type::TEXT_ARRAY),
+            (&self.event_counts, Type::INT4_ARRAY),
+            (&self.event_ids, Type::UUID_ARRAY),
+            (&self.field_counts, Type::INT4_ARRAY),
+            (&self.fields, Type::TEXT_ARRAY),
+            (&self.actor, Type::TEXT_ARRAY),
+            (&self.purpose, Type::TEXT_ARRAY),
+            (&self.canonical, Type::BYTEA_ARRAY),
+        ]
+    }
+}
+
+/// The keys and audit entries of an audited append, as the parameters that
+/// follow `chronicle_append`'s in `chronicle_append_audited`.
+pub(crate) struct AppendAudit {
+    subject: Vec<String>,
+    key_id: Vec<Uuid>,
+    wrapped: Vec<Vec<u8>>,
+    kek_id: Vec<String>,
+    created_at: Vec<DateTime<Utc>>,
+    audit: AuditColumns,
+}
+
+impl AppendAudit {
+    fn new(keys: Vec<StoredDataKey>, audit: Vec<AuditEntry>) -> Self {
+        let n = keys.len();
+        let mut a = AppendAudit {
+            subject: Vec::with_capacity(n),
+            key_id: Vec::with_capacity(n),
+            wrapped: Vec::with_capacity(n),
+            kek_id: Vec::with_capacity(n),
+            created_at: Vec::with_capacity(n),
+            audit: AuditColumns::new(audit),
+        };
+        for k in keys {
+            a.subject.push(k.subject.as_str().to_owned());
+            a.key_id.push(k.id.as_uuid());
+            a.wrapped.push(k.wrapped.ciphertext);
+            a.kek_id.push(k.wrapped.kek_id.as_str().to_owned());
+            a.created_at.push(k.created_at);
+        }
+        a
+    }
+
+    /// The eighteen parameters, typed.
+    pub(crate) fn params(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&self.subject, Type::TEXT_ARRAY),
+            (&self.key_id, Type::UUID_ARRAY),
+            (&self.wrapped, Type::BYTEA_ARRAY),
+            (&self.kek_id, Type::TEXT_ARRAY),
+            (&self.created_at, Type::TIMESTAMPTZ_ARRAY),
+        ];
+        params.extend(self.audit.params());
+        params
+    }
+}
+
+/// The subject named by a CH410 ("subject shredded") from
+/// `chronicle_append_audited`.
+fn shredded_subject(e: &chronicle_core::Error) -> Option<SubjectId> {
+    let chronicle_core::Error::Backend {
+        source: Some(source),
+        ..
+    } = e
+    else {
+        return None;
+    };
+    let Some(Error::Postgres(pg)) = source.downcast_ref::<Error>() else {
+        return None;
+    };
+    let db = pg.as_db_error()?;
+    (db.code().code() == "CH410").then(|| SubjectId::new(db.detail().unwrap_or_default()))
 }
 
 #[async_trait]
 impl AuditSink for PgAuditSink {
     async fn append(&self, entries: Vec<AuditEntry>) -> chronicle_crypto::Result<()> {
-        if entries.is_empty() {
+        let columns = AuditColumns::new(entries);
+        if columns.is_empty() {
             return Ok(());
         }
-        let mut client = self.client().await?;
-        let tx = client
-            .transaction()
+        let client = self.client().await?;
+        client
+            .query_typed(
+                "SELECT audit_chain, audit_seq FROM chronicle_audit_append(\
+                   $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                &columns.params(),
+            )
             .await
-            .map_err(|e| failed("begin a transaction", e))?;
-        // The advisory lock first: waiting for it assigns no transaction
-        // id, so queued appends do not hold back the global event feed.
-        let mut head = read_head(&*tx, true).await?;
-        let records: Vec<AuditRecord> = entries.into_iter().map(|e| head.link(e)).collect();
-
-        let n = records.len();
-        let mut seq = Vec::with_capacity(n);
-        let mut at = Vec::with_capacity(n);
-        let mut operation = Vec::with_capacity(n);
-        let mut outcome = Vec::with_capacity(n);
-        let mut subject = Vec::with_capacity(n);
-        let mut key_id = Vec::with_capacity(n);
-        let mut kek_id = Vec::with_capacity(n);
-        let mut event_id = Vec::with_capacity(n);
-        let mut field = Vec::with_capacity(n);
-        let mut actor = Vec::with_capacity(n);
-        let mut purpose = Vec::with_capacity(n);
-        let mut prev_hash = Vec::with_capacity(n);
-        let mut hash = Vec::with_capacity(n);
-        for r in &records {
-            let e = &r.entry;
-            seq.push(i64::try_from(r.seq).unwrap_or(i64::MAX));
-            at.push(e.at);
-            operation.push(e.operation.as_str());
-            outcome.push(e.outcome.as_str());
-            subject.push(e.subject.as_ref().map(SubjectId::as_str));
-            key_id.push(e.key_id.map(|k| k.as_uuid()));
-            kek_id.push(e.kek_id.as_ref().map(KekId::as_str));
-            event_id.push(e.event_id);
-            field.push(e.field.as_deref());
-            actor.push(e.actor.as_str());
-            purpose.push(e.purpose.as_str());
-            prev_hash.push(r.prev_hash.as_bytes().as_slice());
-            hash.push(r.hash.as_bytes().as_slice());
-        }
-        let head_seq = i64::try_from(head.seq).unwrap_or(i64::MAX);
-        let head_hash = head.hash.as_bytes().as_slice();
-        tx.execute_typed(
-            "WITH inserted AS (
-                 INSERT INTO chronicle_audit_log (seq, at, operation, outcome, subject, key_id,
-                                                  kek_id, event_id, field, actor, purpose,
-                                                  prev_hash, hash)
-                 SELECT * FROM unnest($1::int8[], $2::timestamptz[], $3::text[], $4::text[],
-                                      $5::text[], $6::uuid[], $7::text[], $8::uuid[], $9::text[],
-                                      $10::text[], $11::text[], $12::bytea[], $13::bytea[])
-             )
-             UPDATE chronicle_audit_head SET seq = $14, hash = $15 WHERE id",
-            &[
-                (&seq, Type::INT8_ARRAY),
-                (&at, Type::TIMESTAMPTZ_ARRAY),
-                (&operation, Type::TEXT_ARRAY),
-                (&outcome, Type::TEXT_ARRAY),
-                (&subject, Type::TEXT_ARRAY),
-                (&key_id, Type::UUID_ARRAY),
-                (&kek_id, Type::TEXT_ARRAY),
-                (&event_id, Type::UUID_ARRAY),
-                (&field, Type::TEXT_ARRAY),
-                (&actor, Type::TEXT_ARRAY),
-                (&purpose, Type::TEXT_ARRAY),
-                (&prev_hash, Type::BYTEA_ARRAY),
-                (&hash, Type::BYTEA_ARRAY),
-                (&head_seq, Type::INT8),
-                (&head_hash, Type::BYTEA),
-            ],
-        )
-        .await
-        .map_err(|e| failed("append records", e))?;
-        tx.commit().await.map_err(|e| failed("commit records", e))?;
+            .map_err(|e| failed("append records", e))?;
         Ok(())
+    }
+}
+
+/// Appends with their new data keys and audit records in the same
+/// statement (`chronicle_append_audited`): the events, their subjects'
+/// first keys and their `create-key` and `encrypt` records commit together,
+/// or nothing does, in one round trip.
+#[async_trait]
+impl AuditedAppender for PgEventStore {
+    async fn append_audited(
+        &self,
+        aggregate_id: AggregateId,
+        aggregate_type: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        new_keys: Vec<StoredDataKey>,
+        audit: Vec<AuditEntry>,
+    ) -> chronicle_core::Result<AppendOutcome> {
+        if new_keys.is_empty() && audit.is_empty() {
+            return self
+                .append_with(aggregate_id, aggregate_type, expected, events, None)
+                .await;
+        }
+        let extra = AppendAudit::new(new_keys, audit);
+        self.append_with(aggregate_id, aggregate_type, expected, events, Some(&extra))
+            .await
+            .map_err(|e| match shredded_subject(&e) {
+                Some(subject) => chronicle_crypto::Error::SubjectShredded { subject }.into(),
+                None => e,
+            })
+    }
+}
+
+impl PgEventStore {
+    /// This store with field encryption: appends encrypt under `context`
+    /// and store their `encrypt` records in their own statement
+    /// ([`EncryptedStore::audit_in_append`]); reads decrypt for `context`.
+    /// The encryptor's audit sink should be a [`PgAuditSink`] (or a group
+    /// commit over one) on the same database.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: chronicle_postgres::PgPool, crypto: std::sync::Arc<chronicle_crypto::FieldEncryptor>) {
+    /// use chronicle_crypto::AccessContext;
+    /// use chronicle_postgres::PgEventStore;
+    ///
+    /// let store = PgEventStore::new(pool).encrypted(crypto, AccessContext::new("signup-service", "registration"));
+    /// assert!(store.audits_in_append());
+    /// # }
+    /// ```
+    pub fn encrypted(
+        self,
+        encryptor: Arc<FieldEncryptor>,
+        context: AccessContext,
+    ) -> EncryptedStore<PgEventStore> {
+        EncryptedStore::new(Arc::new(self), encryptor, context).audit_in_append()
     }
 }

@@ -1,16 +1,21 @@
 //! [`PgDataKeyStore`]: wrapped data keys in `chronicle_data_keys`, one lock
 //! row per subject in `chronicle_key_subjects`.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use async_trait::async_trait;
 use chronicle_crypto::{
-    DataKeyId, DataKeyStore, KekId, KeyLookup, StoredDataKey, SubjectId, WrappedKey,
+    DataKeyId, DataKeyStore, FieldEncryptor, KekId, KeyLookup, StoredDataKey, SubjectId, WrappedKey,
 };
 use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::Type;
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, Row};
 use uuid::Uuid;
 
-use crate::{Error, PgPool};
+use crate::connect::Tls;
+use crate::{Error, PgOptions, PgPool};
 
 /// The columns [`lookup`] decodes, in order.
 const KEY_COLUMNS: &str = "key_id, subject, wrapped_key, kek_id, created_at";
@@ -20,7 +25,7 @@ const KEY_COLUMNS: &str = "key_id, subject, wrapped_key, kek_id, created_at";
 /// with the one-key locks of appends and migrations.
 const SUBJECT_LOCK_CLASS: i32 = 0x6372_7970;
 
-/// A [`DataKeyStore`] on PostgreSQL (migration 4).
+/// A [`DataKeyStore`] on PostgreSQL (migrations 3 and 9).
 ///
 /// - `chronicle_key_subjects` has one row per subject: its current key and
 ///   its shredding tombstone. Every operation that changes a subject's keys
@@ -89,7 +94,6 @@ pub struct DataKeyInfo {
 
 /// A subject's row, locked.
 struct SubjectRow {
-    current: Option<Uuid>,
     shredded: bool,
 }
 
@@ -196,15 +200,14 @@ impl PgDataKeyStore {
         .map_err(|e| backend("record the data subject", e))?;
         let row = tx
             .query_typed_one(
-                "SELECT current_key_id, shredded_at IS NOT NULL FROM chronicle_key_subjects \
+                "SELECT shredded_at IS NOT NULL FROM chronicle_key_subjects \
                   WHERE subject = $1 FOR UPDATE",
                 &[(&subject.as_str(), Type::TEXT)],
             )
             .await
             .map_err(|e| backend("lock the data subject", e))?;
         Ok(SubjectRow {
-            current: row.get(0),
-            shredded: row.get(1),
+            shredded: row.get(0),
         })
     }
 
@@ -326,28 +329,79 @@ impl DataKeyStore for PgDataKeyStore {
         Self::key_by_id(&**client, id.as_uuid()).await
     }
 
-    async fn insert_first(&self, key: StoredDataKey) -> chronicle_crypto::Result<KeyLookup> {
-        let mut client = self.client().await?;
-        let tx = client
-            .transaction()
+    async fn get_many(
+        &self,
+        ids: &[DataKeyId],
+    ) -> chronicle_crypto::Result<Vec<(DataKeyId, KeyLookup)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let wanted: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+        let rows = client
+            .query_typed(
+                &format!("SELECT {KEY_COLUMNS} FROM chronicle_data_keys WHERE key_id = ANY($1)"),
+                &[(&wanted, Type::UUID_ARRAY)],
+            )
             .await
-            .map_err(|e| backend("begin a transaction", e))?;
-        let subject = Self::lock_subject(&*tx, &key.subject).await?;
-        let result = if subject.shredded {
-            KeyLookup::Shredded {
-                subject: key.subject.clone(),
+            .map_err(|e| backend("read data keys", e))?;
+        let mut found: Vec<(DataKeyId, KeyLookup)> = rows
+            .iter()
+            .map(|row| (DataKeyId::from_uuid(row.get(0)), lookup(row)))
+            .collect();
+        for id in ids {
+            if !found.iter().any(|(f, _)| f == id) {
+                found.push((*id, KeyLookup::Missing));
             }
-        } else if let Some(current) = subject.current {
-            // Another writer made the first key: use theirs.
-            Self::key_by_id(&*tx, current).await?
-        } else {
-            Self::insert_key(&*tx, &key).await?;
-            KeyLookup::Found(key)
-        };
-        tx.commit()
+        }
+        Ok(found)
+    }
+
+    /// One round trip: `chronicle_insert_first_key` (migration 9) locks the
+    /// subject and stores the key unless it has one or is shredded.
+    async fn insert_first(&self, key: StoredDataKey) -> chronicle_crypto::Result<KeyLookup> {
+        let client = self.client().await?;
+        let id = key.id.as_uuid();
+        let row = client
+            .query_typed_one(
+                "SELECT state, key_id, wrapped_key, kek_id, created_at \
+                   FROM chronicle_insert_first_key($1, $2, $3, $4, $5)",
+                &[
+                    (&key.subject.as_str(), Type::TEXT),
+                    (&id, Type::UUID),
+                    (&key.wrapped.ciphertext, Type::BYTEA),
+                    (&key.wrapped.kek_id.as_str(), Type::TEXT),
+                    (&key.created_at, Type::TIMESTAMPTZ),
+                ],
+            )
             .await
-            .map_err(|e| backend("commit the data key", e))?;
-        Ok(result)
+            .map_err(|e| backend("store the data key", e))?;
+        let state: i32 = row.get(0);
+        Ok(match state {
+            0 => KeyLookup::Found(key),
+            2 => KeyLookup::Shredded {
+                subject: key.subject,
+            },
+            // Another writer made the first key: use theirs.
+            _ => match (
+                row.get::<_, Option<Uuid>>(1),
+                row.get::<_, Option<Vec<u8>>>(2),
+                row.get::<_, Option<String>>(3),
+            ) {
+                (Some(id), Some(ciphertext), Some(kek_id)) => KeyLookup::Found(StoredDataKey {
+                    id: DataKeyId::from_uuid(id),
+                    subject: key.subject,
+                    wrapped: WrappedKey {
+                        kek_id: KekId::new(kek_id),
+                        ciphertext,
+                    },
+                    created_at: row.get(4),
+                }),
+                _ => KeyLookup::Shredded {
+                    subject: key.subject,
+                },
+            },
+        })
     }
 
     async fn insert_current(&self, key: StoredDataKey) -> chronicle_crypto::Result<KeyLookup> {
@@ -459,6 +513,271 @@ impl DataKeyStore for PgDataKeyStore {
     }
 }
 
+/// The channel on which `chronicle_key_subjects`' trigger (migration 9)
+/// announces rotations and shreds: `{"op": "rotate" | "shred", "subject":
+/// "..."}`.
+pub const KEYS_CHANNEL: &str = "chronicle_keys";
+
+/// How long [`PgKeyListener::start`] waits for its probe notification.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether a [`PgKeyListener`] hears other processes' rotations and shreds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyListenerState {
+    /// Connecting for the first time.
+    Starting,
+    /// `LISTEN` works: a probe sent from another connection came back.
+    Listening,
+    /// The connection was lost and is being reopened; cached keys were
+    /// dropped, since announcements may have been missed.
+    Reconnecting,
+    /// Announcements do not arrive (typically a transaction-mode pooler,
+    /// which does not carry `LISTEN`): the listener stopped, and this
+    /// process relies on the key cache's time-to-live.
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Listens for other processes' rotations and shreds (`NOTIFY
+/// chronicle_keys`, sent by a trigger at their commit) and drops this
+/// process's cached keys of that subject at once
+/// ([`FieldEncryptor::forget_subject`]), instead of after the cache's
+/// time-to-live.
+///
+/// It uses one dedicated connection (not from a pool) and checks that it
+/// works: after `LISTEN`, it sends a probe notification from a second
+/// connection and waits up to two seconds for it. Behind a transaction-mode
+/// pooler (PgBouncer), where `LISTEN` does not work, the probe does not come
+/// back: the state becomes [`KeyListenerState::Unavailable`], a warning is
+/// logged, and the cache TTL remains the bound (give the listener a direct
+/// URL to do better). A lost connection is reopened with backoff; meanwhile,
+/// and whenever it reconnects, the whole cache is dropped
+/// ([`FieldEncryptor::forget_all_keys`]), since announcements may have been
+/// missed.
+///
+/// Dropping the listener stops it.
+///
+/// ```no_run
+/// # async fn demo(options: chronicle_postgres::PgOptions, crypto: std::sync::Arc<chronicle_crypto::FieldEncryptor>) {
+/// use chronicle_postgres::PgKeyListener;
+///
+/// let listener = PgKeyListener::start(&options, crypto).await;
+/// if !listener.is_listening() {
+///     eprintln!("key announcements unavailable: {:?}", listener.state());
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct PgKeyListener {
+    state: watch::Receiver<KeyListenerState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgKeyListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PgKeyListener {
+    /// Starts listening for `encryptor`'s cache, and returns once the
+    /// listener knows whether announcements arrive (within about two
+    /// seconds). Never fails: see [`PgKeyListener::state`].
+    pub async fn start(options: &PgOptions, encryptor: Arc<FieldEncryptor>) -> PgKeyListener {
+        let (tx, mut state) = watch::channel(KeyListenerState::Starting);
+        let task = match options.tls() {
+            Ok(tls) => tokio::spawn(listen_for_keys(
+                options.config().clone(),
+                tls,
+                encryptor,
+                tx,
+            )),
+            Err(e) => {
+                let _ = tx.send(KeyListenerState::Unavailable {
+                    reason: e.to_string(),
+                });
+                tokio::spawn(async {})
+            }
+        };
+        let _ = state.wait_for(|s| *s != KeyListenerState::Starting).await;
+        PgKeyListener { state, task }
+    }
+
+    /// Where the listener stands.
+    pub fn state(&self) -> KeyListenerState {
+        self.state.borrow().clone()
+    }
+
+    /// Whether announcements arrive now.
+    pub fn is_listening(&self) -> bool {
+        *self.state.borrow() == KeyListenerState::Listening
+    }
+}
+
+/// One connection outside any pool, its asynchronous messages forwarded.
+async fn open(
+    config: &Config,
+    tls: &Tls,
+) -> Result<(Client, mpsc::UnboundedReceiver<AsyncMessage>), tokio_postgres::Error> {
+    fn forward<S, T>(
+        mut connection: tokio_postgres::Connection<S, T>,
+    ) -> mpsc::UnboundedReceiver<AsyncMessage>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+                if tx.send(message).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+    Ok(match tls {
+        Tls::None => {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+            (client, forward(connection))
+        }
+        Tls::Rustls(make) => {
+            let (client, connection) = config.connect(make.clone()).await?;
+            (client, forward(connection))
+        }
+    })
+}
+
+/// An announcement's payload.
+#[derive(serde::Deserialize)]
+struct Announcement {
+    op: String,
+    #[serde(default)]
+    subject: Option<String>,
+}
+
+async fn listen_for_keys(
+    config: Config,
+    tls: Tls,
+    encryptor: Arc<FieldEncryptor>,
+    state: watch::Sender<KeyListenerState>,
+) {
+    let mut delay = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        match listen_session(&config, &tls, &encryptor, &state).await {
+            Ok(()) => delay = Duration::from_millis(100),
+            Err(SessionEnd::Unavailable(reason)) => {
+                tracing::warn!(%reason, "key announcements (LISTEN chronicle_keys) unavailable; cached data keys expire after the cache TTL");
+                let _ = state.send(KeyListenerState::Unavailable { reason });
+                return;
+            }
+            Err(SessionEnd::Failed(e)) => {
+                if first {
+                    let reason = format!(
+                        "cannot listen ({}); behind a transaction-mode pooler, LISTEN does not work: give the listener a direct database URL",
+                        crate::error::describe(&e)
+                    );
+                    tracing::warn!(%reason, "key announcements unavailable; cached data keys expire after the cache TTL");
+                    let _ = state.send(KeyListenerState::Unavailable { reason });
+                    return;
+                }
+                tracing::warn!(error = %crate::error::describe(&e), retry_in = ?delay, "key announcement connection lost; reconnecting");
+            }
+        }
+        first = false;
+        // Announcements sent while away are lost: start from scratch.
+        encryptor.forget_all_keys();
+        let _ = state.send(KeyListenerState::Reconnecting);
+        tokio::time::sleep(crate::backoff::jitter(delay)).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+enum SessionEnd {
+    /// The probe did not come back.
+    Unavailable(String),
+    /// Connecting or listening failed.
+    Failed(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for SessionEnd {
+    fn from(e: tokio_postgres::Error) -> Self {
+        SessionEnd::Failed(e)
+    }
+}
+
+/// One listening connection: `LISTEN`, the probe, then announcements until
+/// the connection closes (`Ok`).
+async fn listen_session(
+    config: &Config,
+    tls: &Tls,
+    encryptor: &FieldEncryptor,
+    state: &watch::Sender<KeyListenerState>,
+) -> Result<(), SessionEnd> {
+    let (client, mut messages) = open(config, tls).await?;
+    client
+        .batch_execute(&format!("LISTEN {KEYS_CHANNEL}"))
+        .await?;
+    // The probe comes from another connection: a pooler may route a
+    // connection's own NOTIFY back to it while never delivering others'.
+    let probe = format!(r#"{{"op":"probe","id":"{}"}}"#, Uuid::new_v4());
+    {
+        let (sender, _) = open(config, tls).await?;
+        sender
+            .execute_typed(
+                "SELECT pg_notify($1, $2)",
+                &[(&KEYS_CHANNEL, Type::TEXT), (&probe.as_str(), Type::TEXT)],
+            )
+            .await?;
+    }
+    let deadline = tokio::time::Instant::now() + PROBE_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, messages.recv()).await {
+            Ok(Some(AsyncMessage::Notification(n))) if n.payload() == probe => break,
+            Ok(Some(AsyncMessage::Notification(n))) => announce(encryptor, n.payload()),
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(()),
+            Err(_) => {
+                return Err(SessionEnd::Unavailable(format!(
+                    "a probe notification did not come back within {} s: the connection is probably behind a transaction-mode pooler; give the listener a direct database URL",
+                    PROBE_TIMEOUT.as_secs()
+                )));
+            }
+        }
+    }
+    let _ = state.send(KeyListenerState::Listening);
+    while let Some(message) = messages.recv().await {
+        if let AsyncMessage::Notification(n) = message {
+            announce(encryptor, n.payload());
+        }
+    }
+    drop(client);
+    Ok(())
+}
+
+/// Acts on one announcement: the subject's cached keys are dropped.
+fn announce(encryptor: &FieldEncryptor, payload: &str) {
+    match serde_json::from_str::<Announcement>(payload) {
+        Ok(Announcement {
+            op,
+            subject: Some(subject),
+        }) if op == "shred" || op == "rotate" => {
+            tracing::debug!(%op, %subject, "key announcement");
+            encryptor.forget_subject(&SubjectId::new(subject));
+        }
+        Ok(_) => {}
+        Err(_) => {
+            // Not ours to understand: be safe.
+            encryptor.forget_all_keys();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -469,5 +788,7 @@ mod tests {
         send_sync::<crate::PgAuditSink>();
         send_sync::<crate::AuditQuery>();
         send_sync::<crate::PgReencryptor>();
+        send_sync::<super::PgKeyListener>();
+        send_sync::<super::KeyListenerState>();
     }
 }

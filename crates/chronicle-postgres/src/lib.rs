@@ -46,10 +46,10 @@ mod store;
 pub mod testing;
 mod types;
 
-pub use audit::{AuditQuery, DEFAULT_VERIFY_PAGE, PgAuditSink};
+pub use audit::{AUDIT_CHAINS, AuditQuery, DEFAULT_VERIFY_PAGE, PgAuditSink};
 pub use connect::{PgOptions, PgPool, SslMode};
 pub use error::{Error, Result};
-pub use keys::{DataKeyInfo, PgDataKeyStore};
+pub use keys::{DataKeyInfo, KEYS_CHANNEL, KeyListenerState, PgDataKeyStore, PgKeyListener};
 pub use listen::{EVENTS_CHANNEL, Listener};
 pub use migrate::{MigrateOptions, MigrateReport, ensure_schema, migrate};
 pub use reencrypt::{PgReencryptor, ReencryptProgress};

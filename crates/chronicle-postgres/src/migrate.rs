@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "notify",
         sql: include_str!("../migrations/0008_notify.sql"),
     },
+    Migration {
+        version: 9,
+        name: "audit_chains",
+        sql: include_str!("../migrations/0009_audit_chains.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

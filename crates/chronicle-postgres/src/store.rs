@@ -325,26 +325,47 @@ impl EventAppender for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> chronicle_core::Result<AppendOutcome> {
+        self.append_with(aggregate_id, aggregate_type, expected, events, None)
+            .await
+    }
+}
+
+impl PgEventStore {
+    /// The append; with `audit`, through `chronicle_append_audited`, which
+    /// stores the audit records in the same statement when the events are
+    /// stored (crate::audit).
+    pub(crate) async fn append_with(
+        &self,
+        aggregate_id: AggregateId,
+        aggregate_type: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        audit: Option<&crate::audit::AppendAudit>,
+    ) -> chronicle_core::Result<AppendOutcome> {
         let p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
         let expected_param: Option<i32> = expected.as_option().map(|v| v as i32);
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&aggregate_id, Type::UUID),
+            (&aggregate_type, Type::TEXT),
+            (&expected_param, Type::INT4),
+            (&p.ids, Type::UUID_ARRAY),
+            (&p.types, Type::TEXT_ARRAY),
+            (&p.data, Type::JSONB_ARRAY),
+            (&p.metadata, Type::JSONB_ARRAY),
+            (&p.encrypted, Type::JSONB_ARRAY),
+        ];
+        let sql = match audit {
+            None => "SELECT status, version FROM chronicle_append($1, $2, $3, $4, $5, $6, $7, $8)",
+            Some(audit) => {
+                params.extend(audit.params());
+                "SELECT status, version FROM chronicle_append_audited($1, $2, $3, $4, $5, $6, $7, $8, \
+                 $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
+            }
+        };
         let mut attempts = 0;
         let row = loop {
             let client = self.pool.get().await.map_err(Error::from)?;
-            let result = client
-                .query_typed_one(
-                    "SELECT status, version FROM chronicle_append($1, $2, $3, $4, $5, $6, $7, $8)",
-                    &[
-                        (&aggregate_id, Type::UUID),
-                        (&aggregate_type, Type::TEXT),
-                        (&expected_param, Type::INT4),
-                        (&p.ids, Type::UUID_ARRAY),
-                        (&p.types, Type::TEXT_ARRAY),
-                        (&p.data, Type::JSONB_ARRAY),
-                        (&p.metadata, Type::JSONB_ARRAY),
-                        (&p.encrypted, Type::JSONB_ARRAY),
-                    ],
-                )
-                .await;
+            let result = client.query_typed_one(sql, &params).await;
             drop(client);
             match result {
                 Ok(row) => break row,

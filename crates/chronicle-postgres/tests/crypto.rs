@@ -10,7 +10,9 @@ use chronicle_crypto::{
     FieldEncryptor, FieldEncryptorBuilder, GroupCommitAuditSink, KeyLookup, KeyProvider,
     LocalKeyring, ReadMode, Redaction, StoredDataKey, SubjectId, WrappedKey,
 };
-use chronicle_postgres::{AuditQuery, PgAuditSink, PgDataKeyStore, PgEventStore, PgReencryptor};
+use chronicle_postgres::{
+    AuditQuery, PgAuditSink, PgDataKeyStore, PgEventStore, PgOptions, PgPool, PgReencryptor,
+};
 use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 use tokio_postgres::error::SqlState;
@@ -63,12 +65,26 @@ struct Kit {
 
 impl Kit {
     fn new(db: TestDb) -> Kit {
+        let pool = db.pool.clone();
+        Kit::over(db, pool)
+    }
+
+    /// A kit whose key store, audit sink and store share one connection:
+    /// every audit record lands in the chain that connection's backend
+    /// picks, so that tests can tamper with one chain by row numbers.
+    fn single_connection(db: TestDb) -> Kit {
+        let mut options = PgOptions::from_url(&db.url).unwrap();
+        options.max_connections(1);
+        let pool = options.pool().unwrap();
+        Kit::over(db, pool)
+    }
+
+    fn over(db: TestDb, pool: PgPool) -> Kit {
         let keyring = Arc::new(LocalKeyring::generate().unwrap());
-        let keys = Arc::new(PgDataKeyStore::new(db.pool.clone()));
-        let audit = Arc::new(PgAuditSink::new(db.pool.clone()));
+        let keys = Arc::new(PgDataKeyStore::new(pool.clone()));
+        let audit = Arc::new(PgAuditSink::new(pool.clone()));
         let encryptor = encryptor(&keyring, &keys, &audit);
-        let store = EncryptedStore::new(
-            Arc::new(db.store.clone()),
+        let store = PgEventStore::new(pool).encrypted(
             encryptor,
             AccessContext::new("signup-service", "registration"),
         );
@@ -96,11 +112,10 @@ impl Kit {
     }
 
     fn store_with(&self, encryptor: Arc<FieldEncryptor>) -> EncryptedStore<PgEventStore> {
-        EncryptedStore::new(
-            Arc::new(self.db.store.clone()),
-            encryptor,
-            AccessContext::new("other-process", "test"),
-        )
+        self.db
+            .store
+            .clone()
+            .encrypted(encryptor, AccessContext::new("other-process", "test"))
     }
 
     async fn register(&self, user: Uuid, email: &str, street: &str) -> Uuid {
@@ -339,8 +354,9 @@ mod scenarios {
         let report = kit.audit.verify().await.unwrap();
         assert!(report.is_intact(), "{:?}", report.problems);
         assert_eq!(report.checked, 120);
-        assert_eq!(report.head, kit.audit.head().await.unwrap());
-        assert_eq!(report.head.seq, 120);
+        assert_eq!(report.heads(), kit.audit.heads().await.unwrap());
+        assert_eq!(kit.audit.len().await.unwrap(), 120);
+        assert_eq!(report.chains.len(), 16);
         // Small pages verify the same.
         let paged = kit.audit.verify_paged(7).await.unwrap();
         assert_eq!(paged, report);
@@ -391,7 +407,8 @@ async fn tampered_moved_or_wrongly_keyed_ciphertext_fails_clearly() {
         .await
         .unwrap();
     assert_eq!(failed.len(), 1);
-    assert_eq!(failed[0].entry.event_id, Some(first));
+    assert_eq!(failed[0].entry.event_id(), Some(first));
+    assert_eq!(failed[0].entry.field(), Some("/email"));
 
     // Move the second event's intact ciphertexts into the first event: the
     // same key, but bound to another event.
@@ -604,7 +621,21 @@ async fn reencryption_job_moves_old_fields_to_the_newest_key() {
         })
         .await
         .unwrap();
-    assert_eq!(audited.len(), 6);
+    // One record per batch of the job (2 events, then 1), listing them.
+    assert_eq!(audited.len(), 2);
+    assert_eq!(
+        audited
+            .iter()
+            .map(|r| r.entry.event_ids.len())
+            .collect::<Vec<_>>(),
+        [2, 1]
+    );
+    assert!(
+        audited
+            .iter()
+            .all(|r| r.entry.fields == ["/email", "/address/street"]
+                && r.entry.key_id == Some(newest))
+    );
 }
 
 #[tokio::test]
@@ -784,7 +815,7 @@ async fn redacting_and_ciphertext_readers_need_no_keys() {
     let kit = Kit::new(fresh_db().await);
     let user = Uuid::now_v7();
     kit.register(user, "ada@example.com", "1 Main St").await;
-    let before = kit.audit.head().await.unwrap();
+    let before = kit.audit.heads().await.unwrap();
     let read = kit
         .store
         .reading(ReadMode::Redact)
@@ -799,11 +830,11 @@ async fn redacting_and_ciphertext_readers_need_no_keys() {
         .await
         .unwrap();
     assert_eq!(raw[0].event_data["email"]["$enc"], "v1");
-    assert_eq!(kit.audit.head().await.unwrap(), before);
+    assert_eq!(kit.audit.heads().await.unwrap(), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grouped_audit_appends_keep_one_record_per_decrypted_field() {
+async fn grouped_audit_appends_keep_one_record_per_read() {
     let kit = Kit::new(fresh_db().await);
     let user = Uuid::now_v7();
     kit.register(user, "ada@example.com", "1 Main St").await;
@@ -818,7 +849,7 @@ async fn grouped_audit_appends_keep_one_record_per_decrypted_field() {
         .build(),
     );
     let store = kit.store_with(encryptor);
-    let before = kit.audit.head().await.unwrap().seq;
+    let before = kit.audit.len().await.unwrap();
     let readers: Vec<_> = (0..16)
         .map(|i| {
             let store = store.with_context(AccessContext::new(format!("reader-{i}"), "load"));
@@ -835,7 +866,7 @@ async fn grouped_audit_appends_keep_one_record_per_decrypted_field() {
     }
     let report = kit.audit.verify().await.unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
-    assert_eq!(report.head.seq - before, 16 * 5 * 2);
+    assert_eq!(kit.audit.len().await.unwrap() - before, 16 * 5);
     let reader_3 = kit
         .audit
         .list(&AuditQuery {
@@ -844,7 +875,12 @@ async fn grouped_audit_appends_keep_one_record_per_decrypted_field() {
         })
         .await
         .unwrap();
-    assert_eq!(reader_3.len(), 10);
+    assert_eq!(reader_3.len(), 5);
+    assert!(
+        reader_3
+            .iter()
+            .all(|r| r.entry.fields == ["/email", "/address/street"])
+    );
 }
 
 /// Appends, reads, rotates and shreds; returns the records' operations.
@@ -880,8 +916,6 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
         [
             "create-key",
             "encrypt",
-            "encrypt",
-            "decrypt",
             "decrypt",
             "rotate",
             "shred",
@@ -891,17 +925,23 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
     let all = kit.audit.list(&AuditQuery::default()).await.unwrap();
     assert_eq!(
         kit.count("SELECT count(*) FROM chronicle_audit_log").await,
-        8
+        6
     );
-    let decrypts = &all[3..5];
-    assert!(decrypts.iter().all(|r| r.entry.actor == "support:alice"
-        && r.entry.purpose == "ticket-4711"
-        && r.entry.outcome == AuditOutcome::Success));
-    let fields: Vec<_> = decrypts
-        .iter()
-        .map(|r| r.entry.field.clone().unwrap())
-        .collect();
-    assert_eq!(fields, ["/email", "/address/street"]);
+    // The key's creation and the encryption were stored with the event.
+    assert_eq!(all[0].chain, all[1].chain);
+    assert_eq!(all[1].id, all[0].id + 1);
+    let decrypt = &all[2].entry;
+    assert_eq!(
+        (
+            decrypt.actor.as_str(),
+            decrypt.purpose.as_str(),
+            decrypt.outcome
+        ),
+        ("support:alice", "ticket-4711", AuditOutcome::Success)
+    );
+    assert_eq!(decrypt.fields, ["/email", "/address/street"]);
+    assert_eq!(decrypt.event_ids, all[1].entry.event_ids);
+    assert_eq!(all[1].entry.fields, ["/email", "/address/street"]);
 
     // Filters.
     let subject = all[0].entry.subject.clone().unwrap();
@@ -913,7 +953,7 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
         })
         .await
         .unwrap();
-    assert_eq!(by_subject.len(), 8);
+    assert_eq!(by_subject.len(), 6);
     let other = kit
         .audit
         .list(&AuditQuery {
@@ -944,7 +984,7 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
         })
         .await
         .unwrap();
-    assert_eq!(in_range.len(), 8);
+    assert_eq!(in_range.len(), 6);
     let future = kit
         .audit
         .list(&AuditQuery {
@@ -960,64 +1000,89 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
     let page = kit
         .audit
         .list(&AuditQuery {
-            after_seq: 2,
+            after_id: all[1].id,
             limit: 3,
             ..AuditQuery::default()
         })
         .await
         .unwrap();
-    assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(page, all[2..5]);
     let by_event = kit
         .audit
         .list(&AuditQuery {
-            event_id: all[1].entry.event_id,
+            event_id: all[1].entry.event_id(),
             ..AuditQuery::default()
         })
         .await
         .unwrap();
-    assert_eq!(ops(&by_event), ["encrypt", "encrypt", "decrypt", "decrypt"]);
+    assert_eq!(ops(&by_event), ["encrypt", "decrypt"]);
 
     // Round trip: what was stored hashes as it was chained.
     let report = kit.audit.verify().await.unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
-    assert_eq!(report.checked, 8);
+    assert_eq!(report.checked, 6);
+    let heads = kit.audit.heads().await.unwrap();
+    assert_eq!(report.heads(), heads);
+    let last = all.last().unwrap();
     assert_eq!(
-        report.head,
+        heads[&last.chain],
         ChainHead {
-            seq: 8,
-            hash: all[7].hash
+            seq: last.seq,
+            hash: last.hash
         }
     );
 }
 
 /// One audited history, tampered with case after case (as a superuser
 /// could, with the append-only triggers disabled) and restored in between.
+/// Its six records are in one chain (one connection), `chain`.
 struct Tamper {
     kit: Kit,
+    chain: u16,
 }
 
 impl Tamper {
     async fn new() -> Tamper {
-        let kit = Kit::new(fresh_db().await);
+        let kit = Kit::single_connection(fresh_db().await);
         audited_history(&kit).await;
+        let all = kit.audit.list(&AuditQuery::default()).await.unwrap();
+        assert_eq!(all.len(), 6);
+        let chain = all[0].chain;
+        assert!(all.iter().all(|r| r.chain == chain));
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
         kit.exec(
             "CREATE TABLE audit_backup AS SELECT * FROM chronicle_audit_log;
              CREATE TABLE audit_head_backup AS SELECT * FROM chronicle_audit_head;",
         )
         .await;
-        Tamper { kit }
+        Tamper { kit, chain }
     }
 
-    /// Runs `sql` with the triggers disabled, verifies, restores.
+    /// `sql` with `{c}` replaced by the chain.
+    fn sql(&self, sql: &str) -> String {
+        sql.replace("{c}", &self.chain.to_string())
+    }
+
+    /// Runs `sql` with the triggers disabled, verifies, restores. Every
+    /// problem must be in the history's chain.
     async fn problems(&self, sql: &str) -> Vec<ChainProblem> {
         self.kit
             .exec(&format!(
                 "ALTER TABLE chronicle_audit_log DISABLE TRIGGER USER;
                  ALTER TABLE chronicle_audit_head DISABLE TRIGGER USER;
-                 {sql};"
+                 {};",
+                self.sql(sql)
             ))
             .await;
-        let problems = self.kit.audit.verify().await.unwrap().problems;
+        let report = self.kit.audit.verify().await.unwrap();
+        assert!(
+            report.problems.iter().all(|p| p.chain == self.chain),
+            "{:?}",
+            report.problems
+        );
         self.kit
             .exec(
                 "DELETE FROM chronicle_audit_log;
@@ -1029,20 +1094,29 @@ impl Tamper {
             )
             .await;
         assert!(self.kit.audit.verify().await.unwrap().is_intact());
-        problems
+        report.chain_problems()
     }
 
-    /// Inserts a record as row `seq`.
+    /// The chain's head.
+    async fn head(&self) -> ChainHead {
+        self.kit.audit.heads().await.unwrap()[&self.chain]
+    }
+
+    /// Inserts a record as row `seq` of the chain.
     async fn insert(&self, seq: i64, record: &chronicle_crypto::AuditRecord) {
         let client = self.kit.db.pool.get().await.unwrap();
         let e = &record.entry;
+        let chain = self.chain as i16;
+        let events = (!e.event_ids.is_empty()).then_some(&e.event_ids);
+        let fields = (!e.fields.is_empty()).then_some(&e.fields);
         client
             .execute_typed(
-                "INSERT INTO chronicle_audit_log (seq, at, operation, outcome, subject, key_id,
-                                                  kek_id, event_id, field, actor, purpose,
-                                                  prev_hash, hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                "INSERT INTO chronicle_audit_log (chain, seq, at, operation, outcome, subject,
+                                                  key_id, kek_id, event_ids, fields, actor,
+                                                  purpose, prev_hash, hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                 &[
+                    (&chain, Type::INT2),
                     (&seq, Type::INT8),
                     (&e.at, Type::TIMESTAMPTZ),
                     (&e.operation.as_str(), Type::TEXT),
@@ -1050,8 +1124,8 @@ impl Tamper {
                     (&e.subject.as_ref().map(SubjectId::as_str), Type::TEXT),
                     (&e.key_id.map(|k| k.as_uuid()), Type::UUID),
                     (&e.kek_id.as_ref().map(|k| k.as_str()), Type::TEXT),
-                    (&e.event_id, Type::UUID),
-                    (&e.field, Type::TEXT),
+                    (&events, Type::UUID_ARRAY),
+                    (&fields, Type::TEXT_ARRAY),
                     (&e.actor, Type::TEXT),
                     (&e.purpose, Type::TEXT),
                     (&record.prev_hash.as_bytes().as_slice(), Type::BYTEA),
@@ -1070,9 +1144,9 @@ async fn audit_log_refuses_changes_and_verify_catches_tampering() {
     let client = t.kit.db.pool.get().await.unwrap();
     for sql in [
         "UPDATE chronicle_audit_log SET actor = 'mallory' WHERE seq = 3",
-        "DELETE FROM chronicle_audit_log WHERE seq = 8",
+        "DELETE FROM chronicle_audit_log WHERE seq = 6",
         "TRUNCATE chronicle_audit_log",
-        "UPDATE chronicle_audit_head SET seq = 2",
+        &t.sql("UPDATE chronicle_audit_head SET seq = 2 WHERE chain = {c}"),
         "DELETE FROM chronicle_audit_head",
     ] {
         let err = client.batch_execute(sql).await.unwrap_err();
@@ -1087,31 +1161,52 @@ async fn audit_log_refuses_changes_and_verify_catches_tampering() {
 
     // Edited.
     assert_eq!(
-        t.problems("UPDATE chronicle_audit_log SET purpose = 'nothing to see' WHERE seq = 4")
-            .await,
+        t.problems(
+            "UPDATE chronicle_audit_log SET purpose = 'nothing to see' WHERE chain = {c} AND seq = 4"
+        )
+        .await,
         [ChainProblem::Edited { seq: 4 }]
     );
     assert_eq!(
-        t.problems("UPDATE chronicle_audit_log SET operation = 'bogus' WHERE seq = 2")
-            .await,
+        t.problems(
+            "UPDATE chronicle_audit_log SET operation = 'bogus' WHERE chain = {c} AND seq = 2"
+        )
+        .await,
         [ChainProblem::Edited { seq: 2 }]
+    );
+    // An event dropped from a record's list.
+    assert_eq!(
+        t.problems(
+            "UPDATE chronicle_audit_log SET fields = fields[1:1] WHERE chain = {c} AND seq = 3"
+        )
+        .await,
+        [ChainProblem::Edited { seq: 3 }]
     );
     // Deleted, in the middle.
     assert_eq!(
-        t.problems("DELETE FROM chronicle_audit_log WHERE seq IN (4, 5)")
+        t.problems("DELETE FROM chronicle_audit_log WHERE chain = {c} AND seq IN (3, 4)")
             .await,
         [ChainProblem::Deleted {
-            first_seq: 4,
-            last_seq: 5
+            first_seq: 3,
+            last_seq: 4
         }]
     );
     // Deleted from the end: only the head row tells.
     assert_eq!(
-        t.problems("DELETE FROM chronicle_audit_log WHERE seq = 8")
+        t.problems("DELETE FROM chronicle_audit_log WHERE chain = {c} AND seq = 6")
             .await,
         [ChainProblem::Truncated {
-            last_seq: 7,
-            expected_seq: 8
+            last_seq: 5,
+            expected_seq: 6
+        }]
+    );
+    // A whole chain's head row deleted: its rows are no longer anchored.
+    assert_eq!(
+        t.problems("DELETE FROM chronicle_audit_head WHERE chain = {c}; INSERT INTO chronicle_audit_head VALUES (0, decode(repeat('00', 32), 'hex'), {c})")
+            .await,
+        [ChainProblem::BeyondHead {
+            first_seq: 1,
+            last_seq: 6
         }]
     );
 
@@ -1131,13 +1226,13 @@ async fn audit_log_refuses_changes_and_verify_catches_tampering() {
         .with_field(Uuid::now_v7(), "/email"),
     );
     t.kit
-        .exec(
+        .exec(&t.sql(
             "ALTER TABLE chronicle_audit_log DISABLE TRIGGER USER;
              ALTER TABLE chronicle_audit_head DISABLE TRIGGER USER;
-             UPDATE chronicle_audit_log SET seq = -seq WHERE seq >= 5;
-             UPDATE chronicle_audit_log SET seq = 1 - seq WHERE seq < 0;
-             UPDATE chronicle_audit_head SET seq = seq + 1;",
-        )
+             UPDATE chronicle_audit_log SET seq = -seq WHERE chain = {c} AND seq >= 5;
+             UPDATE chronicle_audit_log SET seq = 1 - seq WHERE chain = {c} AND seq < 0;
+             UPDATE chronicle_audit_head SET seq = seq + 1 WHERE chain = {c};",
+        ))
         .await;
     t.insert(5, &forged).await;
     assert_eq!(
@@ -1147,18 +1242,18 @@ async fn audit_log_refuses_changes_and_verify_catches_tampering() {
 
     // Inserted after the head, without moving the anchor (INSERT is not
     // even refused by the triggers).
-    let mut head = t.kit.audit.head().await.unwrap();
+    let mut head = t.head().await;
     let forged = head.link(AuditEntry::new(
         AuditOperation::Rotate,
         AuditOutcome::Success,
         &AccessContext::new("mallory", "cover-up"),
     ));
-    t.insert(9, &forged).await;
+    t.insert(7, &forged).await;
     assert_eq!(
         t.problems("SELECT 1").await,
         [ChainProblem::BeyondHead {
-            first_seq: 9,
-            last_seq: 9
+            first_seq: 7,
+            last_seq: 7
         }]
     );
 }
@@ -1166,8 +1261,8 @@ async fn audit_log_refuses_changes_and_verify_catches_tampering() {
 #[tokio::test]
 async fn an_outside_anchor_catches_a_rewritten_or_cut_log() {
     let t = Tamper::new().await;
-    let anchor = t.kit.audit.head().await.unwrap();
-    assert_eq!(anchor.seq, 8);
+    let anchor = t.kit.audit.heads().await.unwrap();
+    assert_eq!(anchor[&t.chain].seq, 6);
     assert!(
         t.kit
             .audit
@@ -1180,32 +1275,36 @@ async fn an_outside_anchor_catches_a_rewritten_or_cut_log() {
     // Cut the last two rows and move the head back: the table agrees with
     // itself, the outside anchor does not.
     t.kit
-        .exec(
+        .exec(&t.sql(
             "ALTER TABLE chronicle_audit_log DISABLE TRIGGER USER;
              ALTER TABLE chronicle_audit_head DISABLE TRIGGER USER;
-             DELETE FROM chronicle_audit_log WHERE seq > 6;
+             DELETE FROM chronicle_audit_log WHERE chain = {c} AND seq > 4;
              UPDATE chronicle_audit_head SET (seq, hash) =
-                 (SELECT seq, hash FROM chronicle_audit_log WHERE seq = 6);",
-        )
+                 (SELECT seq, hash FROM chronicle_audit_log WHERE chain = {c} AND seq = 4)
+              WHERE chain = {c};",
+        ))
         .await;
     assert!(t.kit.audit.verify().await.unwrap().is_intact());
+    let problems = t.kit.audit.verify_against(&anchor).await.unwrap().problems;
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].chain, t.chain);
     assert_eq!(
-        t.kit.audit.verify_against(&anchor).await.unwrap().problems,
-        [ChainProblem::Truncated {
-            last_seq: 6,
-            expected_seq: 8
-        }]
+        problems[0].problem,
+        ChainProblem::Truncated {
+            last_seq: 4,
+            expected_seq: 6
+        }
     );
     assert_eq!(t.problems("SELECT 1").await, []);
 
-    // Rewrite row 5 and re-chain everything after it, head included.
+    // Rewrite row 3 and re-chain everything after it, head included.
     let all = t.kit.audit.list(&AuditQuery::default()).await.unwrap();
     let mut head = ChainHead {
-        seq: 4,
-        hash: all[3].hash,
+        seq: 2,
+        hash: all[1].hash,
     };
     let mut forged = Vec::new();
-    for (i, record) in all[4..].iter().enumerate() {
+    for (i, record) in all[2..].iter().enumerate() {
         let mut entry = record.entry.clone();
         if i == 0 {
             entry.actor = "someone-else".into();
@@ -1213,16 +1312,101 @@ async fn an_outside_anchor_catches_a_rewritten_or_cut_log() {
         forged.push(head.link(entry));
     }
     t.kit
-        .exec(
+        .exec(&t.sql(
             "ALTER TABLE chronicle_audit_log DISABLE TRIGGER USER;
              ALTER TABLE chronicle_audit_head DISABLE TRIGGER USER;
-             DELETE FROM chronicle_audit_log WHERE seq >= 5;",
-        )
+             DELETE FROM chronicle_audit_log WHERE chain = {c} AND seq >= 3;",
+        ))
         .await;
     for record in &forged {
         t.insert(record.seq as i64, record).await;
     }
     let client = t.kit.db.pool.get().await.unwrap();
+    client
+        .execute_typed(
+            "UPDATE chronicle_audit_head SET seq = $1, hash = $2 WHERE chain = $3",
+            &[
+                (&(head.seq as i64), Type::INT8),
+                (&head.hash.as_bytes().as_slice(), Type::BYTEA),
+                (&(t.chain as i16), Type::INT2),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(t.kit.audit.verify().await.unwrap().is_intact());
+    let problems = t.kit.audit.verify_against(&anchor).await.unwrap().problems;
+    assert_eq!(
+        problems
+            .iter()
+            .map(|p| (p.chain, p.problem.clone()))
+            .collect::<Vec<_>>(),
+        [(t.chain, ChainProblem::HeadMismatch { seq: 6 })]
+    );
+}
+
+#[tokio::test]
+async fn audit_rows_written_before_the_chains_still_verify() {
+    use chronicle_postgres::migrate::MIGRATIONS;
+    // The schema before the audit chains (migration 9), with audit rows in
+    // the first format (one chain, one event and field per row), then
+    // migration 9.
+    let db = crate::support::empty_db().await;
+    let client = db.pool.get().await.unwrap();
+    let render = |sql: &str| {
+        sql.replace("{{PRIMARY_KEY}}", "PRIMARY KEY (event_id)")
+            .replace("{{PARTITION_CLAUSE}}", "")
+            .replace("{{PARTITIONS}}", "")
+    };
+    let chains = MIGRATIONS
+        .iter()
+        .find(|m| m.name == "audit_chains")
+        .unwrap();
+    for m in MIGRATIONS.iter().filter(|m| m.version < chains.version) {
+        client.batch_execute(&render(m.sql)).await.unwrap();
+    }
+    let ctx = AccessContext::new("support:alice", "ticket-1");
+    let mut head = ChainHead::GENESIS;
+    let event = Uuid::now_v7();
+    let old: Vec<_> = [
+        AuditEntry::new(AuditOperation::Encrypt, AuditOutcome::Success, &ctx)
+            .with_subject(&SubjectId::new("user-1"))
+            .with_key(DataKeyId::new())
+            .with_field(event, "/email"),
+        AuditEntry::new(AuditOperation::Rotate, AuditOutcome::Success, &ctx)
+            .with_subject(&SubjectId::new("user-1"))
+            .with_key(DataKeyId::new())
+            .with_kek(&"kek-1".into()),
+    ]
+    .into_iter()
+    .map(|e| head.link(e))
+    .collect();
+    for r in &old {
+        let e = &r.entry;
+        client
+            .execute_typed(
+                "INSERT INTO chronicle_audit_log (seq, at, operation, outcome, subject, key_id,
+                                                  kek_id, event_id, field, actor, purpose,
+                                                  prev_hash, hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                &[
+                    (&(r.seq as i64), Type::INT8),
+                    (&e.at, Type::TIMESTAMPTZ),
+                    (&e.operation.as_str(), Type::TEXT),
+                    (&e.outcome.as_str(), Type::TEXT),
+                    (&e.subject.as_ref().map(SubjectId::as_str), Type::TEXT),
+                    (&e.key_id.map(|k| k.as_uuid()), Type::UUID),
+                    (&e.kek_id.as_ref().map(|k| k.as_str()), Type::TEXT),
+                    (&e.event_id(), Type::UUID),
+                    (&e.field(), Type::TEXT),
+                    (&e.actor, Type::TEXT),
+                    (&e.purpose, Type::TEXT),
+                    (&r.prev_hash.as_bytes().as_slice(), Type::BYTEA),
+                    (&r.hash.as_bytes().as_slice(), Type::BYTEA),
+                ],
+            )
+            .await
+            .unwrap();
+    }
     client
         .execute_typed(
             "UPDATE chronicle_audit_head SET seq = $1, hash = $2",
@@ -1233,9 +1417,282 @@ async fn an_outside_anchor_catches_a_rewritten_or_cut_log() {
         )
         .await
         .unwrap();
-    assert!(t.kit.audit.verify().await.unwrap().is_intact());
-    assert_eq!(
-        t.kit.audit.verify_against(&anchor).await.unwrap().problems,
-        [ChainProblem::HeadMismatch { seq: 8 }]
+    client.batch_execute(&render(chains.sql)).await.unwrap();
+
+    let audit = PgAuditSink::new(db.pool.clone());
+    let listed = audit.list(&AuditQuery::default()).await.unwrap();
+    assert_eq!(listed, old, "the same records, chain 0, ids = seqs");
+    assert_eq!(listed[0].entry.event_ids, [event]);
+    // New records chain on, in whichever chain; everything verifies.
+    chronicle_crypto::AuditSink::append(
+        &audit,
+        vec![
+            AuditEntry::new(AuditOperation::Shred, AuditOutcome::Success, &ctx)
+                .with_subject(&SubjectId::new("user-1")),
+        ],
+    )
+    .await
+    .unwrap();
+    let report = audit.verify().await.unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!(report.checked, 3);
+    let listed = audit.list(&AuditQuery::default()).await.unwrap();
+    assert_eq!(listed[2].id, 3);
+}
+
+/// Two processes over one database: `reader` caches the subject's key with a
+/// long TTL and listens; `other` shreds and rotates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shred_elsewhere_reaches_a_listening_cache_at_once() {
+    use chronicle_postgres::{KeyListenerState, PgKeyListener};
+    let kit = Kit::new(fresh_db().await);
+    let options = PgOptions::from_url(&kit.db.url).unwrap();
+    let cached = |keyring: Arc<LocalKeyring>| {
+        Arc::new(
+            FieldEncryptorBuilder::new(
+                EncryptionConfig::from_yaml(CONFIG).unwrap(),
+                keyring,
+                Arc::new(PgDataKeyStore::new(options.pool().unwrap())),
+                kit.audit.clone(),
+            )
+            .cache_ttl(std::time::Duration::from_secs(3600))
+            .build(),
+        )
+    };
+    let listening = cached(kit.keyring.clone());
+    let deaf = cached(kit.keyring.clone());
+    let listener = PgKeyListener::start(&options, listening.clone()).await;
+    assert_eq!(listener.state(), KeyListenerState::Listening);
+    let (reader, control) = (kit.store_with(listening), kit.store_with(deaf));
+
+    let (user, other_user) = (Uuid::now_v7(), Uuid::now_v7());
+    kit.register(user, "ada@example.com", "1 Main St").await;
+    kit.register(other_user, "bob@example.com", "2 Side St")
+        .await;
+    for store in [&reader, &control] {
+        let read = store.read_stream(user, 1, None).await.unwrap();
+        assert_eq!(read[0].event_data["email"], "ada@example.com");
+        store.read_stream(other_user, 1, None).await.unwrap();
+    }
+
+    // Another process rotates one subject's key: the listening cache
+    // forgets that subject's current key, so its next append uses the
+    // new one.
+    let rotated = kit
+        .store
+        .encryptor()
+        .rotate_data_key(
+            &AccessContext::new("ops", "rotation"),
+            &SubjectId::from_aggregate(other_user),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let event = NewEvent::new(
+            "UserRegistered",
+            json!({ "email": "bob@new.example", "address": { "street": "3 New St" } }),
+        );
+        reader
+            .append(other_user, "user", ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
+        let raw = kit.db.store.read_stream(other_user, 1, None).await.unwrap();
+        if raw.last().unwrap().event_data["email"]["kid"] == rotated.to_string() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotation was not heard"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Another process shreds the first subject.
+    kit.store
+        .encryptor()
+        .shred(
+            &AccessContext::new("dpo", "erasure"),
+            &SubjectId::from_aggregate(user),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let read = reader.read_stream(user, 1, None).await.unwrap();
+        if read[0].event_data["email"] == Redaction::Shredded.marker() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shred was not heard: {}",
+            read[0].event_data
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The other subject's keys stay cached and readable.
+    let read = reader.read_stream(other_user, 1, None).await.unwrap();
+    assert_eq!(read[0].event_data["email"], "bob@example.com");
+    // Without the listener, the cache still holds the destroyed key until
+    // its TTL: what the listener is for.
+    let read = control.read_stream(user, 1, None).await.unwrap();
+    assert_eq!(read[0].event_data["email"], "ada@example.com");
+    drop(listener);
+}
+
+/// Through a transaction-mode pooler, LISTEN does not work: the listener
+/// says so and stops, and reads go on (the cache TTL applies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_listener_degrades_behind_a_transaction_pooler() {
+    use chronicle_postgres::{KeyListenerState, PgKeyListener};
+    let kit = Kit::new(crate::support::fresh_db_via_pgbouncer().await);
+    let options = PgOptions::from_url(&kit.db.url).unwrap();
+    let listener = PgKeyListener::start(&options, kit.store.encryptor().clone()).await;
+    match listener.state() {
+        KeyListenerState::Unavailable { reason } => {
+            assert!(reason.contains("pooler"), "{reason}")
+        }
+        other => panic!("expected the listener to give up, got {other:?}"),
+    }
+    assert!(!listener.is_listening());
+    let user = Uuid::now_v7();
+    kit.register(user, "ada@example.com", "1 Main St").await;
+    let read = kit.store.read_stream(user, 1, None).await.unwrap();
+    assert_eq!(read[0].event_data["email"], "ada@example.com");
+}
+
+/// A subject's first key is stored by the append that first uses it, in the
+/// same statement: racing first writers each keep their key (one becomes
+/// current), and a subject shredded in between fails the append whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_keys_travel_with_their_events() {
+    use chronicle_crypto::AuditedAppender;
+    let kit = Kit::new(fresh_db().await);
+    let customer = Uuid::now_v7().to_string();
+    // Two writers (two processes: empty caches) place orders for one new
+    // customer at once; each makes a first key for the customer.
+    let writers: Vec<_> = (0..2)
+        .map(|i| {
+            let store = kit.store_with(kit.fresh_encryptor(kit.keyring.clone()));
+            let customer = customer.clone();
+            tokio::spawn(async move {
+                store
+                    .append(
+                        Uuid::now_v7(),
+                        "order",
+                        ExpectedVersion::NoStream,
+                        vec![NewEvent::new(
+                            "OrderPlaced",
+                            json!({ "customer_id": customer, "card": format!("4111-{i}") }),
+                        )],
+                    )
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let subject = SubjectId::new(customer.clone());
+    let keys = kit.keys.keys(Some(&subject), None, 10).await.unwrap();
+    assert!((1..=2).contains(&keys.len()), "{keys:?}");
+    assert_eq!(keys.iter().filter(|k| k.current).count(), 1);
+    let orders = kit
+        .store
+        .read_by_type("OrderPlaced", TimeRange::default(), 10)
+        .await
+        .unwrap();
+    let mut cards: Vec<&str> = orders
+        .iter()
+        .map(|e| e.event_data["card"].as_str().unwrap())
+        .collect();
+    cards.sort();
+    assert_eq!(cards, ["4111-0", "4111-1"]);
+    let created = kit
+        .audit
+        .list(&AuditQuery {
+            operation: Some(AuditOperation::CreateKey),
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.len(), keys.len(), "one record per stored key");
+
+    // A key and record for a subject shredded meanwhile: nothing is stored.
+    kit.store
+        .encryptor()
+        .shred(&AccessContext::new("dpo", "erasure"), &subject)
+        .await
+        .unwrap();
+    let before = kit.count("SELECT count(*) FROM events").await;
+    let records = kit.audit.len().await.unwrap();
+    let late = StoredDataKey {
+        id: DataKeyId::new(),
+        subject: subject.clone(),
+        wrapped: WrappedKey {
+            kek_id: "k1".into(),
+            ciphertext: vec![1; 60],
+        },
+        created_at: Utc::now(),
+    };
+    let err = kit
+        .db
+        .store
+        .append_audited(
+            Uuid::now_v7(),
+            "order",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new(
+                "OrderPlaced",
+                json!({ "customer_id": customer }),
+            )],
+            vec![late],
+            vec![
+                AuditEntry::new(
+                    AuditOperation::Encrypt,
+                    AuditOutcome::Success,
+                    &AccessContext::new("late-writer", "test"),
+                )
+                .with_subject(&subject),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            CryptoError::in_store_error(&err),
+            Some(CryptoError::SubjectShredded { subject: s }) if *s == subject
+        ),
+        "{err}"
     );
+    assert_eq!(kit.count("SELECT count(*) FROM events").await, before);
+    assert_eq!(kit.audit.len().await.unwrap(), records);
+
+    // A conflicting append stores neither its key nor its records.
+    let user = Uuid::now_v7();
+    kit.register(user, "ada@example.com", "1 Main St").await;
+    let other = kit.store_with(kit.fresh_encryptor(kit.keyring.clone()));
+    let newcomer = Uuid::now_v7();
+    let keys_before = kit.count("SELECT count(*) FROM chronicle_data_keys").await;
+    let records = kit.audit.len().await.unwrap();
+    let err = other
+        .append(
+            newcomer,
+            "user",
+            ExpectedVersion::Exact(3),
+            vec![NewEvent::new(
+                "UserRegistered",
+                json!({ "email": "new@example.com" }),
+            )],
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    assert_eq!(
+        kit.count("SELECT count(*) FROM chronicle_data_keys").await,
+        keys_before
+    );
+    assert_eq!(kit.audit.len().await.unwrap(), records);
+    assert!(kit.audit.verify().await.unwrap().is_intact());
 }

@@ -1,0 +1,246 @@
+//! `chronicle audit`: the hash-chained audit log of field encryption.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use chronicle_core::TimeRange;
+use chronicle_crypto::{AuditOperation, AuditOutcome, AuditRecord, ChainHead, SubjectId};
+use chronicle_postgres::{AuditQuery, PgAuditSink};
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::Database;
+use crate::commands::UsageError;
+use crate::output::{OutputFormat, print_record};
+
+/// `chronicle audit` arguments.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// What to do.
+    #[command(subcommand)]
+    action: AuditCommand,
+}
+
+/// `chronicle audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Audit records, oldest first; every filter given must match.
+    List {
+        /// Only this subject's records.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Only this operation: encrypt, decrypt, reencrypt, create-key,
+        /// rotate, rewrap, shred.
+        #[arg(long)]
+        operation: Option<String>,
+        /// Only this outcome: success, denied, shredded, failed.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only records covering this event.
+        #[arg(long)]
+        event_id: Option<Uuid>,
+        /// Only this actor's records.
+        #[arg(long)]
+        actor: Option<String>,
+        /// From this time (inclusive, RFC 3339).
+        #[arg(long)]
+        from: Option<DateTime<Utc>>,
+        /// Until this time (exclusive, RFC 3339).
+        #[arg(long)]
+        to: Option<DateTime<Utc>>,
+        /// Records after this id (to page on).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Check every hash chain of the log: edited, deleted, inserted and
+    /// re-linked rows, rows cut from the end; exits 1 if anything is wrong.
+    Verify {
+        /// Also check against chain heads saved earlier outside the
+        /// database (a file written by --save-anchor): catches a log
+        /// rewritten or cut together with its head rows.
+        #[arg(long, value_name = "FILE")]
+        anchor: Option<PathBuf>,
+        /// Save the verified chain heads to this file, to pass to
+        /// --anchor later (keep it outside the database's reach).
+        #[arg(long, value_name = "FILE")]
+        save_anchor: Option<PathBuf>,
+    },
+}
+
+/// The audit log is not intact (exit code 1).
+#[derive(Debug, thiserror::Error)]
+#[error("the audit log is not intact: {0} problem(s) found")]
+pub struct Tampered(pub usize);
+
+/// Runs `chronicle audit`.
+pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result<()> {
+    let pool = db.store().await?.pool().clone();
+    let audit = PgAuditSink::new(pool);
+    match args.action {
+        AuditCommand::List {
+            subject,
+            operation,
+            outcome,
+            event_id,
+            actor,
+            from,
+            to,
+            after,
+            limit,
+        } => {
+            let query = AuditQuery {
+                subject: subject.map(SubjectId::new),
+                operation: operation
+                    .map(|o| o.parse::<AuditOperation>())
+                    .transpose()
+                    .map_err(|e| UsageError(format!("--operation: {e}")))?,
+                outcome: outcome
+                    .map(|o| o.parse::<AuditOutcome>())
+                    .transpose()
+                    .map_err(|e| UsageError(format!("--outcome: {e}")))?,
+                event_id,
+                actor,
+                range: TimeRange { from, to },
+                after_id: after,
+                limit,
+            };
+            let records = audit.list(&query).await?;
+            print_records(&records, format);
+            if format == OutputFormat::Table {
+                eprintln!("{} record(s)", records.len());
+                if records.len() == limit
+                    && let Some(last) = records.last()
+                {
+                    eprintln!("more: --after {}", last.id);
+                }
+            }
+        }
+        AuditCommand::Verify {
+            anchor,
+            save_anchor,
+        } => {
+            let report = match &anchor {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let heads: BTreeMap<u16, ChainHead> =
+                        serde_json::from_str(&text).map_err(|e| {
+                            UsageError(format!(
+                                "{} is not an anchor file written by --save-anchor: {e}",
+                                path.display()
+                            ))
+                        })?;
+                    audit.verify_against(&heads).await?
+                }
+                None => audit.verify().await?,
+            };
+            let rows_per_chain: BTreeMap<String, usize> = report
+                .chains
+                .iter()
+                .filter(|c| c.rows > 0)
+                .map(|c| (c.chain.to_string(), c.rows))
+                .collect();
+            let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+            print_record(
+                &json!({
+                    "intact": report.is_intact(),
+                    "rows_checked": report.checked,
+                    "chains": report.chains.len(),
+                    "rows_per_chain": rows_per_chain,
+                    "checked_against_anchor": anchor.is_some(),
+                    "problems": problems,
+                }),
+                format,
+            );
+            if format == OutputFormat::Table {
+                for p in &problems {
+                    eprintln!("problem: {p}");
+                }
+            }
+            if !report.is_intact() {
+                bail!(Tampered(report.problems.len()));
+            }
+            if let Some(path) = save_anchor {
+                let text = serde_json::to_string_pretty(&report.heads())?;
+                std::fs::write(&path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!(
+                    "chain heads saved to {}; verify against them later with --anchor",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_records(records: &[AuditRecord], format: OutputFormat) {
+    match format {
+        OutputFormat::Json => {
+            for r in records {
+                println!(
+                    "{}",
+                    serde_json::to_value(r).unwrap_or_else(|e| json!({ "error": e.to_string() }))
+                );
+            }
+        }
+        OutputFormat::Table => {
+            let mut table = comfy_table::Table::new();
+            table
+                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+                .set_header(vec![
+                    "id",
+                    "chain:seq",
+                    "at",
+                    "operation",
+                    "outcome",
+                    "subject",
+                    "key",
+                    "events",
+                    "fields",
+                    "actor",
+                    "purpose",
+                ]);
+            for r in records {
+                let e = &r.entry;
+                let events = match e.event_ids.as_slice() {
+                    [] => "-".to_owned(),
+                    [one] => one.to_string(),
+                    many => format!("{} events", many.len()),
+                };
+                table.add_row(vec![
+                    r.id.to_string(),
+                    format!("{}:{}", r.chain, r.seq),
+                    e.at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+                    e.operation.to_string(),
+                    e.outcome.to_string(),
+                    e.subject
+                        .as_ref()
+                        .map_or_else(|| "-".into(), ToString::to_string),
+                    e.key_id
+                        .map_or_else(|| "-".into(), |k| short(&k.to_string())),
+                    events,
+                    if e.fields.is_empty() {
+                        "-".into()
+                    } else {
+                        e.fields.join(" ")
+                    },
+                    e.actor.clone(),
+                    e.purpose.clone(),
+                ]);
+            }
+            println!("{table}");
+        }
+    }
+}
+
+/// The last 12 characters of a UUID: enough to tell keys apart in a table.
+fn short(id: &str) -> String {
+    format!("…{}", &id[id.len().saturating_sub(12)..])
+}
