@@ -1,76 +1,11 @@
 //! The `chronicle` binary, run as a user would: exit codes, JSON output,
 //! JSON lines on stdin, and the embedded default across invocations.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, Stdio};
 
-use chronicle_embedded::EmbeddedPostgres;
-use serde_json::Value;
+mod support;
 
-/// One throwaway cluster for this test binary; each test uses a database
-/// of its own on it.
-fn server() -> &'static EmbeddedPostgres {
-    static PG: OnceLock<EmbeddedPostgres> = OnceLock::new();
-    PG.get_or_init(|| EmbeddedPostgres::throwaway().expect("start a throwaway PostgreSQL"))
-}
-
-fn fresh_database() -> String {
-    let name = format!("cli_{}", uuid::Uuid::new_v4().simple());
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-d",
-            &server().url(),
-            "-c",
-            &format!("CREATE DATABASE {name}"),
-        ])
-        .output()
-        .expect("psql is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    server().url_for(&name)
-}
-
-fn chronicle(url: Option<&str>, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chronicle"));
-    cmd.args(args).env_remove("DATABASE_URL");
-    if let Some(url) = url {
-        cmd.env("DATABASE_URL", url);
-    }
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run chronicle");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("chronicle finishes")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
-}
+use support::{chronicle, fresh_database, json_lines, ok, psql_value};
 
 #[test]
 fn append_read_state_and_exit_codes() {
@@ -383,19 +318,6 @@ fn projections_status_and_dead_letters_are_shown() {
     assert_eq!(letters[0]["aggregate_id"], poisoned.to_string());
     assert_eq!(letters[0]["version"], 1);
     assert_eq!(letters[1]["version"], 2);
-}
-
-fn psql_value(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args(["-X", "-q", "-t", "-A", "-d", url, "-c", sql])
-        .output()
-        .expect("psql");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// The stock binary's user-profile projection through the CLI: run until

@@ -1,62 +1,21 @@
 //! `chronicle dlq show`: one dead letter in full, run as a user would.
 
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::Output;
 
 use async_trait::async_trait;
 use chronicle_core::{
     EventAppender, EventEnvelope, ExpectedVersion, NewEvent, ProjectionHandler, ProjectionResult,
 };
-use chronicle_embedded::EmbeddedPostgres;
 use chronicle_projections::{PgContext, PgProjection, ProjectionOptions, RetryPolicy};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-/// One throwaway cluster for this test binary.
-fn server() -> &'static EmbeddedPostgres {
-    static PG: OnceLock<EmbeddedPostgres> = OnceLock::new();
-    PG.get_or_init(|| EmbeddedPostgres::throwaway().expect("start a throwaway PostgreSQL"))
-}
+mod support;
 
-fn fresh_database() -> String {
-    let name = format!("cli_{}", Uuid::new_v4().simple());
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-d",
-            &server().url(),
-            "-c",
-            &format!("CREATE DATABASE {name}"),
-        ])
-        .output()
-        .expect("psql is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    server().url_for(&name)
-}
+use support::{fresh_database, ok};
 
 fn chronicle(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chronicle"))
-        .args(args)
-        .env("DATABASE_URL", url)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run chronicle")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    support::chronicle(Some(url), args, None)
 }
 
 /// Fails on events marked poison.

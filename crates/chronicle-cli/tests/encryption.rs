@@ -5,8 +5,8 @@
 //! and `chronicle audit`, their exit codes and JSON.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::process::Output;
+use std::sync::Arc;
 
 use chronicle_core::{
     EventAppender, EventEnvelope, ExpectedVersion, NewEvent, ProjectionHandler, ProjectionResult,
@@ -14,59 +14,29 @@ use chronicle_core::{
 use chronicle_crypto::{
     AccessContext, EncryptionConfig, FieldEncryptorBuilder, KeyProvider, LocalKeyring,
 };
-use chronicle_embedded::EmbeddedPostgres;
 use chronicle_postgres::{PgAuditSink, PgDataKeyStore, PgEventStore, PgOptions, PgPool};
 use chronicle_projections::{PgContext, PgProjection, ProjectionOptions, RetryPolicy};
 use serde_json::{Value, json};
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-fn server() -> &'static EmbeddedPostgres {
-    static PG: OnceLock<EmbeddedPostgres> = OnceLock::new();
-    PG.get_or_init(|| EmbeddedPostgres::throwaway().expect("start a throwaway PostgreSQL"))
-}
+mod support;
 
-fn fresh_database() -> String {
-    let name = format!("enc_{}", Uuid::new_v4().simple());
-    psql(&server().url(), &format!("CREATE DATABASE {name}"));
-    server().url_for(&name)
-}
+use support::{fresh_database, ok};
 
 fn psql(url: &str, sql: &str) {
-    let out = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
-        .output()
-        .expect("psql is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::psql_value(url, sql);
 }
 
+/// `chronicle args` on `url` with `home` as CHRONICLE_HOME (its dev keyring).
 fn chronicle(url: &str, home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chronicle"))
-        .args(args)
-        .env("DATABASE_URL", url)
-        .env("CHRONICLE_HOME", home)
-        .env_remove("CHRONICLE_KEYRING")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run chronicle")
+    let mut cmd = support::command(Some(url), args);
+    cmd.env("CHRONICLE_HOME", home);
+    support::run(cmd, None)
 }
 
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
+/// The JSON objects among `text`'s lines (the demo prints prose too).
+fn json_objects(text: &str) -> Vec<Value> {
     text.lines()
         .filter(|l| l.trim_start().starts_with('{'))
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
@@ -237,14 +207,14 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
     // against a DATABASE_URL), shred.
     let home = home.path();
     let subject = ada.to_string();
-    let keys = json_lines(&ok(&chronicle(
+    let keys = json_objects(&ok(&chronicle(
         &url,
         home,
         &["keys", "list", "--subject", &subject, "--output", "json"],
     )));
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0]["current"], true);
-    let all = json_lines(&ok(&chronicle(
+    let all = json_objects(&ok(&chronicle(
         &url,
         home,
         &["keys", "list", "--output", "json"],
@@ -258,7 +228,7 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
     assert_eq!(code(&rotate), Some(2), "no keyring named: usage error");
     assert!(String::from_utf8_lossy(&rotate.stderr).contains("--keyring"));
     let keyring = keyring_path.to_str().unwrap();
-    let rotated = json_lines(&ok(&chronicle(
+    let rotated = json_objects(&ok(&chronicle(
         &url,
         home,
         &[
@@ -282,7 +252,7 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
     assert_eq!(code(&unknown), Some(4), "an unknown subject exits 4");
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no-such-subject"));
 
-    let kek = json_lines(&ok(&chronicle(
+    let kek = json_objects(&ok(&chronicle(
         &url,
         home,
         &[
@@ -306,7 +276,7 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
         kek[0]["kek_id"].as_str().unwrap(),
         "the new key-encryption key was saved to the keyring file"
     );
-    let resumed = json_lines(&ok(&chronicle(
+    let resumed = json_objects(&ok(&chronicle(
         &url,
         home,
         &[
@@ -327,7 +297,7 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
         Some(2),
         "shredding needs --yes without a terminal"
     );
-    let shredded = json_lines(&ok(&chronicle(
+    let shredded = json_objects(&ok(&chronicle(
         &url,
         home,
         &["keys", "shred", &subject, "--yes", "--output", "json"],
@@ -343,7 +313,7 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
     );
 
     // chronicle audit: list with filters, verify, anchor, tampering.
-    let records = json_lines(&ok(&chronicle(
+    let records = json_objects(&ok(&chronicle(
         &url,
         home,
         &["audit", "list", "--subject", &subject, "--output", "json"],
@@ -368,7 +338,7 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
         .unwrap();
     assert_eq!(encrypt["fields"], json!(["/email", "/phone"]));
     assert_eq!(encrypt["actor"], "app");
-    let shreds = json_lines(&ok(&chronicle(
+    let shreds = json_objects(&ok(&chronicle(
         &url,
         home,
         &["audit", "list", "--operation", "shred", "--output", "json"],
@@ -378,7 +348,7 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
     assert_eq!(code(&bogus), Some(2));
 
     let anchor = home.join("anchor.json");
-    let verified = json_lines(&ok(&chronicle(
+    let verified = json_objects(&ok(&chronicle(
         &url,
         home,
         &[
@@ -409,7 +379,7 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
     );
     let tampered = chronicle(&url, home, &["audit", "verify", "--output", "json"]);
     assert_eq!(code(&tampered), Some(1), "a tampered log fails verify");
-    let report = json_lines(&String::from_utf8_lossy(&tampered.stdout));
+    let report = json_objects(&String::from_utf8_lossy(&tampered.stdout));
     assert_eq!(report[0]["intact"], false);
     assert!(
         report[0]["problems"][0]

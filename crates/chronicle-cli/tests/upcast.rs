@@ -2,69 +2,19 @@
 //! resume), status, verify, rollback, a second runner refused, and the
 //! exit codes of mistakes.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use chronicle_embedded::EmbeddedPostgres;
-use serde_json::Value;
+mod support;
 
-fn server() -> &'static EmbeddedPostgres {
-    static PG: OnceLock<EmbeddedPostgres> = OnceLock::new();
-    PG.get_or_init(|| EmbeddedPostgres::throwaway().expect("start a throwaway PostgreSQL"))
-}
-
-fn fresh_database() -> String {
-    let name = format!("cli_upcast_{}", uuid::Uuid::new_v4().simple());
-    psql_value(&server().url(), &format!("CREATE DATABASE {name}"));
-    server().url_for(&name)
-}
-
-fn psql_value(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args(["-X", "-q", "-t", "-A", "-d", url, "-c", sql])
-        .output()
-        .expect("psql is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+use support::{fresh_database, json_lines, ok, psql_value};
 
 fn command(url: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chronicle"));
-    cmd.args(args)
-        .env("DATABASE_URL", url)
-        .env_remove("CHRONICLE_UPCASTERS")
-        .env_remove("CHRONICLE_KEYRING")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
+    support::command(Some(url), args)
 }
 
 fn chronicle(url: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = command(url, args).spawn().expect("run chronicle");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("chronicle finishes")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    support::run(command(url, args), stdin)
 }
 
 fn fails(out: &Output, code: i32) -> String {
@@ -76,13 +26,6 @@ fn fails(out: &Output, code: i32) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
 }
 
 /// `n` ItemAdded v1 events as JSON lines, 10 per aggregate.
