@@ -421,6 +421,23 @@ async fn open_projection(
     Ok(std::sync::Arc::new(projection))
 }
 
+/// A rebuild's progress bar in events (hidden for JSON output).
+fn rebuild_bar(format: OutputFormat, doing: &str, name: &str, len: u64) -> indicatif::ProgressBar {
+    let bar = match format {
+        OutputFormat::Table => indicatif::ProgressBar::new(len),
+        OutputFormat::Json => indicatif::ProgressBar::hidden(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {doing} {{msg}} [{{bar:30}}] {{pos}}/{{len}} events"
+        ))
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(name.to_owned());
+    bar
+}
+
 async fn rebuild_blue_green(
     pool: &chronicle_postgres::PgPool,
     registry: &Registry,
@@ -447,27 +464,14 @@ async fn rebuild_blue_green(
         .query_one("SELECT count(*) FROM events", &[])
         .await?
         .get(0);
-    let bar = match format {
-        OutputFormat::Table => indicatif::ProgressBar::new(total as u64),
-        OutputFormat::Json => indicatif::ProgressBar::hidden(),
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} building the new {msg} [{bar:30}] {pos}/{len} events",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(name.to_owned());
+    let bar = rebuild_bar(format, "building the new", name, total as u64);
     let report = projection
         .rebuild_blue_green(from, registry.setup_sql(name).unwrap_or(""), |n| {
             bar.set_position(n)
         })
         .await;
     bar.finish_and_clear();
-    let report = report.with_context(|| {
-        format!("the blue/green rebuild of `{name}` stopped; the live model is unchanged")
-    })?;
+    let report = report?;
     print_record(
         &json!({
             "projection": name,
@@ -562,18 +566,7 @@ async fn rebuild_projection(
     projection.register().await?;
     projection.rebuild(from).await?;
     let runner = Runner::start(projection.clone(), RunnerOptions::default()).await?;
-    let bar = match format {
-        OutputFormat::Table => indicatif::ProgressBar::new(0),
-        OutputFormat::Json => indicatif::ProgressBar::hidden(),
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} rebuilding {msg} [{bar:30}] {pos}/{len} events",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(name.to_owned());
+    let bar = rebuild_bar(format, "rebuilding", name, 0);
     let result = loop {
         let health = projection.health().await?;
         let processed: u64 = health.partitions.iter().map(|p| p.events_processed).sum();

@@ -61,6 +61,25 @@ pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, PgEventStore};
 pub mod sql {
     pub use crate::store::{EVENT_COLUMNS, decode_event};
     pub use crate::types::Xid8;
+
+    /// Whether `name` is a plain identifier of at most `max_len` bytes:
+    /// lowercase ASCII letters, digits and `_`, not starting with a digit.
+    /// Such a name can go into SQL text (a schema, a channel) unquoted.
+    ///
+    /// ```
+    /// use chronicle_postgres::sql::is_plain_identifier;
+    /// assert!(is_plain_identifier("user_profile", 63));
+    /// assert!(!is_plain_identifier("User-Profile", 63));
+    /// assert!(!is_plain_identifier("x'; DROP TABLE events;--", 63));
+    /// ```
+    pub fn is_plain_identifier(name: &str, max_len: usize) -> bool {
+        !name.is_empty()
+            && name.len() <= max_len
+            && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    }
 }
 
 #[cfg(test)]

@@ -64,13 +64,7 @@ impl PgOptions {
     /// directly: a transaction-mode pooler does not deliver notifications
     /// (polling still works through it).
     pub async fn listen(&self, channel: &str) -> Result<Listener> {
-        let valid = !channel.is_empty()
-            && channel.len() <= 63
-            && channel.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && channel
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !valid {
+        if !crate::sql::is_plain_identifier(channel, 63) {
             return Err(Error::Config(format!(
                 "`{channel}` is not a channel name: use lowercase letters, digits and _"
             )));

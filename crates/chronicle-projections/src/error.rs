@@ -76,6 +76,20 @@ pub enum Error {
         /// The handler's error.
         reason: String,
     },
+    /// A blue/green rebuild stopped on a failing event before the swap; the
+    /// live model and its checkpoints are as they were.
+    #[error(
+        "the blue/green rebuild of `{projection}` stopped at event {event_id}: {reason}; \
+         the live model is unchanged: fix the handler and run the blue/green rebuild again"
+    )]
+    BlueGreenStopped {
+        /// The projection.
+        projection: String,
+        /// The event that failed.
+        event_id: Uuid,
+        /// The handler's error.
+        reason: String,
+    },
     /// The handler's rebuild hook failed; nothing was reset.
     #[error("the rebuild hook of `{projection}` failed: {reason}")]
     RebuildHook {

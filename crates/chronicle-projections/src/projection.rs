@@ -274,13 +274,7 @@ impl PgProjection {
     /// # Ok(()) }
     /// ```
     pub fn with_read_model_schema(mut self, schema: &str) -> Result<Self> {
-        let valid = !schema.is_empty()
-            && schema.len() <= 57
-            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && schema
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !valid {
+        if !chronicle_postgres::sql::is_plain_identifier(schema, 57) {
             return Err(Error::Config {
                 option: "read_model_schema",
                 reason: format!(
@@ -1228,7 +1222,16 @@ impl PgProjection {
                 });
             let mut idle = true;
             for (p, outcome) in futures_util::future::join_all(steps).await {
-                let outcome = outcome?;
+                let outcome = outcome.map_err(|e| match e {
+                    Error::RebuildFailed {
+                        event_id, reason, ..
+                    } => Error::BlueGreenStopped {
+                        projection: self.name.to_string(),
+                        event_id,
+                        reason,
+                    },
+                    other => other,
+                })?;
                 replayed += u64::from(outcome.handled);
                 idle &= !outcome.claimed;
                 done[p as usize] = outcome.claimed

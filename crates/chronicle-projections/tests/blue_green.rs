@@ -202,6 +202,81 @@ async fn a_blue_green_rebuild_swaps_in_a_complete_model_readers_never_see_half_b
     runner.stop().await;
 }
 
+/// Fails on every event while `failing` is set.
+#[derive(Clone)]
+struct Flaky {
+    inner: Points,
+    failing: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl ProjectionHandler<PgContext> for Flaky {
+    fn name(&self) -> &str {
+        "points"
+    }
+
+    async fn handle(&self, event: &EventEnvelope, ctx: &mut PgContext) -> ProjectionResult {
+        if self.failing.load(Ordering::SeqCst) {
+            ProjectionResult::fail("the new handler has a bug")
+        } else {
+            self.inner.handle(event, ctx).await
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_blue_green_rebuild_leaves_the_live_model_and_says_what_to_do() {
+    let db = fresh_db().await;
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "BEGIN; CREATE SCHEMA rm_points; SET LOCAL search_path = rm_points; {SETUP}; COMMIT"
+        ))
+        .await
+        .unwrap();
+    deposit(&db, 10, 5).await;
+    wait_for_horizon(&db).await;
+    let failing = Arc::new(AtomicBool::new(false));
+    let handler = Flaky {
+        inner: Points {
+            weight: Arc::new(AtomicI64::new(1)),
+        },
+        failing: failing.clone(),
+    };
+    let projection = PgProjection::new(db.pool.clone(), handler, ProjectionOptions::default())
+        .unwrap()
+        .with_read_model_schema("rm_points")
+        .unwrap();
+    projection.register().await.unwrap();
+    for p in 0..ProjectionOptions::default().partitions {
+        while !projection.step(p, "live").await.unwrap().caught_up {}
+    }
+    assert_eq!(points(&db).await, 50);
+
+    failing.store(true, Ordering::SeqCst);
+    let err = projection
+        .rebuild_blue_green(Position::START, SETUP, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::BlueGreenStopped { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("live model is unchanged")
+            && message.contains("run the blue/green rebuild again"),
+        "{message}"
+    );
+    assert_eq!(points(&db).await, 50, "the live model is as it was");
+    let live: Vec<String> = load_state(&db.pool, Some("points"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.status.to_string())
+        .collect();
+    assert!(live.iter().all(|s| s == "running"), "{live:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blue_green_needs_the_model_in_its_own_schema() {
     let db = fresh_db().await;
