@@ -333,7 +333,7 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         Command::Dlq { action } => dlq(&db, registry, action, format).await?,
         Command::Keys(args) => crate::keys::run(&db, args, format).await?,
         Command::Audit(args) => crate::audit::run(&db, args, format).await?,
-        Command::Upcast(args) => crate::upcast::run(&db, args, format).await?,
+        Command::Upcast(args) => crate::upcast::run(&db, registry, args, format).await?,
         Command::Dev { .. } | Command::Demo | Command::Bench { .. } => {
             unreachable!("handled above")
         }

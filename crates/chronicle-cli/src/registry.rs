@@ -1,9 +1,11 @@
-//! The projection handlers a `chronicle` binary carries.
+//! The projection handlers and Rust upcasters a `chronicle` binary carries.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chronicle_core::ProjectionHandler;
 use chronicle_projections::{HandlerRegistry, PgContext};
+use chronicle_upcast::Upcaster;
 
 /// The handlers compiled into this binary, and the SQL each needs run
 /// before it starts (its read-model tables, idempotently).
@@ -31,6 +33,7 @@ pub struct Registry {
     handlers: HandlerRegistry,
     setup: BTreeMap<String, String>,
     schemas: BTreeMap<String, String>,
+    upcasters: Vec<Arc<dyn Upcaster>>,
 }
 
 impl Registry {
@@ -83,6 +86,30 @@ impl Registry {
     /// has its own.
     pub fn read_model_schema(&self, name: &str) -> Option<&str> {
         self.schemas.get(name).map(String::as_str)
+    }
+
+    /// Adds an upcaster written in Rust. `chronicle upcast` chains it with
+    /// the YAML definitions (`--config`); with no YAML file at the default
+    /// path, the Rust upcasters alone are the definitions.
+    ///
+    /// ```
+    /// use chronicle_upcast::FnUpcaster;
+    ///
+    /// let mut registry = chronicle_cli::Registry::new();
+    /// registry.upcaster(FnUpcaster::new("UserRegistered", 1, |event| {
+    ///     event.data["verified"] = false.into();
+    ///     Ok(())
+    /// }));
+    /// // fn main() -> std::process::ExitCode { chronicle_cli::run(registry) }
+    /// ```
+    pub fn upcaster(&mut self, upcaster: impl Upcaster + 'static) -> &mut Self {
+        self.upcasters.push(Arc::new(upcaster));
+        self
+    }
+
+    /// The Rust upcasters, in the order added.
+    pub fn upcasters(&self) -> &[Arc<dyn Upcaster>] {
+        &self.upcasters
     }
 
     /// The handlers, by name.

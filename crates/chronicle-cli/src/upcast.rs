@@ -1,10 +1,11 @@
 //! `chronicle upcast plan|run|verify|rollback|status`: eager schema
-//! migrations of stored events, from declarative YAML upcasters; and the
+//! migrations of stored events, from declarative YAML and Rust upcasters; and the
 //! upcasting step of `chronicle demo`.
 //!
 //! Definitions come from `--config PATH` (default `./upcasters.yaml`, or
 //! `$CHRONICLE_UPCASTERS`), in the format `chronicle_upcast::UpcastConfig`
-//! reads.
+//! reads, chained with the Rust upcasters of the binary's
+//! [`Registry`](crate::Registry).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,9 +22,9 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::Database;
 use crate::commands::{NotFound, UsageError};
 use crate::output::OutputFormat;
+use crate::{Database, Registry};
 
 /// Where the upcaster definitions are read from by default.
 pub const DEFAULT_CONFIG: &str = "upcasters.yaml";
@@ -40,9 +41,10 @@ pub struct UpcastArgs {
 #[derive(Debug, Args)]
 struct ConfigArg {
     /// The YAML file with the upcasters (`upcasters:` list, optional
-    /// `default_mode` and per-type `modes`).
-    #[arg(long, value_name = "PATH", env = "CHRONICLE_UPCASTERS", default_value = DEFAULT_CONFIG)]
-    config: PathBuf,
+    /// `default_mode` and per-type `modes`) [default: upcasters.yaml; may
+    /// be absent when the binary carries Rust upcasters]
+    #[arg(long, value_name = "PATH", env = "CHRONICLE_UPCASTERS")]
+    config: Option<PathBuf>,
 }
 
 /// `chronicle upcast` subcommands.
@@ -80,6 +82,11 @@ enum UpcastCommand {
         run_ids: Vec<Uuid>,
         #[command(flatten)]
         config: ConfigArg,
+        /// The keyring the run used: events with encrypted fields are then
+        /// compared as plaintext (re-encryption never gives the same
+        /// ciphertext twice). Decryptions are audited.
+        #[arg(long, value_name = "PATH", env = "CHRONICLE_KEYRING")]
+        keyring: Option<PathBuf>,
     },
     /// Restore runs' original events from the backup, byte for byte.
     Rollback {
@@ -94,11 +101,16 @@ enum UpcastCommand {
 }
 
 /// Runs `chronicle upcast ...`.
-pub async fn run(db: &Database, args: UpcastArgs, format: OutputFormat) -> Result<()> {
+pub async fn run(
+    db: &Database,
+    registry: &Registry,
+    args: UpcastArgs,
+    format: OutputFormat,
+) -> Result<()> {
     let pool = db.store().await?.pool().clone();
     match args.action {
         UpcastCommand::Plan { config } => {
-            let upcaster = PgUpcaster::new(pool, load_chain(&config)?);
+            let upcaster = PgUpcaster::new(pool, load_chain(&config, registry)?);
             plan(&upcaster, format).await
         }
         UpcastCommand::Run {
@@ -107,15 +119,22 @@ pub async fn run(db: &Database, args: UpcastArgs, format: OutputFormat) -> Resul
             check,
             keyring,
         } => {
-            let chain = load_chain(&config)?;
+            let chain = load_chain(&config, registry)?;
             let mut upcaster = PgUpcaster::new(pool.clone(), chain);
             if let Some(path) = &keyring {
                 upcaster.cipher(Arc::new(cipher(&pool, path)?));
             }
             run_migrations(&upcaster, batch_size, check, keyring.is_some(), format).await
         }
-        UpcastCommand::Verify { run_ids, config } => {
-            let upcaster = PgUpcaster::new(pool, load_chain(&config)?);
+        UpcastCommand::Verify {
+            run_ids,
+            config,
+            keyring,
+        } => {
+            let mut upcaster = PgUpcaster::new(pool.clone(), load_chain(&config, registry)?);
+            if let Some(path) = &keyring {
+                upcaster.cipher(Arc::new(cipher(&pool, path)?));
+            }
             verify(&upcaster, run_ids, format).await
         }
         UpcastCommand::Rollback { run_ids, all } => {
@@ -141,19 +160,33 @@ pub fn exit_code(e: &RunError) -> Option<u8> {
     }
 }
 
-fn load_chain(arg: &ConfigArg) -> Result<UpcasterChain> {
-    let path = &arg.config;
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        UsageError(format!(
+/// The chain of the binary's Rust upcasters and the YAML definitions. The
+/// YAML file may be missing only when it was not named and the binary
+/// carries Rust upcasters.
+fn load_chain(arg: &ConfigArg, registry: &Registry) -> Result<UpcasterChain> {
+    let mut builder = UpcasterChain::builder();
+    for upcaster in registry.upcasters() {
+        builder.upcaster(upcaster.clone());
+    }
+    let path = arg.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let origin = path.display().to_string();
+            let config =
+                UpcastConfig::from_yaml(&origin, &text).map_err(|e| UsageError(e.to_string()))?;
+            builder.config(config);
+        }
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && arg.config.is_none()
+                && !registry.upcasters().is_empty() => {}
+        Err(e) => bail!(UsageError(format!(
             "cannot read the upcaster definitions at {}: {e}; pass --config PATH (or set \
              CHRONICLE_UPCASTERS) to the YAML file with your `upcasters:` list",
             path.display()
-        ))
-    })?;
-    let origin = path.display().to_string();
-    let config = UpcastConfig::from_yaml(&origin, &text).map_err(|e| UsageError(e.to_string()))?;
-    UpcasterChain::builder()
-        .config(config)
+        ))),
+    }
+    builder
         .build()
         .map_err(|e| UsageError(e.to_string()).into())
 }
@@ -468,6 +501,8 @@ fn verify_json(v: &VerifyReport) -> Value {
         "expected_checksum": v.expected_checksum.to_string(),
         "current_checksum": v.current_checksum.to_string(),
         "mismatches": v.mismatches,
+        "encrypted": v.encrypted,
+        "compared_plaintext": v.compared_plaintext,
     })
 }
 
@@ -523,12 +558,21 @@ async fn verify(upcaster: &PgUpcaster, run_ids: Vec<Uuid>, format: OutputFormat)
     }
     let bad: Vec<&VerifyReport> = reports.iter().filter(|v| !v.is_ok()).collect();
     if let Some(v) = bad.first() {
+        let hint = if v.encrypted > 0 && !v.compared_plaintext {
+            format!(
+                "{} of its events hold encrypted fields, compared as stored: a run with \
+                 --keyring re-encrypted them with fresh nonces, so verify with --keyring PATH to \
+                 compare them as plaintext",
+                v.encrypted
+            )
+        } else {
+            "if the definitions changed since that run, verify with the ones it ran with; \
+             otherwise something rewrote the events after the run"
+                .to_owned()
+        };
         bail!(
             "{} run(s) do not match their backup; first: run {} ({} of {} backed-up events in \
-             the store, differing events: {}). If the definitions changed since that run, verify \
-             with the ones it ran with; re-encrypted fields (--keyring) always differ by their \
-             fresh nonces, so compare counts then; otherwise something rewrote the events after \
-             the run",
+             the store, differing events: {}). {hint}",
             bad.len(),
             v.run_id,
             v.current_count,
@@ -676,4 +720,53 @@ pub async fn demo(store: &PgEventStore, n: u32) -> Result<()> {
          the same events without rewriting the store"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use chronicle_upcast::FnUpcaster;
+
+    use super::*;
+
+    fn registry() -> Registry {
+        let mut registry = Registry::new();
+        registry.upcaster(FnUpcaster::new("Item", 1, |event| {
+            event.data["qty"] = 1.into();
+            Ok(())
+        }));
+        registry
+    }
+
+    #[test]
+    fn rust_upcasters_chain_with_the_yaml_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("up.yaml");
+        std::fs::write(
+            &path,
+            "upcasters:\n  - event_type: Item\n    from: 2\n    steps:\n      - rename: { from: /qty, to: /quantity }\n",
+        )
+        .unwrap();
+        let arg = ConfigArg { config: Some(path) };
+        let chain = load_chain(&arg, &registry()).unwrap();
+        assert_eq!(chain.latest_version("Item"), Some(3));
+    }
+
+    #[test]
+    fn the_default_file_may_be_missing_only_when_the_binary_has_rust_upcasters() {
+        let missing = ConfigArg { config: None };
+        // The tests run in the crate folder, which has no upcasters.yaml.
+        assert!(!std::path::Path::new(DEFAULT_CONFIG).exists());
+        let chain = load_chain(&missing, &registry()).unwrap();
+        assert_eq!(chain.latest_version("Item"), Some(2));
+
+        let err = load_chain(&missing, &Registry::new()).unwrap_err();
+        assert!(err.to_string().contains("pass --config PATH"), "{err}");
+
+        // A file named explicitly must exist, Rust upcasters or not.
+        let named = ConfigArg {
+            config: Some("/nonexistent/up.yaml".into()),
+        };
+        let err = load_chain(&named, &registry()).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/up.yaml"), "{err}");
+    }
 }

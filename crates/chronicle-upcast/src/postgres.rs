@@ -82,6 +82,20 @@ pub enum RunError {
         #[source]
         failure: UpcastFailure,
     },
+    /// [`PgUpcaster::verify`] could not decrypt an event's fields (in the
+    /// backup or the store) to compare them as plaintext.
+    #[error(
+        "cannot verify upcast run {run_id}: the encrypted fields of event {event_id} could not be decrypted: {failure}"
+    )]
+    VerifyCipher {
+        /// The run.
+        run_id: Uuid,
+        /// The event.
+        event_id: Uuid,
+        /// What the cipher reported.
+        #[source]
+        failure: UpcastFailure,
+    },
     /// No run has this id.
     #[error("upcast run {0} not found; list runs with `chronicle upcast status`")]
     RunNotFound(Uuid),
@@ -442,6 +456,11 @@ pub struct VerifyReport {
     pub current_checksum: Checksum,
     /// Events whose current content differs from the expected, up to 10.
     pub mismatches: Vec<Uuid>,
+    /// Of the backed-up events, how many hold encrypted fields.
+    pub encrypted: u64,
+    /// Whether those were compared as plaintext (the upcaster has a
+    /// [`FieldCipher`] and the run is not rolled back); otherwise as stored.
+    pub compared_plaintext: bool,
 }
 
 impl VerifyReport {
@@ -1207,9 +1226,14 @@ impl PgUpcaster {
     /// what the store should hold (the backup upcast by the chain, or the
     /// backup itself after a rollback) and what it holds.
     ///
-    /// With a [`FieldCipher`], re-encrypted fields differ from a fresh
-    /// upcast of the backup (new nonces), so such events show as
-    /// mismatches; compare counts and the backup checksum then.
+    /// Events with encrypted fields are compared as plaintext when this
+    /// upcaster has a [`FieldCipher`]: the backup is decrypted and upcast,
+    /// the store's event decrypted (both audited), because re-encryption
+    /// gives fresh nonces and so never the same ciphertext twice. Without
+    /// a cipher they are compared as stored, which holds only for runs
+    /// that moved envelopes without re-encrypting them; a run made with a
+    /// cipher then shows its re-encrypted events as mismatches and
+    /// [`VerifyReport::encrypted`] says how many there are.
     pub async fn verify(&self, run_id: Uuid) -> Result<VerifyReport, RunError> {
         let info = self.run_info(run_id).await?;
         let client = self.pool.get().await?;
@@ -1231,32 +1255,50 @@ impl PgUpcaster {
         let mut current = Vec::with_capacity(rows.len());
         let mut mismatches = Vec::new();
         let mut current_count = 0;
+        let mut encrypted = 0;
         for row in &rows {
             let event_id: Uuid = row.try_get(0)?;
+            let backup_fields: Option<Vec<String>> = row.try_get(4)?;
             let original = content(
                 event_id,
                 row.try_get(1)?,
                 row.try_get(2)?,
                 row.try_get(3)?,
-                row.try_get(4)?,
+                backup_fields.clone(),
             );
             let present: bool = row.try_get(8)?;
+            let current_fields: Option<Vec<String>> = row.try_get(12)?;
+            let is_encrypted = [&backup_fields, &current_fields]
+                .iter()
+                .any(|f| f.as_ref().is_some_and(|f| !f.is_empty()));
+            encrypted += u64::from(is_encrypted);
+            // A rollback restored the envelopes themselves: compare them
+            // as stored. Otherwise decrypt when the run re-encrypted.
+            let cipher = match (&self.cipher, is_encrypted) {
+                (Some(c), true) if info.status != RunStatus::RolledBack => Some(c.as_ref()),
+                _ => None,
+            };
             let now = if present {
                 current_count += 1;
-                content(
+                let now = content(
                     event_id,
                     row.try_get(9)?,
                     row.try_get(10)?,
                     row.try_get(11)?,
-                    row.try_get(12)?,
-                )
+                    current_fields,
+                );
+                match cipher {
+                    Some(cipher) => decrypted_content(run_id, row, now, cipher).await?,
+                    None => now,
+                }
             } else {
                 Value::Null
             };
             let want = if info.status == RunStatus::RolledBack {
                 original.clone()
             } else {
-                self.expected_after(row, info.from_version)?
+                self.expected_after(run_id, row, info.from_version, cipher)
+                    .await?
             };
             if want != now && mismatches.len() < 10 {
                 mismatches.push(event_id);
@@ -1274,11 +1316,20 @@ impl PgUpcaster {
             expected_checksum: Checksum::of(&Value::Array(expected)),
             current_checksum: Checksum::of(&Value::Array(current)),
             mismatches,
+            encrypted,
+            compared_plaintext: self.cipher.is_some() && info.status != RunStatus::RolledBack,
         })
     }
 
-    /// A backup row (verify's columns) upcast as the runner would write it.
-    fn expected_after(&self, row: &Row, from_version: u32) -> Result<Value, RunError> {
+    /// A backup row (verify's columns) upcast as the runner would write it;
+    /// with a cipher, decrypted first and left as plaintext.
+    async fn expected_after(
+        &self,
+        run_id: Uuid,
+        row: &Row,
+        from_version: u32,
+        cipher: Option<&dyn FieldCipher>,
+    ) -> Result<Value, RunError> {
         let event_id: Uuid = row.try_get(0)?;
         let metadata: Option<Value> = row.try_get(3)?;
         let encrypted: Option<Vec<String>> = row.try_get(4)?;
@@ -1295,7 +1346,17 @@ impl PgUpcaster {
             encrypted_fields: encrypted.clone().unwrap_or_default(),
             position: Position::default(),
         };
-        let event = UpcastEvent::from_envelope(&envelope).with_schema_version(from_version);
+        let mut event = UpcastEvent::from_envelope(&envelope).with_schema_version(from_version);
+        if let Some(cipher) = cipher {
+            cipher
+                .decrypt(&mut event)
+                .await
+                .map_err(|failure| RunError::VerifyCipher {
+                    run_id,
+                    event_id,
+                    failure,
+                })?;
+        }
         let after = self
             .chain
             .upcast_validated(event)
@@ -1460,6 +1521,44 @@ fn encrypted_column(was_null: bool, fields: &[String]) -> Option<Value> {
     } else {
         Some(json!(fields))
     }
+}
+
+/// `content` of the store's event with its encrypted fields decrypted.
+async fn decrypted_content(
+    run_id: Uuid,
+    row: &Row,
+    stored: Value,
+    cipher: &dyn FieldCipher,
+) -> Result<Value, RunError> {
+    let Value::Object(mut stored) = stored else {
+        return Ok(stored);
+    };
+    let event_id: Uuid = row.try_get(0)?;
+    let envelope = EventEnvelope {
+        event_id,
+        aggregate_id: row.try_get(5)?,
+        aggregate_type: row.try_get::<_, Option<String>>(7)?.unwrap_or_default(),
+        event_type: row.try_get(9)?,
+        event_data: stored.remove("event_data").unwrap_or(Value::Null),
+        metadata: Metadata::from_json(row.try_get(11)?),
+        version: to_u32(row.try_get::<_, i32>(6)?),
+        timestamp: DateTime::<Utc>::default(),
+        encrypted_fields: row
+            .try_get::<_, Option<Vec<String>>>(12)?
+            .unwrap_or_default(),
+        position: Position::default(),
+    };
+    let mut event = UpcastEvent::from_envelope(&envelope);
+    cipher
+        .decrypt(&mut event)
+        .await
+        .map_err(|failure| RunError::VerifyCipher {
+            run_id,
+            event_id,
+            failure,
+        })?;
+    stored.insert("event_data".into(), event.data);
+    Ok(Value::Object(stored))
 }
 
 /// What verify compares for one event.

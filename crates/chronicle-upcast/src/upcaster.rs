@@ -1,6 +1,7 @@
 //! The upcaster trait and its Rust-function implementation.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::{UpcastEvent, UpcastFailure};
 
@@ -33,6 +34,26 @@ pub trait Upcaster: Send + Sync + fmt::Debug {
     /// Transforms `event` in place from [`Upcaster::source_version`] to the
     /// next version.
     fn upcast(&self, event: &mut UpcastEvent) -> Result<(), UpcastFailure>;
+}
+
+/// A shared upcaster is one too, so a list of `Arc<dyn Upcaster>` can be
+/// handed to [`UpcasterChainBuilder::upcaster`](crate::UpcasterChainBuilder::upcaster).
+impl<U: Upcaster + ?Sized> Upcaster for Arc<U> {
+    fn event_type(&self) -> &str {
+        (**self).event_type()
+    }
+
+    fn source_version(&self) -> u32 {
+        (**self).source_version()
+    }
+
+    fn target_event_type(&self) -> &str {
+        (**self).target_event_type()
+    }
+
+    fn upcast(&self, event: &mut UpcastEvent) -> Result<(), UpcastFailure> {
+        (**self).upcast(event)
+    }
 }
 
 type UpcastFn = dyn Fn(&mut UpcastEvent) -> Result<(), UpcastFailure> + Send + Sync;

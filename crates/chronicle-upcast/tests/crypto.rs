@@ -212,9 +212,51 @@ async fn encrypted_fields_go_through_an_eager_migration_readable_audited_and_nev
         "{audited:?}"
     );
 
-    // Verify: counts agree (re-encrypted fields differ by their nonces).
-    let v = upcaster.verify(report.runs[0].run_id).await.unwrap();
+    // Verify with the cipher compares plaintext: clean, although every
+    // field was re-encrypted under fresh nonces.
+    let run_id = report.runs[0].run_id;
+    let v = upcaster.verify(run_id).await.unwrap();
     assert_eq!((v.backup_count, v.current_count), (12, 12));
+    assert_eq!((v.encrypted, v.compared_plaintext), (12, true));
+    assert!(v.is_ok(), "{v:?}");
+
+    // Without the cipher the envelopes are compared as stored, and differ;
+    // the report says why.
+    let plain = PgUpcaster::new(
+        db.pool.clone(),
+        UpcasterChain::builder()
+            .config(UpcastConfig::from_yaml("up.yaml", UPCASTERS).unwrap())
+            .build()
+            .unwrap(),
+    );
+    let v = plain.verify(run_id).await.unwrap();
+    assert!(!v.is_ok());
+    assert_eq!((v.encrypted, v.compared_plaintext), (12, false));
+
+    // A field changed after the run is found, even one inside the data
+    // next to envelopes.
+    let client = db.pool.get().await.unwrap();
+    let tampered: Uuid = client
+        .query_one(
+            "UPDATE events SET event_data = jsonb_set(event_data, '{contact,verified}', 'true') \
+              WHERE event_id = (SELECT event_id FROM events WHERE aggregate_id <> $1 \
+                                 ORDER BY global_position LIMIT 1) RETURNING event_id",
+            &[&shredded],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let v = upcaster.verify(run_id).await.unwrap();
+    assert_eq!(v.mismatches, vec![tampered]);
+    client
+        .execute(
+            "UPDATE events SET event_data = jsonb_set(event_data, '{contact,verified}', 'false') \
+              WHERE event_id = $1",
+            &[&tampered],
+        )
+        .await
+        .unwrap();
+    assert!(upcaster.verify(run_id).await.unwrap().is_ok());
 
     // Rollback restores the original envelopes byte for byte, readable at
     // their old pointers again.
