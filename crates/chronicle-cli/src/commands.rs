@@ -398,7 +398,15 @@ async fn open_projection(
         },
         None => options,
     };
-    let mut projection = chronicle_projections::PgProjection::new(pool.clone(), handler, options)?;
+    let mut projection = match crate::upcast::read_chain(registry)? {
+        // The handler sees every event at the newest version of its type.
+        Some(chain) => chronicle_projections::PgProjection::new(
+            pool.clone(),
+            chronicle_upcast::UpcastingHandler::new(handler, chain),
+            options,
+        )?,
+        None => chronicle_projections::PgProjection::new(pool.clone(), handler, options)?,
+    };
     if let Some(schema) = registry.read_model_schema(name) {
         // Validates the name before it goes into SQL.
         projection = projection.with_read_model_schema(schema)?;

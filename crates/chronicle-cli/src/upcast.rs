@@ -160,6 +160,18 @@ pub fn exit_code(e: &RunError) -> Option<u8> {
     }
 }
 
+/// The chain projections apply before their handlers (lazy upcasting):
+/// when `$CHRONICLE_UPCASTERS` names a YAML file or the binary carries
+/// Rust upcasters, the same chain `chronicle upcast` uses (see
+/// [`load_chain`]); `None` otherwise.
+pub(crate) fn read_chain(registry: &Registry) -> Result<Option<UpcasterChain>> {
+    let config = std::env::var_os("CHRONICLE_UPCASTERS").map(PathBuf::from);
+    if config.is_none() && registry.upcasters().is_empty() {
+        return Ok(None);
+    }
+    load_chain(&ConfigArg { config }, registry).map(Some)
+}
+
 /// The chain of the binary's Rust upcasters and the YAML definitions. The
 /// YAML file may be missing only when it was not named and the binary
 /// carries Rust upcasters.

@@ -13,4 +13,5 @@ mod leases;
 mod metrics;
 mod queue;
 mod retries;
+mod upcasting;
 mod webhook;

@@ -153,6 +153,7 @@ mod crypto;
 mod declarative;
 mod error;
 mod event;
+mod handler;
 mod plan;
 mod pointer;
 #[cfg(feature = "postgres")]
@@ -167,6 +168,7 @@ pub use crypto::CryptoFieldCipher;
 pub use declarative::{DeclarativeUpcaster, Step, UpcastConfig};
 pub use error::{ConfigError, Error, Result, SchemaIssue, SourceLocation, UpcastFailure};
 pub use event::{EventIdentity, UpcastEvent, check_identity};
+pub use handler::UpcastingHandler;
 pub use plan::{Change, Checksum, ChecksumParseError, EventDiff, canonical_json, diff};
 pub use pointer::{
     ENCRYPTED_KEY, JsonPointer, PointerError, REDACTED_KEY, is_encrypted, is_redacted,
