@@ -73,6 +73,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "audit_chains",
         sql: include_str!("../migrations/0009_audit_chains.sql"),
     },
+    Migration {
+        version: 10,
+        name: "append_fast_path",
+        sql: include_str!("../migrations/0010_append_fast_path.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.
