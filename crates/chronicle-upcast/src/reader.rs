@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chronicle_core::{AggregateId, EventEnvelope, EventReader, FeedBatch, Position, TimeRange};
+use chronicle_core::{
+    AggregateId, AppendOutcome, EventAppender, EventEnvelope, EventReader, ExpectedVersion,
+    FeedBatch, NewEvent, Position, TimeRange,
+};
 use chrono::{DateTime, Utc};
 
 use crate::{Mode, UpcasterChain};
@@ -18,6 +21,13 @@ use crate::{Mode, UpcasterChain};
 /// run is in progress, so projections and aggregates always see the newest
 /// version. [`UpcastingReader::lazy_only`] restricts it to event types in
 /// [`Mode::Lazy`].
+///
+/// It also appends (when the inner store does), so a
+/// [`Repository`](chronicle_core::Repository) over it loads aggregates at
+/// the newest version of every event: code on top of it reads and writes
+/// the newest versions only. Appended events whose metadata carries the
+/// default schema version 1 are stamped with the newest version the chain
+/// knows for their type; other versions are kept as given.
 ///
 /// A chain failure is returned as [`chronicle_core::Error::Backend`] with
 /// the chain's [`Error`](crate::Error) (naming the event) as its source.
@@ -128,5 +138,27 @@ impl<R: EventReader> EventReader for UpcastingReader<R> {
     ) -> chronicle_core::Result<Vec<EventEnvelope>> {
         let events = self.inner.read_by_type(event_type, range, limit).await?;
         self.upcast_all(events)
+    }
+}
+
+#[async_trait]
+impl<R: EventAppender> EventAppender for UpcastingReader<R> {
+    async fn append(
+        &self,
+        aggregate_id: AggregateId,
+        aggregate_type: &str,
+        expected: ExpectedVersion,
+        mut events: Vec<NewEvent>,
+    ) -> chronicle_core::Result<AppendOutcome> {
+        for event in &mut events {
+            if event.metadata.schema_version == 1
+                && let Some(latest) = self.chain.latest_version(&event.event_type)
+            {
+                event.metadata.schema_version = latest;
+            }
+        }
+        self.inner
+            .append(aggregate_id, aggregate_type, expected, events)
+            .await
     }
 }

@@ -488,3 +488,77 @@ async fn works_on_a_hash_partitioned_store() {
     }
     assert_eq!(snapshot(&db).await, before);
 }
+
+/// A cart written against ItemAdded v3 only.
+#[derive(Debug, Default)]
+struct Cart {
+    titles: Vec<String>,
+    cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+enum CartEvent {
+    ItemAdded {
+        title: String,
+        qty: i64,
+        price_cents: i64,
+        n: i64,
+    },
+}
+
+impl chronicle_core::DomainEvent for CartEvent {}
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+struct Never;
+
+impl chronicle_core::Aggregate for Cart {
+    const TYPE: &'static str = "Cart";
+    type Event = CartEvent;
+    type Command = (String, i64);
+    type Error = Never;
+
+    fn apply(&mut self, event: CartEvent) {
+        let CartEvent::ItemAdded {
+            title, price_cents, ..
+        } = event;
+        self.titles.push(title);
+        self.cents += price_cents;
+    }
+
+    fn handle(&self, (title, price_cents): (String, i64)) -> Result<Vec<CartEvent>, Never> {
+        Ok(vec![CartEvent::ItemAdded {
+            title,
+            qty: 1,
+            price_cents,
+            n: 0,
+        }])
+    }
+}
+
+#[tokio::test]
+async fn a_repository_over_the_upcasting_reader_sees_and_writes_the_newest_version() {
+    let db = fresh_db().await;
+    let id = Uuid::now_v7();
+    db.store
+        .append(id, "Cart", ExpectedVersion::NoStream, vec![v1(4), v1(8)])
+        .await
+        .unwrap();
+    let repo = chronicle_core::Repository::new(UpcastingReader::new(
+        db.store.clone(),
+        chain(Arc::default()),
+    ));
+    // v1 events (name, price in units) load as v3 (title, price_cents).
+    let (cart, version) = repo.load::<Cart>(id).await.unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(cart.titles, ["item 4", "item 8"]);
+    assert_eq!(cart.cents, 100 + 200);
+
+    // A command's event is stored as v3, so it is not upcast again.
+    repo.execute::<Cart>(id, ("pen".into(), 250)).await.unwrap();
+    let stored = db.store.read_stream(id, 3, None).await.unwrap();
+    assert_eq!(stored[0].metadata.schema_version, 3);
+    assert_eq!(stored[0].event_data["price_cents"], 250);
+    let (cart, version) = repo.load::<Cart>(id).await.unwrap();
+    assert_eq!((version, cart.cents), (3, 550));
+}
