@@ -329,3 +329,77 @@ async fn a_failure_during_a_rebuild_stops_it_instead_of_dead_lettering() {
     drain(&projection).await;
     assert_eq!(read_model(&db).await, expected_model(&db).await);
 }
+
+/// Records the session's `synchronous_commit` as each step's handler sees it.
+struct CommitMode(Arc<std::sync::Mutex<Vec<String>>>);
+
+#[async_trait::async_trait]
+impl chronicle_core::ProjectionHandler<chronicle_projections::PgContext> for CommitMode {
+    fn name(&self) -> &str {
+        "commit-mode"
+    }
+
+    async fn handle(
+        &self,
+        _: &chronicle_core::EventEnvelope,
+        ctx: &mut chronicle_projections::PgContext,
+    ) -> chronicle_core::ProjectionResult {
+        let row = ctx
+            .client()
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap();
+        self.0.lock().unwrap().push(row.get(0));
+        chronicle_core::ProjectionResult::Done
+    }
+}
+
+/// Steps commit without waiting for the WAL flush unless asked to, and the
+/// setting stays inside the step's transaction.
+#[tokio::test]
+async fn steps_commit_asynchronously_unless_durable_commits_is_set() {
+    let db = fresh_db().await;
+    deposit(&db, 1, 1).await;
+    wait_for_horizon(&db).await;
+    // Test clusters default to `off`; this database's new sessions to `on`.
+    let admin = db.pool.get().await.unwrap();
+    admin
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = on', current_database()); END $$",
+        )
+        .await
+        .unwrap();
+    let pool = chronicle_postgres::PgOptions::from_url(&db.url)
+        .unwrap()
+        .pool()
+        .unwrap();
+    for (durable, expected) in [(false, "off"), (true, "on")] {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let projection = PgProjection::new(
+            pool.clone(),
+            CommitMode(seen.clone()),
+            ProjectionOptions {
+                partitions: 1,
+                durable_commits: durable,
+                ..ProjectionOptions::default()
+            },
+        )
+        .unwrap();
+        projection.register().await.unwrap();
+        projection.rebuild(Position::START).await.unwrap();
+        drain(&projection).await;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [expected],
+            "durable_commits: {durable}"
+        );
+    }
+    // SET LOCAL ended with the step: the pool's sessions are as before.
+    let client = pool.get().await.unwrap();
+    let mode: String = client
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "on");
+}

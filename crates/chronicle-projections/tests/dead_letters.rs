@@ -340,3 +340,74 @@ async fn a_batch_that_fails_without_naming_the_event_is_replayed_event_by_event(
         ]
     );
 }
+
+/// Partitions stepped in turn by one worker, through small windows full of
+/// the other partitions' events: the read model comes out right, every
+/// aggregate in order, and a poison event parks its aggregate's later
+/// events, however the windows cut them.
+#[tokio::test]
+async fn partitions_stepped_in_turn_keep_order_and_park_behind_dead_letters() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    let ids = crate::ledger::deposit(&db, 40, 3).await;
+    let sick = ids[7];
+    let poison = append_one(&db, sick, json!({ "amount": 100, "poison": true })).await;
+    let mut later = Vec::new();
+    crate::ledger::append_more(&db, &ids, 3).await;
+    for amount in [1000, 2000] {
+        later.push(append_one(&db, sick, json!({ "amount": amount })).await);
+    }
+    crate::ledger::wait_for_horizon(&db).await;
+
+    let ledger = Ledger::new("lockstep");
+    let options = ProjectionOptions {
+        partitions: 4,
+        batch_size: 8,
+        ..ProjectionOptions::default()
+    };
+    let projection = PgProjection::new(db.pool.clone(), ledger.clone(), options).unwrap();
+    projection.register().await.unwrap();
+    let mut rounds = 0;
+    loop {
+        let mut done = true;
+        for partition in 0..4 {
+            let out = projection.step(partition, "worker-1").await.unwrap();
+            done &= out.caught_up && out.lag_events == 0;
+        }
+        if done {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds < 100, "never caught up");
+    }
+    assert!(rounds > 3, "the windows were small enough to take turns");
+
+    let model = read_model(&db).await;
+    for id in &ids {
+        if *id == sick {
+            // Its first three deposits, then the poison: stopped there.
+            assert_eq!(versions(&model, *id), [1, 2, 3], "{id}");
+        } else {
+            assert_eq!(versions(&model, *id), [1, 2, 3, 4, 5, 6], "{id}");
+        }
+    }
+    let letters = dlq::list(&db.pool, "lockstep", Some(sick)).await.unwrap();
+    let states: Vec<_> = letters.iter().map(|l| (l.event_id, l.state)).collect();
+    assert_eq!(states[0], (poison, DeadLetterState::Failed));
+    assert_eq!(states.len(), 1 + 3 + later.len(), "{states:?}");
+    assert!(
+        states[1..]
+            .iter()
+            .all(|(_, s)| *s == DeadLetterState::Parked),
+        "{states:?}"
+    );
+    let handled: u64 = projection
+        .state()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.events_processed)
+        .sum();
+    // Every deposit once, but the sick account's three behind the poison.
+    assert_eq!(handled, 40 * 6 - 3);
+}
