@@ -47,21 +47,6 @@ pub struct ProjectionOptions {
     /// A partition further behind than this raises an
     /// [`Alert::Lagging`] (default 5 minutes, the spec's "a few minutes").
     pub lag_alert_after: Duration,
-    /// Whether a step's commit waits for its WAL flush (default `false`:
-    /// the step's transaction runs with `synchronous_commit = off`; other
-    /// transactions, such as a dead-letter retry an operator asked for,
-    /// always wait).
-    ///
-    /// Not waiting loses nothing: the read model's writes, the dead
-    /// letters and the checkpoint commit in one transaction, so a server
-    /// crash that drops the last few hundred milliseconds of commits drops
-    /// them together, and the partition resumes from the checkpoint that
-    /// survived and handles those events again, which delivery already
-    /// allows (at least once for effects outside the database; handlers
-    /// writing only to PostgreSQL in the step see each event once per
-    /// surviving commit). It takes a WAL flush off every step. Set `true`
-    /// when a handler's outside effects must not repeat after a crash.
-    pub durable_commits: bool,
 }
 
 impl Default for ProjectionOptions {
@@ -73,7 +58,6 @@ impl Default for ProjectionOptions {
             lease_ttl: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),
             lag_alert_after: Duration::from_secs(300),
-            durable_commits: false,
         }
     }
 }
@@ -424,13 +408,8 @@ impl PgProjection {
         // trip (requests on a connection go out in the order they are first
         // polled).
         let client = ctx.client();
-        let begin = if self.options.durable_commits {
-            "BEGIN"
-        } else {
-            "BEGIN; SET LOCAL synchronous_commit = off"
-        };
         let (begun, scoped, claim) = tokio::join!(
-            client.batch_execute(begin),
+            client.batch_execute("BEGIN"),
             self.scope_search_path(client),
             client.query_typed_opt(CLAIM, &claim_params)
         );

@@ -1333,29 +1333,10 @@ impl PgUpcaster {
         let event_id: Uuid = row.try_get(0)?;
         let metadata: Option<Value> = row.try_get(3)?;
         let encrypted: Option<Vec<String>> = row.try_get(4)?;
-        let aggregate_type: Option<String> = row.try_get(7)?;
-        let envelope = EventEnvelope {
-            event_id,
-            aggregate_id: row.try_get(5)?,
-            aggregate_type: aggregate_type.unwrap_or_default(),
-            event_type: row.try_get(1)?,
-            event_data: row.try_get(2)?,
-            metadata: Metadata::from_json(metadata.clone()),
-            version: to_u32(row.try_get::<_, i32>(6)?),
-            timestamp: DateTime::<Utc>::default(),
-            encrypted_fields: encrypted.clone().unwrap_or_default(),
-            position: Position::default(),
-        };
+        let envelope = verify_envelope(row, BACKUP_COLUMNS)?;
         let mut event = UpcastEvent::from_envelope(&envelope).with_schema_version(from_version);
         if let Some(cipher) = cipher {
-            cipher
-                .decrypt(&mut event)
-                .await
-                .map_err(|failure| RunError::VerifyCipher {
-                    run_id,
-                    event_id,
-                    failure,
-                })?;
+            verify_decrypt(cipher, run_id, &mut event).await?;
         }
         let after = self
             .chain
@@ -1523,6 +1504,45 @@ fn encrypted_column(was_null: bool, fields: &[String]) -> Option<Value> {
     }
 }
 
+/// Where verify's row holds the backup's and the store's event type, data,
+/// metadata and encrypted fields (in that order).
+const BACKUP_COLUMNS: usize = 1;
+const STORE_COLUMNS: usize = 9;
+
+/// One side of a verify row as an envelope.
+fn verify_envelope(row: &Row, side: usize) -> Result<EventEnvelope, RunError> {
+    Ok(EventEnvelope {
+        event_id: row.try_get(0)?,
+        aggregate_id: row.try_get(5)?,
+        aggregate_type: row.try_get::<_, Option<String>>(7)?.unwrap_or_default(),
+        event_type: row.try_get(side)?,
+        event_data: row.try_get(side + 1)?,
+        metadata: Metadata::from_json(row.try_get(side + 2)?),
+        version: to_u32(row.try_get::<_, i32>(6)?),
+        timestamp: DateTime::<Utc>::default(),
+        encrypted_fields: row
+            .try_get::<_, Option<Vec<String>>>(side + 3)?
+            .unwrap_or_default(),
+        position: Position::default(),
+    })
+}
+
+/// Decrypts `event`'s fields for verify's plaintext comparison.
+async fn verify_decrypt(
+    cipher: &dyn FieldCipher,
+    run_id: Uuid,
+    event: &mut UpcastEvent,
+) -> Result<(), RunError> {
+    cipher
+        .decrypt(event)
+        .await
+        .map_err(|failure| RunError::VerifyCipher {
+            run_id,
+            event_id: event.event_id(),
+            failure,
+        })
+}
+
 /// `content` of the store's event with its encrypted fields decrypted.
 async fn decrypted_content(
     run_id: Uuid,
@@ -1533,30 +1553,8 @@ async fn decrypted_content(
     let Value::Object(mut stored) = stored else {
         return Ok(stored);
     };
-    let event_id: Uuid = row.try_get(0)?;
-    let envelope = EventEnvelope {
-        event_id,
-        aggregate_id: row.try_get(5)?,
-        aggregate_type: row.try_get::<_, Option<String>>(7)?.unwrap_or_default(),
-        event_type: row.try_get(9)?,
-        event_data: stored.remove("event_data").unwrap_or(Value::Null),
-        metadata: Metadata::from_json(row.try_get(11)?),
-        version: to_u32(row.try_get::<_, i32>(6)?),
-        timestamp: DateTime::<Utc>::default(),
-        encrypted_fields: row
-            .try_get::<_, Option<Vec<String>>>(12)?
-            .unwrap_or_default(),
-        position: Position::default(),
-    };
-    let mut event = UpcastEvent::from_envelope(&envelope);
-    cipher
-        .decrypt(&mut event)
-        .await
-        .map_err(|failure| RunError::VerifyCipher {
-            run_id,
-            event_id,
-            failure,
-        })?;
+    let mut event = UpcastEvent::from_envelope(&verify_envelope(row, STORE_COLUMNS)?);
+    verify_decrypt(cipher, run_id, &mut event).await?;
     stored.insert("event_data".into(), event.data);
     Ok(Value::Object(stored))
 }
