@@ -390,3 +390,114 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
     );
     assert!(String::from_utf8_lossy(&tampered.stderr).contains("not intact"));
 }
+
+/// An eager upcast of encrypted fields through the binary: `upcast run`
+/// refuses without the keyring and re-encrypts with it; `upcast verify`
+/// with the keyring compares plaintext and finds the run clean, without it
+/// says to pass --keyring; the rollback restores the originals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upcast_run_and_verify_encrypted_fields_with_the_keyring() {
+    let url = fresh_database();
+    let home = tempfile::tempdir().unwrap();
+    ok(&chronicle(&url, home.path(), &["demo"]));
+    let keyring_path = home.path().join("keyring.yaml");
+
+    // A customer whose fields are readable (the demo's was shredded).
+    let pool = PgOptions::from_url(&url).unwrap().connect().await.unwrap();
+    let crypto = Arc::new(
+        FieldEncryptorBuilder::new(
+            EncryptionConfig::from_yaml(
+                "encryption:\n  events:\n    CustomerRegistered:\n      fields: [/email, /phone]\n",
+            )
+            .unwrap(),
+            Arc::new(LocalKeyring::from_file(&keyring_path).unwrap()),
+            Arc::new(PgDataKeyStore::new(pool.clone())),
+            Arc::new(PgAuditSink::new(pool.clone())),
+        )
+        .build(),
+    );
+    let store =
+        PgEventStore::new(pool.clone()).encrypted(crypto, AccessContext::new("app", "signup"));
+    store
+        .append(
+            Uuid::now_v7(),
+            "customer",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new(
+                "CustomerRegistered",
+                json!({ "name": "Ada Lovelace", "email": "ada@secret.example", "phone": "+44 20 7946 0000" }),
+            )],
+        )
+        .await
+        .unwrap();
+
+    let config = home.path().join("upcasters.yaml");
+    std::fs::write(
+        &config,
+        "upcasters:\n  - event_type: CustomerRegistered\n    from: 1\n    steps:\n      - move: { from: /email, to: /contact/email }\n",
+    )
+    .unwrap();
+    let (config, keyring) = (config.to_str().unwrap(), keyring_path.to_str().unwrap());
+    let home = home.path();
+
+    let refused = chronicle(&url, home, &["upcast", "run", "--config", config]);
+    assert_ne!(code(&refused), Some(0));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--keyring"));
+
+    ok(&chronicle(
+        &url,
+        home,
+        &["upcast", "run", "--config", config, "--keyring", keyring],
+    ));
+    let reports = json_objects(&ok(&chronicle(
+        &url,
+        home,
+        &[
+            "upcast",
+            "verify",
+            "--config",
+            config,
+            "--keyring",
+            keyring,
+            "--output",
+            "json",
+        ],
+    )));
+    let ours: Vec<&Value> = reports
+        .iter()
+        .filter(|r| r["encrypted"].as_u64() > Some(0))
+        .collect();
+    assert_eq!(ours.len(), 1, "{reports:?}");
+    assert_eq!(ours[0]["ok"], true, "{reports:?}");
+    assert_eq!(ours[0]["compared_plaintext"], true);
+    assert_eq!(
+        ours[0]["encrypted"], 2,
+        "Ada's event and the demo's shredded one"
+    );
+    assert!(
+        !ok(&chronicle(
+            &url,
+            home,
+            &["read", "type", "CustomerRegistered", "--output", "json"],
+        ))
+        .contains("ada@secret.example"),
+        "the store holds no plaintext after the run"
+    );
+
+    let without = chronicle(
+        &url,
+        home,
+        &["upcast", "verify", "--config", config, "--output", "json"],
+    );
+    assert_eq!(code(&without), Some(1));
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(stderr.contains("verify with --keyring PATH"), "{stderr}");
+
+    ok(&chronicle(&url, home, &["upcast", "rollback", "--all"]));
+    let after = json_objects(&ok(&chronicle(
+        &url,
+        home,
+        &["upcast", "verify", "--config", config, "--output", "json"],
+    )));
+    assert!(after.iter().all(|r| r["ok"] == true), "{after:?}");
+}
