@@ -47,6 +47,41 @@ fn code(out: &Output) -> Option<i32> {
     out.status.code()
 }
 
+/// Appends Ada's `CustomerRegistered` (email and phone encrypted) as an
+/// application would, with the keyring at `keyring_path`; returns the pool
+/// and her aggregate id.
+async fn append_ada(url: &str, keyring_path: &Path) -> (PgPool, Uuid) {
+    let pool = PgOptions::from_url(url).unwrap().connect().await.unwrap();
+    let crypto = Arc::new(
+        FieldEncryptorBuilder::new(
+            EncryptionConfig::from_yaml(
+                "encryption:\n  events:\n    CustomerRegistered:\n      fields: [/email, /phone]\n",
+            )
+            .unwrap(),
+            Arc::new(LocalKeyring::from_file(keyring_path).unwrap()),
+            Arc::new(PgDataKeyStore::new(pool.clone())),
+            Arc::new(PgAuditSink::new(pool.clone())),
+        )
+        .build(),
+    );
+    let store =
+        PgEventStore::new(pool.clone()).encrypted(crypto, AccessContext::new("app", "signup"));
+    let ada = Uuid::now_v7();
+    store
+        .append(
+            ada,
+            "customer",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new(
+                "CustomerRegistered",
+                json!({ "name": "Ada Lovelace", "email": "ada@secret.example", "phone": "+44 20 7946 0000" }),
+            )],
+        )
+        .await
+        .unwrap();
+    (pool, ada)
+}
+
 /// A careless projection: it fails on every customer event with the event
 /// data in its error message, as delivered (ciphertext, not plaintext).
 struct Careless;
@@ -110,35 +145,7 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
 
     // Another customer, not shredded, written as an application would,
     // with the development keyring.
-    let pool = PgOptions::from_url(&url).unwrap().connect().await.unwrap();
-    let keyring = Arc::new(LocalKeyring::from_file(&keyring_path).unwrap());
-    let crypto = Arc::new(
-        FieldEncryptorBuilder::new(
-            EncryptionConfig::from_yaml(
-                "encryption:\n  events:\n    CustomerRegistered:\n      fields: [/email, /phone]\n",
-            )
-            .unwrap(),
-            keyring,
-            Arc::new(PgDataKeyStore::new(pool.clone())),
-            Arc::new(PgAuditSink::new(pool.clone())),
-        )
-        .build(),
-    );
-    let store =
-        PgEventStore::new(pool.clone()).encrypted(crypto, AccessContext::new("app", "signup"));
-    let ada = Uuid::now_v7();
-    store
-        .append(
-            ada,
-            "customer",
-            ExpectedVersion::NoStream,
-            vec![NewEvent::new(
-                "CustomerRegistered",
-                json!({ "name": "Ada Lovelace", "email": "ada@secret.example", "phone": "+44 20 7946 0000" }),
-            )],
-        )
-        .await
-        .unwrap();
+    let (pool, ada) = append_ada(&url, &keyring_path).await;
 
     // A projection that fails on them: the encrypted events are
     // dead-lettered (and the customers' later events parked).
@@ -403,33 +410,7 @@ async fn upcast_run_and_verify_encrypted_fields_with_the_keyring() {
     let keyring_path = home.path().join("keyring.yaml");
 
     // A customer whose fields are readable (the demo's was shredded).
-    let pool = PgOptions::from_url(&url).unwrap().connect().await.unwrap();
-    let crypto = Arc::new(
-        FieldEncryptorBuilder::new(
-            EncryptionConfig::from_yaml(
-                "encryption:\n  events:\n    CustomerRegistered:\n      fields: [/email, /phone]\n",
-            )
-            .unwrap(),
-            Arc::new(LocalKeyring::from_file(&keyring_path).unwrap()),
-            Arc::new(PgDataKeyStore::new(pool.clone())),
-            Arc::new(PgAuditSink::new(pool.clone())),
-        )
-        .build(),
-    );
-    let store =
-        PgEventStore::new(pool.clone()).encrypted(crypto, AccessContext::new("app", "signup"));
-    store
-        .append(
-            Uuid::now_v7(),
-            "customer",
-            ExpectedVersion::NoStream,
-            vec![NewEvent::new(
-                "CustomerRegistered",
-                json!({ "name": "Ada Lovelace", "email": "ada@secret.example", "phone": "+44 20 7946 0000" }),
-            )],
-        )
-        .await
-        .unwrap();
+    append_ada(&url, &keyring_path).await;
 
     let config = home.path().join("upcasters.yaml");
     std::fs::write(
