@@ -478,6 +478,15 @@ async fn bulk_reads(
             Ok((events, calls))
         }));
     }
+    read_rate(started, tasks).await
+}
+
+/// Waits for reader tasks that return (events, reads): events per second
+/// since `started`, and the number of reads.
+async fn read_rate(
+    started: Instant,
+    tasks: Vec<JoinHandle<Result<(usize, usize)>>>,
+) -> Result<(f64, usize)> {
     let (mut events, mut calls) = (0, 0);
     for t in tasks {
         let (e, c) = t.await??;
@@ -577,13 +586,7 @@ async fn user_reads(
             Ok((events, calls))
         }));
     }
-    let (mut events, mut calls) = (0, 0);
-    for t in tasks {
-        let (e, c) = t.await??;
-        events += e;
-        calls += c;
-    }
-    Ok((events as f64 / started.elapsed().as_secs_f64(), calls))
+    read_rate(started, tasks).await
 }
 
 /// Prints cases as a table with ratios.

@@ -88,8 +88,8 @@ async fn wait_for_points(db: &TestDb, expected: i64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blue_green_rebuild_swaps_in_a_complete_model_readers_never_see_half_built() {
+/// A fresh database with the live read model's schema `rm_points` set up.
+async fn db_with_live_model() -> TestDb {
     let db = fresh_db().await;
     db.pool
         .get()
@@ -100,6 +100,12 @@ async fn a_blue_green_rebuild_swaps_in_a_complete_model_readers_never_see_half_b
         ))
         .await
         .unwrap();
+    db
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blue_green_rebuild_swaps_in_a_complete_model_readers_never_see_half_built() {
+    let db = db_with_live_model().await;
     let accounts = deposit(&db, 50, 20).await; // 1,000 events
     wait_for_horizon(&db).await;
     let weight = Arc::new(AtomicI64::new(1));
@@ -226,16 +232,7 @@ impl ProjectionHandler<PgContext> for Flaky {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_blue_green_rebuild_leaves_the_live_model_and_says_what_to_do() {
-    let db = fresh_db().await;
-    db.pool
-        .get()
-        .await
-        .unwrap()
-        .batch_execute(&format!(
-            "BEGIN; CREATE SCHEMA rm_points; SET LOCAL search_path = rm_points; {SETUP}; COMMIT"
-        ))
-        .await
-        .unwrap();
+    let db = db_with_live_model().await;
     deposit(&db, 10, 5).await;
     wait_for_horizon(&db).await;
     let failing = Arc::new(AtomicBool::new(false));
