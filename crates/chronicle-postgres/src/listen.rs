@@ -119,7 +119,9 @@ async fn listen_loop(
             Err(e) => {
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Err(Error::Connect(format!(
-                        "cannot LISTEN on `{channel}`: {}",
+                        "cannot LISTEN on `{channel}`: {}; check the listening URL (behind a \
+                         transaction-mode pooler, give the database's direct URL: LISTEN needs \
+                         its own session), or run without it and rely on polling",
                         crate::error::describe(&e)
                     ))));
                     return;

@@ -108,6 +108,8 @@ pub struct StepOutcome {
     pub checkpoint: Position,
     /// Whether the step read everything the feed had for the partition.
     pub caught_up: bool,
+    /// Rows of the feed the step's window held, any partition's.
+    pub window_rows: u64,
     /// Events of the partition after the checkpoint (counted among the
     /// next [`LAG_COUNT_CAP`] events of the feed).
     pub lag_events: u64,
@@ -540,10 +542,11 @@ impl PgProjection {
             .client()
             .query_typed_raw(
                 &format!(
-                    "SELECT event_id, aggregate_id,
+                    "SELECT CASE WHEN mine THEN event_id END, CASE WHEN mine THEN aggregate_id END,
                             CASE WHEN mine THEN aggregate_type END, CASE WHEN mine THEN event_type END,
                             CASE WHEN mine THEN event_data END, CASE WHEN mine THEN metadata END,
-                            version, timestamp, CASE WHEN mine THEN encrypted_fields END,
+                            CASE WHEN mine THEN version END, CASE WHEN mine THEN timestamp END,
+                            CASE WHEN mine THEN encrypted_fields END,
                             transaction_id, global_position, mine,
                             mine AND aggregate_id IN (SELECT d.aggregate_id FROM projection_dead_letters d
                                                        WHERE d.projection = $7) AS blocked
@@ -567,7 +570,8 @@ impl PgProjection {
             )
             .await?;
         // Rows stream in feed order and are decoded as they arrive; other
-        // partitions' rows carry only their position (the window's end).
+        // partitions' rows carry only their position (the window's end):
+        // every other column is NULL.
         futures_util::pin_mut!(rows);
         let mut events = Vec::new();
         let mut blocked = AggregateSet::default();
@@ -698,6 +702,7 @@ impl PgProjection {
         let n = self.options.partitions as i32;
         let p = partition as i32;
         outcome.caught_up = window_rows < self.window();
+        outcome.window_rows = window_rows as u64;
         outcome.checkpoint = match window_end {
             // The whole window is handled (other partitions' rows in it
             // are theirs): resume after it.
@@ -1262,9 +1267,6 @@ impl PgProjection {
                 return Err(e);
             }
         }
-        for p in 0..self.options.partitions {
-            shadow.seen.lock().expect("seen versions").remove(&p);
-        }
         Ok(BlueGreenReport {
             replayed,
             elapsed: started.elapsed(),
@@ -1294,23 +1296,17 @@ impl PgProjection {
             return Err(Error::Config {
                 option: "rebuild",
                 reason: format!(
-                    "the new model of `{}` is {} instead of caught up; the live model is unchanged",
+                    "the new model of `{}` is {} instead of caught up (another process paused or \
+                     failed it); the live model is unchanged: run the blue/green rebuild again",
                     self.name,
                     row.get::<_, &str>(1)
                 ),
             });
         }
-        let old = format!("{schema}__old");
         client
             .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {old} CASCADE;
-                 DO $$ BEGIN
-                     IF EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = '{schema}') THEN
-                         ALTER SCHEMA {schema} RENAME TO {old};
-                     END IF;
-                 END $$;
-                 ALTER SCHEMA {next} RENAME TO {schema};
-                 DROP SCHEMA IF EXISTS {old} CASCADE;"
+                "DROP SCHEMA IF EXISTS {schema} CASCADE;
+                 ALTER SCHEMA {next} RENAME TO {schema};"
             ))
             .await?;
         let (live_name, new_name): (&str, &str) = (&self.name, &shadow.name);

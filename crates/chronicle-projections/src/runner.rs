@@ -220,7 +220,10 @@ impl PartitionTask {
                     }
                     holding = true;
                     if outcome.caught_up {
-                        if outcome.handled > 0 {
+                        // The feed moved (this partition's events or
+                        // another's): the notified append is visible, so
+                        // no more quick looks for it in any partition.
+                        if outcome.window_rows > 0 {
                             self.recheck = 0;
                         }
                         self.wait_for_events().await;
@@ -271,7 +274,7 @@ impl PartitionTask {
     }
 
     /// Waits for the next append's notification, at most the poll
-    /// interval. After a notification whose step found nothing (the
+    /// interval. After a notification whose step found no new feed rows (the
     /// append's transaction is still above the feed's horizon, held back by
     /// another open transaction), looks again soon, backing off, before
     /// waiting for the next notification.
