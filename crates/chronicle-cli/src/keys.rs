@@ -96,14 +96,14 @@ pub enum KeysCommand {
 }
 
 /// Where the keyring came from.
-enum KeyringSource {
+pub(crate) enum KeyringSource {
     File(PathBuf),
     Env,
 }
 
 /// The keyring and where it came from.
-struct Keyring {
-    keyring: Arc<LocalKeyring>,
+pub(crate) struct Keyring {
+    pub(crate) keyring: Arc<LocalKeyring>,
     source: KeyringSource,
 }
 
@@ -136,31 +136,40 @@ pub fn dev_keyring() -> Result<(Arc<LocalKeyring>, PathBuf)> {
     Ok((Arc::new(keyring), path))
 }
 
-fn load_keyring(db: &Database, flag: Option<&Path>) -> Result<Keyring> {
+/// The keyring named by `--keyring PATH` or by ${KEYRING_ENV} (a keyring
+/// document or a path), if either is given.
+pub(crate) fn named_keyring(flag: Option<&Path>) -> Result<Option<Keyring>> {
     if let Some(path) = flag {
         let keyring = LocalKeyring::from_file(path)
             .with_context(|| format!("--keyring {}", path.display()))?;
-        return Ok(Keyring {
+        return Ok(Some(Keyring {
             keyring: Arc::new(keyring),
             source: KeyringSource::File(path.to_owned()),
-        });
+        }));
     }
     if let Ok(value) = std::env::var(KEYRING_ENV) {
         let text = value.trim_start();
         if text.starts_with('{') || text.contains("keys:") {
             let keyring = LocalKeyring::parse(text).with_context(|| format!("${KEYRING_ENV}"))?;
-            return Ok(Keyring {
+            return Ok(Some(Keyring {
                 keyring: Arc::new(keyring),
                 source: KeyringSource::Env,
-            });
+            }));
         }
         let path = PathBuf::from(value);
         let keyring = LocalKeyring::from_file(&path)
             .with_context(|| format!("${KEYRING_ENV} ({})", path.display()))?;
-        return Ok(Keyring {
+        return Ok(Some(Keyring {
             keyring: Arc::new(keyring),
             source: KeyringSource::File(path),
-        });
+        }));
+    }
+    Ok(None)
+}
+
+fn load_keyring(db: &Database, flag: Option<&Path>) -> Result<Keyring> {
+    if let Some(keyring) = named_keyring(flag)? {
+        return Ok(keyring);
     }
     let dev = dev_keyring_path();
     if db.embedded && dev.exists() {

@@ -69,11 +69,12 @@ enum UpcastCommand {
         /// writing, so a bad event stops the run before any batch commits.
         #[arg(long)]
         check: bool,
-        /// A local keyring file (JSON or YAML, as `LocalKeyring` writes):
+        /// A local keyring file (JSON or YAML, as `LocalKeyring` writes;
+        /// default: $CHRONICLE_KEYRING, a keyring document or a path):
         /// encrypted fields are decrypted, upcast and re-encrypted under
         /// their subject's current data key, audited. Needed when matching
         /// events hold encrypted fields.
-        #[arg(long, value_name = "PATH", env = "CHRONICLE_KEYRING")]
+        #[arg(long, value_name = "PATH")]
         keyring: Option<PathBuf>,
     },
     /// Compare runs' backups with the store: counts and checksums.
@@ -82,10 +83,11 @@ enum UpcastCommand {
         run_ids: Vec<Uuid>,
         #[command(flatten)]
         config: ConfigArg,
-        /// The keyring the run used: events with encrypted fields are then
-        /// compared as plaintext (re-encryption never gives the same
-        /// ciphertext twice). Decryptions are audited.
-        #[arg(long, value_name = "PATH", env = "CHRONICLE_KEYRING")]
+        /// The keyring the run used (default: $CHRONICLE_KEYRING): events
+        /// with encrypted fields are then compared as plaintext
+        /// (re-encryption never gives the same ciphertext twice).
+        /// Decryptions are audited.
+        #[arg(long, value_name = "PATH")]
         keyring: Option<PathBuf>,
     },
     /// Restore runs' original events from the backup, byte for byte.
@@ -121,10 +123,12 @@ pub async fn run(
         } => {
             let chain = load_chain(&config, registry)?;
             let mut upcaster = PgUpcaster::new(pool.clone(), chain);
-            if let Some(path) = &keyring {
-                upcaster.cipher(Arc::new(cipher(&pool, path)?));
+            let cipher = cipher(&pool, keyring.as_deref(), "upcast run")?;
+            let has_keyring = cipher.is_some();
+            if let Some(cipher) = cipher {
+                upcaster.cipher(Arc::new(cipher));
             }
-            run_migrations(&upcaster, batch_size, check, keyring.is_some(), format).await
+            run_migrations(&upcaster, batch_size, check, has_keyring, format).await
         }
         UpcastCommand::Verify {
             run_ids,
@@ -132,8 +136,8 @@ pub async fn run(
             keyring,
         } => {
             let mut upcaster = PgUpcaster::new(pool.clone(), load_chain(&config, registry)?);
-            if let Some(path) = &keyring {
-                upcaster.cipher(Arc::new(cipher(&pool, path)?));
+            if let Some(cipher) = cipher(&pool, keyring.as_deref(), "upcast verify")? {
+                upcaster.cipher(Arc::new(cipher));
             }
             verify(&upcaster, run_ids, format).await
         }
@@ -203,23 +207,31 @@ fn load_chain(arg: &ConfigArg, registry: &Registry) -> Result<UpcasterChain> {
         .map_err(|e| UsageError(e.to_string()).into())
 }
 
-fn cipher(pool: &PgPool, keyring: &std::path::Path) -> Result<CryptoFieldCipher> {
-    let kek = chronicle_crypto::LocalKeyring::from_file(keyring).map_err(|e| {
+/// The cipher over the keyring named by `--keyring` or $CHRONICLE_KEYRING,
+/// if any; its decryptions and encryptions are audited as `command`'s.
+fn cipher(
+    pool: &PgPool,
+    keyring: Option<&std::path::Path>,
+    command: &str,
+) -> Result<Option<CryptoFieldCipher>> {
+    let Some(keyring) = crate::keys::named_keyring(keyring).map_err(|e| {
         UsageError(format!(
-            "cannot load the keyring {}: {e}; pass --keyring PATH to the keyring that wraps the \
-             data keys of this database",
-            keyring.display()
+            "cannot load the keyring: {e:#}; pass --keyring PATH (or set CHRONICLE_KEYRING) to \
+             the keyring that wraps the data keys of this database"
         ))
-    })?;
-    Ok(CryptoFieldCipher::new(
-        Arc::new(kek),
+    })?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(CryptoFieldCipher::new(
+        keyring.keyring,
         Arc::new(PgDataKeyStore::new(pool.clone())),
         Arc::new(PgAuditSink::new(pool.clone())),
         chronicle_crypto::AccessContext::new(
             format!("chronicle-upcast@{}", whoami()),
-            "schema migration (chronicle upcast run)",
+            format!("schema migration (chronicle {command})"),
         ),
-    ))
+    )))
 }
 
 fn whoami() -> String {
