@@ -549,6 +549,15 @@ impl UpcasterChain {
         Ok(event)
     }
 
+    /// Whether lazy upcasting changes `envelope`: it is below the newest
+    /// version of its type, and with `lazy_only` its type is in
+    /// [`Mode::Lazy`]. What [`UpcastingReader`](crate::UpcastingReader) and
+    /// [`UpcastingHandler`](crate::UpcastingHandler) ask before copying.
+    pub fn upcasts_on_read(&self, envelope: &EventEnvelope, lazy_only: bool) -> bool {
+        (!lazy_only || self.mode(&envelope.event_type) == Mode::Lazy)
+            && self.needs_upcast(&envelope.event_type, envelope.metadata.schema_version)
+    }
+
     /// Upcasts a stored event for a reader; identity and timestamp stay.
     /// Use it in both modes (see [`Mode`]), after decrypting the event's
     /// encrypted fields: a ciphertext moved to another pointer no longer

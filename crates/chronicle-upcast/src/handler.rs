@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chronicle_core::{BoxError, EventEnvelope, Position, ProjectionHandler, ProjectionResult};
 
-use crate::{Mode, UpcasterChain};
+use crate::UpcasterChain;
 
 /// A [`ProjectionHandler`] that hands `inner` every event at the newest
 /// version of its type, as [`UpcastingReader`](crate::UpcastingReader)
@@ -63,7 +63,7 @@ impl<H> UpcastingHandler<H> {
         }
     }
 
-    /// When `yes`, upcasts only event types in [`Mode::Lazy`]; default
+    /// When `yes`, upcasts only event types in [`Mode::Lazy`](crate::Mode::Lazy); default
     /// `false` (every event, which also covers events appended at an old
     /// version while an eager run is in progress).
     pub fn lazy_only(mut self, yes: bool) -> Self {
@@ -78,11 +78,7 @@ impl<H> UpcastingHandler<H> {
 
     /// `event` at its newest version, borrowed when it already is.
     fn upcast<'a>(&self, event: &'a EventEnvelope) -> Result<Cow<'a, EventEnvelope>, String> {
-        if (self.lazy_only && self.chain.mode(&event.event_type) != Mode::Lazy)
-            || !self
-                .chain
-                .needs_upcast(&event.event_type, event.metadata.schema_version)
-        {
+        if !self.chain.upcasts_on_read(event, self.lazy_only) {
             return Ok(Cow::Borrowed(event));
         }
         self.chain

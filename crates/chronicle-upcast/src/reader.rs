@@ -9,18 +9,18 @@ use chronicle_core::{
 };
 use chrono::{DateTime, Utc};
 
-use crate::{Mode, UpcasterChain};
+use crate::UpcasterChain;
 
 /// An [`EventReader`] that returns every event at the newest version of
 /// its type: it applies the [`UpcasterChain`] to what the inner reader
 /// returns.
 ///
 /// By default the chain is applied to every event, whatever its type's
-/// [`Mode`]: for an event already at its newest version that is one map
+/// [`Mode`](crate::Mode): for an event already at its newest version that is one map
 /// lookup, and it covers events appended at an old version while an eager
 /// run is in progress, so projections and aggregates always see the newest
 /// version. [`UpcastingReader::lazy_only`] restricts it to event types in
-/// [`Mode::Lazy`].
+/// [`Mode::Lazy`](crate::Mode::Lazy).
 ///
 /// It also appends (when the inner store does), so a
 /// [`Repository`](chronicle_core::Repository) over it loads aggregates at
@@ -62,7 +62,7 @@ impl<R> UpcastingReader<R> {
     }
 
     /// When `yes`, applies the chain only to event types whose mode is
-    /// [`Mode::Lazy`], returning the others as stored. Default: `false`
+    /// [`Mode::Lazy`](crate::Mode::Lazy), returning the others as stored. Default: `false`
     /// (upcast everything).
     pub fn lazy_only(mut self, yes: bool) -> Self {
         self.lazy_only = yes;
@@ -80,13 +80,7 @@ impl<R> UpcastingReader<R> {
     }
 
     fn upcast(&self, envelope: EventEnvelope) -> chronicle_core::Result<EventEnvelope> {
-        if self.lazy_only && self.chain.mode(&envelope.event_type) != Mode::Lazy {
-            return Ok(envelope);
-        }
-        if !self
-            .chain
-            .needs_upcast(&envelope.event_type, envelope.metadata.schema_version)
-        {
+        if !self.chain.upcasts_on_read(&envelope, self.lazy_only) {
             return Ok(envelope);
         }
         self.chain.upcast_envelope(envelope).map_err(|e| {
