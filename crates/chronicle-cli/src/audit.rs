@@ -75,7 +75,11 @@ pub enum AuditCommand {
 
 /// The audit log is not intact (exit code 1).
 #[derive(Debug, thiserror::Error)]
-#[error("the audit log is not intact: {0} problem(s) found")]
+#[error(
+    "the audit log is not intact: {0} problem(s) found, listed above; keep the database for \
+     investigation, restore the log from a backup to continue, and compare against a saved \
+     anchor (`chronicle audit verify --anchor FILE`) to rule out a truncated tail"
+)]
 pub struct Tampered(pub usize);
 
 /// Runs `chronicle audit`.

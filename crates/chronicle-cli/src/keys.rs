@@ -244,7 +244,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
             if listed.is_empty()
                 && let Some(subject) = &subject
             {
-                bail!(NotFound(format!("subject \"{subject}\" has no data keys")));
+                require_subject(&keys, subject).await?;
             }
             print_keys(&listed, format);
             if format == OutputFormat::Table {

@@ -137,7 +137,7 @@ struct Flush<'a, S: ?Sized> {
 impl<S: ?Sized> Drop for Flush<'_, S> {
     fn drop(&mut self) {
         let outcome = self.outcome.take().unwrap_or_else(|| {
-            Err("the append holding these records was cancelled; they may not be stored".into())
+            Err("the append holding these records was cancelled; they may not be stored: treat the read as failed and retry it".into())
         });
         {
             let mut queue = self
@@ -183,7 +183,7 @@ impl<S: AuditSink + ?Sized> AuditSink for GroupCommitAuditSink<S> {
                     Some((batch, others))
                 } else if queue.generation > generation + KEEP_OUTCOMES {
                     return Err(Error::Audit {
-                        message: "the grouped audit append holding these records ended long ago and its outcome is gone; they may not be stored".into(),
+                        message: "the grouped audit append holding these records ended long ago and its outcome is gone; they may not be stored: treat the read as failed and retry it".into(),
                         source: None,
                     });
                 } else {
@@ -194,7 +194,7 @@ impl<S: AuditSink + ?Sized> AuditSink for GroupCommitAuditSink<S> {
                 // Wait for an append to end: ours, or a free slot.
                 if flushed.changed().await.is_err() {
                     return Err(Error::Audit {
-                        message: "the grouped audit sink is gone".into(),
+                        message: "the grouped audit sink is gone (its store was shut down); retry the read with a store that is running".into(),
                         source: None,
                     });
                 }

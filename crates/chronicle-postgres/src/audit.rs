@@ -472,7 +472,7 @@ async fn read_heads(
     if heads.len() < usize::from(AUDIT_CHAINS) {
         return Err(chronicle_crypto::Error::Backend {
             message: format!(
-                "audit log: chronicle_audit_head has {} of its {AUDIT_CHAINS} rows; the audit log was tampered with or the schema is incomplete",
+                "audit log: chronicle_audit_head has {} of its {AUDIT_CHAINS} rows; the audit log was tampered with or the schema is incomplete: run `chronicle migrate`, and if it is up to date, `chronicle audit verify` to see what changed",
                 heads.len()
             ),
             source: None,
