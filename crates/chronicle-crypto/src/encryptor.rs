@@ -317,10 +317,15 @@ impl FieldEncryptor {
     }
 
     /// Caches the data keys of `pending` once they are stored with its
-    /// events, so that the subject's next events use them without a lookup.
+    /// events, so that reads of those events find them without a lookup.
+    /// Not as their subjects' current keys: when two writers make a
+    /// subject's first key at once, both keys are stored but only the first
+    /// becomes current, so the subject's next encryption looks the current
+    /// key up (one query per new subject) rather than keep using a key that
+    /// lost.
     pub fn appended(&self, pending: PendingAudit) {
         for key in pending.live {
-            self.cache.insert(key, true);
+            self.cache.insert(key, false);
         }
     }
 
