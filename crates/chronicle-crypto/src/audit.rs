@@ -267,11 +267,6 @@ impl AuditEntry {
         }
     }
 
-    /// Whether the entry covers `event_id`.
-    pub fn covers_event(&self, event_id: Uuid) -> bool {
-        self.event_ids.contains(&event_id)
-    }
-
     /// The canonical serialisation hashed into the chain, a compact JSON
     /// array with absent values as `null` and ids in their string forms:
     ///

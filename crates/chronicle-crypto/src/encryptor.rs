@@ -329,16 +329,6 @@ impl FieldEncryptor {
         }
     }
 
-    /// Writes audit entries through the sink, as every operation of the
-    /// encryptor does (for callers that audit operations of their own
-    /// alongside, e.g. a job's summary).
-    pub async fn write_audit_entries(&self, entries: Vec<AuditEntry>) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        self.write_audit(entries).await
-    }
-
     /// Seals every configured field of `events`, without changing them:
     /// the envelopes to put in place, and the audit entries.
     async fn seal_all<'c>(
