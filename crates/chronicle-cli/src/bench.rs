@@ -830,8 +830,14 @@ async fn appends(store: &PgEventStore, writers: usize, calls: usize, size: usize
 }
 
 /// The same rows with plain INSERTs, one statement per call: `VALUES` for
-/// one event, `INSERT … SELECT FROM unnest(…)` for a batch.
+/// one event, `INSERT … SELECT FROM unnest(…)` for a batch; prepared once
+/// per connection, as the store's appends are.
 async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -> Result<f64> {
+    const ONE: &str = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version) \
+                       VALUES ($1, $2, 'bench', 'BenchEvent', $3, $4, $5)";
+    const MANY: &str = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version) \
+                        SELECT t.id, $2, 'bench', 'BenchEvent', t.d, t.m, $3 + t.n::int \
+                          FROM unnest($1::uuid[], $4::jsonb[], $5::jsonb[]) WITH ORDINALITY AS t(id, d, m, n)";
     let started = Instant::now();
     let tasks: Vec<JoinHandle<Result<()>>> = (0..writers)
         .map(|w| {
@@ -839,6 +845,24 @@ async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -
             let mine = calls / writers + usize::from(w < calls % writers);
             tokio::spawn(async move {
                 let client = pool.get().await?;
+                let one = client
+                    .prepare_typed_cached(
+                        ONE,
+                        &[Type::UUID, Type::UUID, Type::JSONB, Type::JSONB, Type::INT4],
+                    )
+                    .await?;
+                let many = client
+                    .prepare_typed_cached(
+                        MANY,
+                        &[
+                            Type::UUID_ARRAY,
+                            Type::UUID,
+                            Type::INT4,
+                            Type::JSONB_ARRAY,
+                            Type::JSONB_ARRAY,
+                        ],
+                    )
+                    .await?;
                 let mut id = Uuid::now_v7();
                 let mut version = 0i32;
                 for i in 0..mine {
@@ -852,37 +876,18 @@ async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -
                         let meta = json!({ "schema_version": 1 });
                         let v = version + 1;
                         client
-                            .execute_typed(
-                                "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version) \
-                                 VALUES ($1, $2, 'bench', 'BenchEvent', $3, $4, $5)",
-                                &[
-                                    (&Uuid::now_v7(), Type::UUID),
-                                    (&id, Type::UUID),
-                                    (&data, Type::JSONB),
-                                    (&meta, Type::JSONB),
-                                    (&v, Type::INT4),
-                                ],
-                            )
+                            .execute(&one, &[&Uuid::now_v7(), &id, &data, &meta, &v])
                             .await?;
                         version = v;
                         continue;
                     }
                     let ids: Vec<Uuid> = (0..size).map(|_| Uuid::now_v7()).collect();
-                    let data: Vec<serde_json::Value> = (0..size).map(|j| event(i * size + j).data).collect();
-                    let meta: Vec<serde_json::Value> = (0..size).map(|_| json!({ "schema_version": 1 })).collect();
+                    let data: Vec<serde_json::Value> =
+                        (0..size).map(|j| event(i * size + j).data).collect();
+                    let meta: Vec<serde_json::Value> =
+                        (0..size).map(|_| json!({ "schema_version": 1 })).collect();
                     client
-                        .execute_typed(
-                            "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version) \
-                             SELECT t.id, $2, 'bench', 'BenchEvent', t.d, t.m, $3 + t.n::int \
-                               FROM unnest($1::uuid[], $4::jsonb[], $5::jsonb[]) WITH ORDINALITY AS t(id, d, m, n)",
-                            &[
-                                (&ids, Type::UUID_ARRAY),
-                                (&id, Type::UUID),
-                                (&version, Type::INT4),
-                                (&data, Type::JSONB_ARRAY),
-                                (&meta, Type::JSONB_ARRAY),
-                            ],
-                        )
+                        .execute(&many, &[&ids, &id, &version, &data, &meta])
                         .await?;
                     version += size as i32;
                 }

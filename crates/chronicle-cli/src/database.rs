@@ -51,6 +51,8 @@ impl Database {
         let client = pool.get().await.map_err(chronicle_postgres::Error::from)?;
         ensure_schema(&**client).await?;
         drop(client);
-        Ok(PgEventStore::new(pool))
+        let mut store = PgEventStore::new(pool);
+        store.statement_cache(PgOptions::from_url(&self.url)?.statement_cache());
+        Ok(store)
     }
 }

@@ -39,7 +39,8 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
         "schema at version {}, applied now: {:?}",
         report.version, report.applied
     );
-    let store = PgEventStore::new(pool);
+    let mut store = PgEventStore::new(pool);
+    store.statement_cache(chronicle_postgres::PgOptions::from_url(&db.url)?.statement_cache());
     let repo = Repository::new(store.clone());
 
     step(

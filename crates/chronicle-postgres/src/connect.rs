@@ -9,8 +9,11 @@
 //! Connecting retries with exponential backoff and jitter while the server
 //! is unreachable or starting up (a Neon compute waking from scale-to-zero),
 //! up to [`PgOptions::connect_timeout`]. Checkouts from the pool do not ping.
-//! Every query the store sends uses the unnamed statement, so the store works
-//! behind PgBouncer or Neon's pooler in transaction mode.
+//! Appends keep prepared statements on their connections unless the URL says
+//! `statement_cache=off`; with it off, every statement is sent unnamed, so
+//! the store works behind any pooler in transaction mode (PgBouncer before
+//! 1.21 included). Neon's pooler and PgBouncer 1.21+ with
+//! `max_prepared_statements` keep prepared statements themselves.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -84,6 +87,7 @@ pub struct PgOptions {
     config: Config,
     ssl_mode: SslMode,
     ssl_root_cert: Option<PathBuf>,
+    statement_cache: bool,
     max_connections: usize,
     connect_timeout: Duration,
 }
@@ -91,7 +95,12 @@ pub struct PgOptions {
 impl PgOptions {
     /// Parses a `postgres://` URL or a libpq key/value string.
     pub fn from_url(url: &str) -> Result<Self> {
-        let (rest, ssl_mode, ssl_root_cert) = split_ssl_params(url)?;
+        let (rest, own) = split_own_params(url)?;
+        let OwnParams {
+            ssl_mode,
+            ssl_root_cert,
+            statement_cache,
+        } = own;
         let mut config = Config::from_str(&rest).map_err(|e| {
             Error::Config(format!(
                 "cannot parse the database URL ({e}); expected e.g. postgres://user:password@host:5432/dbname?sslmode=require"
@@ -123,6 +132,7 @@ impl PgOptions {
             config,
             ssl_mode,
             ssl_root_cert,
+            statement_cache,
             max_connections: 16,
             connect_timeout: Duration::from_secs(30),
         })
@@ -131,6 +141,22 @@ impl PgOptions {
     /// The TLS mode in force.
     pub fn ssl_mode(&self) -> SslMode {
         self.ssl_mode
+    }
+
+    /// Whether the store may keep prepared statements on its connections:
+    /// the URL's `statement_cache=on|off`, on by default. Set it off behind
+    /// a pooler in transaction mode that cannot keep prepared statements
+    /// (PgBouncer before 1.21, or later without `max_prepared_statements`);
+    /// then every statement is sent unnamed. Neon's pooler keeps them.
+    ///
+    /// ```
+    /// use chronicle_postgres::PgOptions;
+    ///
+    /// let options = PgOptions::from_url("postgres://app@pooler:6432/app?statement_cache=off").unwrap();
+    /// assert!(!options.statement_cache());
+    /// ```
+    pub fn statement_cache(&self) -> bool {
+        self.statement_cache
     }
 
     /// The parsed tokio-postgres configuration.
@@ -257,19 +283,57 @@ impl PgOptions {
 
 /// Takes `sslmode` and `sslrootcert` out of a URL or key/value string
 /// (tokio-postgres knows neither verify mode nor root files).
-fn split_ssl_params(url: &str) -> Result<(String, SslMode, Option<PathBuf>)> {
-    let mut mode = None;
-    let mut root = None;
+/// The settings chronicle reads itself, taken out of the URL before
+/// tokio-postgres parses the rest.
+struct OwnParams {
+    ssl_mode: SslMode,
+    ssl_root_cert: Option<PathBuf>,
+    statement_cache: bool,
+}
+
+fn split_own_params(url: &str) -> Result<(String, OwnParams)> {
+    let mut own = OwnParams {
+        ssl_mode: SslMode::Prefer,
+        ssl_root_cert: None,
+        statement_cache: true,
+    };
+    let mut take = |key: &str, value: &str, decode: bool| -> Result<bool> {
+        match key {
+            "sslmode" => own.ssl_mode = value.parse()?,
+            "sslrootcert" => {
+                own.ssl_root_cert = Some(PathBuf::from(if decode {
+                    percent_decode(value)
+                } else {
+                    value.to_owned()
+                }))
+            }
+            "statement_cache" => {
+                own.statement_cache = match value {
+                    "on" | "true" | "1" => true,
+                    "off" | "false" | "0" => false,
+                    other => {
+                        return Err(Error::Config(format!(
+                            "statement_cache `{other}` is not on or off; use off behind a pooler in transaction mode that cannot keep prepared statements"
+                        )));
+                    }
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
     let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         match url.split_once('?') {
             None => url.to_owned(),
             Some((base, query)) => {
                 let mut kept = Vec::new();
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
-                    match pair.split_once('=') {
-                        Some(("sslmode", v)) => mode = Some(v.parse()?),
-                        Some(("sslrootcert", v)) => root = Some(PathBuf::from(percent_decode(v))),
-                        _ => kept.push(pair),
+                    let taken = match pair.split_once('=') {
+                        Some((k, v)) => take(k, v, true)?,
+                        None => false,
+                    };
+                    if !taken {
+                        kept.push(pair);
                     }
                 }
                 if kept.is_empty() {
@@ -282,15 +346,17 @@ fn split_ssl_params(url: &str) -> Result<(String, SslMode, Option<PathBuf>)> {
     } else {
         let mut kept = Vec::new();
         for token in url.split_whitespace() {
-            match token.split_once('=') {
-                Some(("sslmode", v)) => mode = Some(v.parse()?),
-                Some(("sslrootcert", v)) => root = Some(PathBuf::from(v)),
-                _ => kept.push(token),
+            let taken = match token.split_once('=') {
+                Some((k, v)) => take(k, v, false)?,
+                None => false,
+            };
+            if !taken {
+                kept.push(token);
             }
         }
         kept.join(" ")
     };
-    Ok((rest, mode.unwrap_or(SslMode::Prefer), root))
+    Ok((rest, own))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -509,21 +575,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ssl_params_are_taken_out_of_urls() {
-        let (rest, mode, root) = split_ssl_params(
-            "postgres://u@h/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x",
+    fn own_params_are_taken_out_of_urls() {
+        let (rest, own) = split_own_params(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x&statement_cache=off",
         )
         .unwrap();
         assert_eq!(rest, "postgres://u@h/db?application_name=x");
-        assert_eq!(mode, SslMode::VerifyFull);
-        assert_eq!(root, Some(PathBuf::from("/tmp/ca.pem")));
+        assert_eq!(own.ssl_mode, SslMode::VerifyFull);
+        assert_eq!(own.ssl_root_cert, Some(PathBuf::from("/tmp/ca.pem")));
+        assert!(!own.statement_cache);
 
-        let (rest, mode, _) = split_ssl_params("host=h user=u sslmode=require").unwrap();
+        let (rest, own) =
+            split_own_params("host=h user=u sslmode=require statement_cache=on").unwrap();
         assert_eq!(rest, "host=h user=u");
-        assert_eq!(mode, SslMode::Require);
+        assert_eq!(own.ssl_mode, SslMode::Require);
+        assert!(own.statement_cache);
 
-        let (_, mode, _) = split_ssl_params("postgres://u@h/db").unwrap();
-        assert_eq!(mode, SslMode::Prefer);
+        let (_, own) = split_own_params("postgres://u@h/db").unwrap();
+        assert_eq!(own.ssl_mode, SslMode::Prefer);
+        assert!(own.statement_cache, "on unless the URL says off");
+
+        let err = PgOptions::from_url("postgres://u@h/db?statement_cache=maybe").unwrap_err();
+        assert!(err.to_string().contains("statement_cache `maybe`"), "{err}");
 
         let unix = PgOptions::from_url("postgresql://u@/db?host=/tmp/s&sslmode=require").unwrap();
         assert_eq!(

@@ -28,15 +28,42 @@ pub const EVENT_COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_t
 /// inserted; the statement is aborted, so nothing of the batch is kept.
 const PARTIAL_APPEND: &str = "CH409";
 
+/// One event at version `$7 + 1` when version `$7` is stored (or `$7` is
+/// 0): the common append as one prepared statement. It inserts nothing
+/// when the expected version is not the aggregate's current one, or the
+/// version or the id is taken; the store then asks `chronicle_append`,
+/// which finds out why. The migration 10 notes explain why the `EXISTS`
+/// keeps the feed's per-aggregate order.
+const FAST_APPEND_ONE: &str = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, \
+     event_data, metadata, version, encrypted_fields) \
+     SELECT $1, $2, $3, $4, $5, $6, $7 + 1, $8 \
+      WHERE $7 = 0 OR EXISTS (SELECT 1 FROM events e WHERE e.aggregate_id = $2 AND e.version = $7) \
+     ON CONFLICT DO NOTHING";
+
+/// A batch at versions `$7 + 1 ..`, as [`FAST_APPEND_ONE`]; without
+/// `ON CONFLICT`, so that a batch that collides with stored rows fails as a
+/// whole (a unique violation) instead of going in in part.
+const FAST_APPEND_MANY: &str = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, \
+     event_data, metadata, version, encrypted_fields) \
+     SELECT t.id, $2, $3, t.ty, t.d, t.m, $7 + t.n::INTEGER, \
+            CASE WHEN t.enc IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(t.enc)) END \
+       FROM unnest($1::UUID[], $4::TEXT[], $5::JSONB[], $6::JSONB[], $8::JSONB[]) \
+            WITH ORDINALITY AS t(id, ty, d, m, enc, n) \
+      WHERE $7 = 0 OR EXISTS (SELECT 1 FROM events e WHERE e.aggregate_id = $2 AND e.version = $7)";
+
 /// The default per-event limit on serialized data plus metadata: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
 
 /// The event store on PostgreSQL.
 ///
-/// One append is one round trip: a call of the `chronicle_append` function,
-/// which checks the expected version and inserts the batch, with
-/// `UNIQUE(aggregate_id, version)` arbitrating concurrent writers and the
-/// idempotency check only on the paths where something conflicted. Reads of the
+/// One append is one round trip. With an expected version it is one
+/// prepared `INSERT` that stores the batch only when that version is the
+/// aggregate's last; with `UNIQUE(aggregate_id, version)` arbitrating
+/// concurrent writers. Only when it stores nothing (a conflict, or the same
+/// events appended again) does a second call, of the `chronicle_append`
+/// function, find out why. Without the statement cache
+/// ([`PgEventStore::statement_cache`], for poolers that cannot keep
+/// prepared statements) every append is that function call. Reads of the
 /// global feed follow `(transaction_id, global_position)` below the
 /// snapshot's xmin, so they never skip a late-committing transaction.
 ///
@@ -62,12 +89,14 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
 pub struct PgEventStore {
     pool: PgPool,
     max_payload_bytes: usize,
+    statement_cache: bool,
 }
 
 impl std::fmt::Debug for PgEventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgEventStore")
             .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("statement_cache", &self.statement_cache)
             .finish_non_exhaustive()
     }
 }
@@ -88,7 +117,25 @@ impl PgEventStore {
         PgEventStore {
             pool,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            statement_cache: true,
         }
+    }
+
+    /// Whether appends use prepared statements kept per connection (default
+    /// on). Turn it off behind a pooler in transaction mode that cannot keep
+    /// them (PgBouncer before 1.21, or later without
+    /// `max_prepared_statements`): then every statement is sent unnamed.
+    /// [`crate::PgOptions::statement_cache`] reads the setting from the URL.
+    ///
+    /// ```
+    /// # fn demo(pool: chronicle_postgres::PgPool) {
+    /// let mut store = chronicle_postgres::PgEventStore::new(pool);
+    /// store.statement_cache(false); // behind PgBouncer 1.18 in transaction mode
+    /// # }
+    /// ```
+    pub fn statement_cache(&mut self, on: bool) -> &mut Self {
+        self.statement_cache = on;
+        self
     }
 
     /// The largest serialized `event_data` plus `metadata` of one event,
@@ -213,6 +260,90 @@ impl PgEventStore {
             });
         }
         Ok(prepared)
+    }
+
+    /// The prepared fast path of an append with an expected version: true
+    /// when every event went in; false when nothing did and
+    /// `chronicle_append` must find out why.
+    async fn fast_append(
+        &self,
+        aggregate_id: AggregateId,
+        aggregate_type: &str,
+        expected: i32,
+        p: &Prepared,
+        events: &[NewEvent],
+    ) -> Result<bool, Error> {
+        let client = self.pool.get().await?;
+        if let [event] = events {
+            let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
+            let statement = client
+                .prepare_typed_cached(
+                    FAST_APPEND_ONE,
+                    &[
+                        Type::UUID,
+                        Type::UUID,
+                        Type::TEXT,
+                        Type::TEXT,
+                        Type::JSONB,
+                        Type::JSONB,
+                        Type::INT4,
+                        Type::TEXT_ARRAY,
+                    ],
+                )
+                .await?;
+            let rows = client
+                .execute(
+                    &statement,
+                    &[
+                        &p.ids[0],
+                        &aggregate_id,
+                        &aggregate_type,
+                        &p.types[0],
+                        &p.data[0],
+                        &p.metadata[0],
+                        &expected,
+                        &encrypted,
+                    ],
+                )
+                .await?;
+            return Ok(rows == 1);
+        }
+        let statement = client
+            .prepare_typed_cached(
+                FAST_APPEND_MANY,
+                &[
+                    Type::UUID_ARRAY,
+                    Type::UUID,
+                    Type::TEXT,
+                    Type::TEXT_ARRAY,
+                    Type::JSONB_ARRAY,
+                    Type::JSONB_ARRAY,
+                    Type::INT4,
+                    Type::JSONB_ARRAY,
+                ],
+            )
+            .await?;
+        let result = client
+            .execute(
+                &statement,
+                &[
+                    &p.ids,
+                    &aggregate_id,
+                    &aggregate_type,
+                    &p.types,
+                    &p.data,
+                    &p.metadata,
+                    &expected,
+                    &p.encrypted,
+                ],
+            )
+            .await;
+        match result {
+            Ok(rows) => Ok(rows == events.len() as u64),
+            // Some version or id is taken: nothing of the batch was kept.
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The aggregate's current version (0: no events).
@@ -343,6 +474,18 @@ impl PgEventStore {
         audit: Option<&crate::audit::AppendAudit>,
     ) -> chronicle_core::Result<AppendOutcome> {
         let p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
+        if let (true, None, Some(v)) = (self.statement_cache, audit, expected.as_option()) {
+            let v = v as i32;
+            if self
+                .fast_append(aggregate_id, aggregate_type, v, &p, &events)
+                .await?
+            {
+                return Ok(AppendOutcome {
+                    version: (v as u32) + events.len() as u32,
+                    appended: true,
+                });
+            }
+        }
         let expected_param: Option<i32> = expected.as_option().map(|v| v as i32);
         let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
             (&aggregate_id, Type::UUID),

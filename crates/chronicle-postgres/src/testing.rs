@@ -150,6 +150,14 @@ pub struct TestDb {
     pub url: String,
 }
 
+impl TestDb {
+    /// A store over another pool on this database, with the statement
+    /// cache as the URL says (off through PgBouncer).
+    pub fn store_on(&self, pool: PgPool) -> PgEventStore {
+        store_on(&self.url, pool)
+    }
+}
+
 async fn create_database(template: Option<&str>) -> String {
     let c = cluster();
     let name = format!(
@@ -182,7 +190,11 @@ fn to_url(config: &tokio_postgres::Config, via: Option<u16>) -> String {
     let user = config.get_user().unwrap_or("postgres");
     let db = config.get_dbname().unwrap_or("postgres");
     if let Some(port) = via {
-        return format!("postgresql://{user}@127.0.0.1:{port}/{db}?sslmode=disable");
+        // PgBouncer 1.18 (Debian 12's) cannot keep prepared statements in
+        // transaction mode.
+        return format!(
+            "postgresql://{user}@127.0.0.1:{port}/{db}?sslmode=disable&statement_cache=off"
+        );
     }
     let port = config.get_ports().first().copied().unwrap_or(5432);
     match config.get_hosts().first() {
@@ -229,13 +241,24 @@ pub async fn fresh_db_via_pgbouncer() -> TestDb {
 
 fn open(name: String, url: String) -> TestDb {
     let pool = pool_for(&url, None);
-    let store = PgEventStore::new(pool.clone());
+    let store = store_on(&url, pool.clone());
     TestDb {
         name,
         pool,
         store,
         url,
     }
+}
+
+/// A store over `pool` with the statement cache as `url` says.
+fn store_on(url: &str, pool: PgPool) -> PgEventStore {
+    let mut store = PgEventStore::new(pool);
+    store.statement_cache(
+        PgOptions::from_url(url)
+            .expect("test database URL parses")
+            .statement_cache(),
+    );
+    store
 }
 
 fn pgbouncer_port() -> u16 {

@@ -84,7 +84,7 @@ impl Kit {
         let keys = Arc::new(PgDataKeyStore::new(pool.clone()));
         let audit = Arc::new(PgAuditSink::new(pool.clone()));
         let encryptor = encryptor(&keyring, &keys, &audit);
-        let store = PgEventStore::new(pool).encrypted(
+        let store = db.store_on(pool).encrypted(
             encryptor,
             AccessContext::new("signup-service", "registration"),
         );
