@@ -379,10 +379,15 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
 /// A projection of a registered handler, its setup SQL run.
 async fn open_projection(
     pool: &chronicle_postgres::PgPool,
+    statement_cache: bool,
     registry: &Registry,
     name: &str,
     options: chronicle_projections::ProjectionOptions,
 ) -> Result<std::sync::Arc<chronicle_projections::PgProjection>> {
+    let options = chronicle_projections::ProjectionOptions {
+        statement_cache,
+        ..options
+    };
     let handler = registry.handlers().get(name).ok_or_else(|| {
         UsageError(format!(
             "no projection handler named `{name}` in this binary; it has: {}. \
@@ -448,6 +453,7 @@ fn rebuild_bar(format: OutputFormat, doing: &str, name: &str, len: u64) -> indic
 
 async fn rebuild_blue_green(
     pool: &chronicle_postgres::PgPool,
+    statement_cache: bool,
     registry: &Registry,
     name: &str,
     from: Position,
@@ -455,6 +461,7 @@ async fn rebuild_blue_green(
 ) -> Result<()> {
     let projection = open_projection(
         pool,
+        statement_cache,
         registry,
         name,
         chronicle_projections::ProjectionOptions::default(),
@@ -495,6 +502,7 @@ async fn rebuild_blue_green(
 
 async fn run_projections(
     pool: &chronicle_postgres::PgPool,
+    statement_cache: bool,
     registry: &Registry,
     names: Vec<String>,
     config: Option<PathBuf>,
@@ -541,7 +549,7 @@ async fn run_projections(
     };
     let mut runners = Vec::new();
     for (name, options) in selected {
-        let projection = open_projection(pool, registry, &name, options).await?;
+        let projection = open_projection(pool, statement_cache, registry, &name, options).await?;
         let runner = RunnerOptions {
             listener: listener.clone(),
             ..RunnerOptions::default()
@@ -563,6 +571,7 @@ async fn run_projections(
 
 async fn rebuild_projection(
     pool: &chronicle_postgres::PgPool,
+    statement_cache: bool,
     registry: &Registry,
     name: &str,
     from: Position,
@@ -570,7 +579,14 @@ async fn rebuild_projection(
 ) -> Result<()> {
     use chronicle_core::ProjectionStatus;
     use chronicle_projections::{ProjectionOptions, Runner, RunnerOptions};
-    let projection = open_projection(pool, registry, name, ProjectionOptions::default()).await?;
+    let projection = open_projection(
+        pool,
+        statement_cache,
+        registry,
+        name,
+        ProjectionOptions::default(),
+    )
+    .await?;
     projection.register().await?;
     projection.rebuild(from).await?;
     let runner = Runner::start(projection.clone(), RunnerOptions::default()).await?;
@@ -617,7 +633,8 @@ async fn projections(
     action: ProjectionsCommand,
     format: OutputFormat,
 ) -> Result<()> {
-    let pool = db.store().await?.pool().clone();
+    let store = db.store().await?;
+    let (pool, cache) = (store.pool().clone(), store.caches_statements());
     let name = match action {
         ProjectionsCommand::Status { name } => name,
         ProjectionsCommand::List => {
@@ -646,17 +663,17 @@ async fn projections(
                     }
                 });
             }
-            return run_projections(&pool, registry, names, config, &listen_url).await;
+            return run_projections(&pool, cache, registry, names, config, &listen_url).await;
         }
         ProjectionsCommand::Rebuild {
             name,
             from,
             blue_green: true,
         } => {
-            return rebuild_blue_green(&pool, registry, &name, from, format).await;
+            return rebuild_blue_green(&pool, cache, registry, &name, from, format).await;
         }
         ProjectionsCommand::Rebuild { name, from, .. } => {
-            return rebuild_projection(&pool, registry, &name, from, format).await;
+            return rebuild_projection(&pool, cache, registry, &name, from, format).await;
         }
     };
     let states = chronicle_projections::load_state(&pool, name.as_deref()).await?;
@@ -718,7 +735,8 @@ async fn dlq(
     action: DlqCommand,
     format: OutputFormat,
 ) -> Result<()> {
-    let pool = db.store().await?.pool().clone();
+    let store = db.store().await?;
+    let (pool, cache) = (store.pool().clone(), store.caches_statements());
     let discard = matches!(action, DlqCommand::Discard { .. });
     let (projection, aggregate_id) = match action {
         DlqCommand::List {
@@ -738,7 +756,7 @@ async fn dlq(
             aggregate_id,
         } => {
             let options = chronicle_projections::ProjectionOptions::default();
-            let p = open_projection(&pool, registry, &projection, options).await?;
+            let p = open_projection(&pool, cache, registry, &projection, options).await?;
             let report = if discard {
                 p.dlq_discard(aggregate_id).await?
             } else {

@@ -52,7 +52,13 @@ impl Database {
         ensure_schema(&**client).await?;
         drop(client);
         let mut store = PgEventStore::new(pool);
-        store.statement_cache(PgOptions::from_url(&self.url)?.statement_cache());
+        store.statement_cache(self.statement_cache()?);
         Ok(store)
+    }
+
+    /// Whether connections may keep prepared statements: the URL's
+    /// `statement_cache`, on unless it says off.
+    pub fn statement_cache(&self) -> Result<bool> {
+        Ok(PgOptions::from_url(&self.url)?.statement_cache())
     }
 }

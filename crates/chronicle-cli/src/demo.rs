@@ -40,7 +40,7 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
         report.version, report.applied
     );
     let mut store = PgEventStore::new(pool);
-    store.statement_cache(chronicle_postgres::PgOptions::from_url(&db.url)?.statement_cache());
+    store.statement_cache(db.statement_cache()?);
     let repo = Repository::new(store.clone());
 
     step(
@@ -251,6 +251,7 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     let options = ProjectionOptions {
         partitions: 2,
         retry: RetryPolicy::none(),
+        statement_cache: store.caches_statements(),
         ..ProjectionOptions::default()
     };
     let projection = Arc::new(

@@ -40,6 +40,7 @@ mod keys;
 mod listen;
 pub mod migrate;
 mod reencrypt;
+mod statements;
 mod status;
 mod store;
 #[cfg(feature = "testing")]
@@ -53,6 +54,7 @@ pub use keys::{DataKeyInfo, KEYS_CHANNEL, KeyListenerState, PgDataKeyStore, PgKe
 pub use listen::{EVENTS_CHANNEL, Listener};
 pub use migrate::{MigrateOptions, MigrateReport, ensure_schema, migrate};
 pub use reencrypt::{PgReencryptor, ReencryptProgress};
+pub use statements::Statements;
 pub use status::{OpenTransaction, StoreStatus};
 pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, PgEventStore};
 

@@ -138,6 +138,11 @@ impl PgEventStore {
         self
     }
 
+    /// Whether appends use prepared statements ([`PgEventStore::statement_cache`]).
+    pub fn caches_statements(&self) -> bool {
+        self.statement_cache
+    }
+
     /// The largest serialized `event_data` plus `metadata` of one event,
     /// in bytes (default [`DEFAULT_MAX_PAYLOAD_BYTES`], 1 MiB). Larger
     /// events are refused before anything is sent.

@@ -71,6 +71,13 @@ impl PgContext {
         }
     }
 
+    /// The pooled connection, for the runtime's cached statements.
+    pub(crate) fn conn(&self) -> &Object {
+        self.conn
+            .as_ref()
+            .expect("the connection is held until commit")
+    }
+
     /// The connection, inside the step's transaction.
     pub fn client(&self) -> &tokio_postgres::Client {
         self.conn

@@ -10,7 +10,7 @@ use chronicle_core::{
     Alert, AlertSink, EventEnvelope, HealthStatus, Position, ProjectionHandler, ProjectionResult,
     ProjectionState, ProjectionStatus,
 };
-use chronicle_postgres::PgPool;
+use chronicle_postgres::{PgPool, Statements};
 use futures_util::{FutureExt, TryStreamExt};
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
@@ -47,6 +47,22 @@ pub struct ProjectionOptions {
     /// A partition further behind than this raises an
     /// [`Alert::Lagging`] (default 5 minutes, the spec's "a few minutes").
     pub lag_alert_after: Duration,
+    /// Whether a step's own statements (claim, feed window, checkpoint) are
+    /// prepared once per connection (default on). Turn it off behind a
+    /// pooler in transaction mode that cannot keep prepared statements;
+    /// [`chronicle_postgres::PgOptions::statement_cache`] reads it from the
+    /// URL.
+    pub statement_cache: bool,
+    /// Whether a step's commit waits for its WAL to reach the disk
+    /// (default off). Off costs nothing in correctness: the read model, the
+    /// dead letters and the checkpoint commit together or not at all, so a
+    /// crash can only take back the last steps' commits as a whole, and the
+    /// events are handled again from the checkpoint that survived (a read
+    /// model in the same database sees them once; external effects were
+    /// at-least-once already). A reader may then see the read model step
+    /// back and catch up again. On, every step waits for a disk flush,
+    /// which bounds catch-up at small batches.
+    pub synchronous_commit: bool,
 }
 
 impl Default for ProjectionOptions {
@@ -58,6 +74,8 @@ impl Default for ProjectionOptions {
             lease_ttl: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),
             lag_alert_after: Duration::from_secs(300),
+            statement_cache: true,
+            synchronous_commit: false,
         }
     }
 }
@@ -410,10 +428,16 @@ impl PgProjection {
         // trip (requests on a connection go out in the order they are first
         // polled).
         let client = ctx.client();
+        let statements = Statements::new(self.options.statement_cache);
+        let begin = if self.options.synchronous_commit {
+            "BEGIN"
+        } else {
+            "BEGIN; SET LOCAL synchronous_commit = off"
+        };
         let (begun, scoped, claim) = tokio::join!(
-            client.batch_execute("BEGIN"),
+            client.batch_execute(begin),
             self.scope_search_path(client),
-            client.query_typed_opt(CLAIM, &claim_params)
+            statements.query_opt(ctx.conn(), CLAIM, &claim_params)
         );
         let claim = begun.and(scoped).and(claim);
         let row = match claim {
@@ -538,9 +562,9 @@ impl PgProjection {
         // it is this partition's and, if so, whether its aggregate has dead
         // letters (a hashed subplan, computed once).
         let window = self.window();
-        let rows = ctx
-            .client()
-            .query_typed_raw(
+        let rows = Statements::new(self.options.statement_cache)
+            .query_raw(
+                ctx.conn(),
                 &format!(
                     "SELECT CASE WHEN mine THEN event_id END, CASE WHEN mine THEN aggregate_id END,
                             CASE WHEN mine THEN aggregate_type END, CASE WHEN mine THEN event_type END,
@@ -558,7 +582,7 @@ impl PgProjection {
                               LIMIT $6) AS w
                       ORDER BY transaction_id, global_position"
                 ),
-                [
+                &[
                     (&Xid8(checkpoint.transaction_id) as &(dyn ToSql + Sync), Type::XID8),
                     (&checkpoint.global_position, Type::INT8),
                     (&Xid8(horizon), Type::XID8),
@@ -721,9 +745,9 @@ impl PgProjection {
         let ttl = self.options.lease_ttl.as_secs_f64();
         // One statement: the lag figures are subqueries of the update (the
         // count's only runs when asked for).
-        let updated = ctx
-            .client()
-            .query_typed_one(
+        let updated = Statements::new(self.options.statement_cache)
+            .query_one(
+                ctx.conn(),
                 "UPDATE projection_state
                     SET checkpoint_xid = $3, checkpoint_position = $4,
                         lag_events = CASE WHEN $5 THEN (
@@ -805,9 +829,9 @@ impl PgProjection {
         if ids.is_empty() {
             return in_batch.map_or(Ok(()), Err);
         }
-        let ahead = ctx
-            .client()
-            .query_typed_opt(
+        let ahead = Statements::new(self.options.statement_cache)
+            .query_opt(
+                ctx.conn(),
                 "SELECT f.a, f.v FROM unnest($1::uuid[], $2::int4[]) AS f(a, v)
                    JOIN events e ON e.aggregate_id = f.a AND e.version = f.v
                   WHERE (e.transaction_id, e.global_position) > ($3, $4)

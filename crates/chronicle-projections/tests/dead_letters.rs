@@ -43,6 +43,8 @@ async fn poison_scenario(db: TestDb) {
     let options = ProjectionOptions {
         partitions: 2,
         batch_size: 4,
+        // Off through PgBouncer (the URL says so).
+        statement_cache: db.store.caches_statements(),
         ..ProjectionOptions::default()
     };
     let projection = PgProjection::new(db.pool.clone(), ledger.clone(), options)

@@ -89,14 +89,14 @@ async fn kill_dash_nine_mid_batch_repeatedly_loses_nothing_and_applies_nothing_t
     create_read_model(&db).await;
     deposit(&db, 1_000, 100).await; // 100,000 events
     let mut kills = 0;
-    // Kill workers through the first half of the catch-up (at most 15
-    // rounds of a few seconds), then let a last one finish.
-    for round in 0..15u64 {
+    // Kill workers through the first half of the catch-up (at most 30
+    // rounds of a second or two), then let a last one finish.
+    for round in 0..30u64 {
         // Two worker processes share the partitions; let them work a while
         // (past the previous round's leases), then SIGKILL both wherever
         // they are.
         let workers = [Worker::spawn(&db.url), Worker::spawn(&db.url)];
-        tokio::time::sleep(Duration::from_millis(3_500 + 97 * (round % 7))).await;
+        tokio::time::sleep(Duration::from_millis(1_200 + 97 * (round % 7))).await;
         for worker in workers {
             worker.kill();
             kills += 1;
