@@ -16,7 +16,7 @@ use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::alert::LogAlertSink;
-use crate::sql::{COLUMNS, Xid8, envelope};
+use crate::sql::{Xid8, envelope};
 use crate::{Error, PgContext, Result, RetryPolicy};
 
 /// How far into the feed lag is measured: a partition's backlog is counted
@@ -126,10 +126,12 @@ pub struct StepOutcome {
     pub checkpoint: Position,
     /// Whether the step read everything the feed had for the partition.
     pub caught_up: bool,
-    /// Rows of the feed the step's window held, any partition's.
-    pub window_rows: u64,
+    /// Whether the step's window held any row of the feed, any
+    /// partition's.
+    pub saw_feed: bool,
     /// Events of the partition after the checkpoint (counted among the
-    /// next [`LAG_COUNT_CAP`] events of the feed).
+    /// next [`LAG_COUNT_CAP`] events of the feed; while one of several
+    /// partitions catches up, the feed's backlog over the partition count).
     pub lag_events: u64,
     /// Age of the oldest event not yet handled, in seconds.
     pub lag_seconds: f64,
@@ -235,6 +237,60 @@ UPDATE projection_state s
 RETURNING s.checkpoint_xid, s.checkpoint_position, s.status, s.partitions,
           pg_snapshot_xmin(pg_current_snapshot()), s.lag_seconds,
           s.lag_counted_at IS NULL OR s.lag_counted_at < now() - make_interval(secs => $5)";
+
+/// A step's window of the feed with one partition: every row is the
+/// partition's event (`kind` [`EVENT`]).
+const WINDOW_WHOLE: &str = "\
+SELECT event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version, timestamp,
+       encrypted_fields, transaction_id, global_position, 0 AS kind,
+       aggregate_id IN (SELECT d.aggregate_id FROM projection_dead_letters d WHERE d.projection = $7)
+  FROM events
+ WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
+ ORDER BY transaction_id, global_position
+ LIMIT $6";
+
+/// A step's window of the feed with several partitions: the partition's
+/// events among the window's `$6` rows ([`EVENT`]), then the window's first
+/// row ([`FIRST`], if it has any) and its last when it is full ([`LAST`]),
+/// read from the index alone. Other partitions' rows are not sent.
+const WINDOW_PARTITION: &str = "\
+(SELECT event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version, timestamp,
+        encrypted_fields, transaction_id, global_position, 0 AS kind,
+        aggregate_id IN (SELECT d.aggregate_id FROM projection_dead_letters d WHERE d.projection = $7)
+   FROM (SELECT event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version,
+                timestamp, encrypted_fields, transaction_id, global_position
+           FROM events
+          WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
+          ORDER BY transaction_id, global_position
+          LIMIT $6) AS w
+  WHERE chronicle_partition(aggregate_id, $4) = $5
+  ORDER BY transaction_id, global_position)
+UNION ALL
+(SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, transaction_id, global_position, 1, FALSE
+   FROM events
+  WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
+  ORDER BY transaction_id, global_position
+  LIMIT 1)
+UNION ALL
+(SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, transaction_id, global_position, 2, FALSE
+   FROM events
+  WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
+  ORDER BY transaction_id, global_position
+  OFFSET $6 - 1 LIMIT 1)";
+
+/// The `kind` column of a window row, and its values.
+const WINDOW_KIND: usize = 11;
+const EVENT: i32 = 0;
+const FIRST: i32 = 1;
+
+/// What a step learned of its window besides the events.
+#[derive(Debug, Default, Clone, Copy)]
+struct Window {
+    /// The window's last row, when the window was full.
+    end: Option<Position>,
+    /// Whether it held any row, any partition's.
+    saw_feed: bool,
+}
 
 const ROLLBACK_EVENT: &str =
     "ROLLBACK TO SAVEPOINT chronicle_event; RELEASE SAVEPOINT chronicle_event";
@@ -558,57 +614,56 @@ impl PgProjection {
         // Read a window of the feed in index order and keep this
         // partition's events. (Filtering the whole feed by partition lets
         // the planner, which cannot estimate the hash filter, scan and sort
-        // the table.) One pass, no materialization: each row says whether
-        // it is this partition's and, if so, whether its aggregate has dead
-        // letters (a hashed subplan, computed once).
+        // the table.) One pass, no materialization; each event says whether
+        // its aggregate has dead letters (a subplan on the dead letters'
+        // index).
         let window = self.window();
+        let params: [(&(dyn ToSql + Sync), Type); 7] = [
+            (&Xid8(checkpoint.transaction_id), Type::XID8),
+            (&checkpoint.global_position, Type::INT8),
+            (&Xid8(horizon), Type::XID8),
+            (&n, Type::INT4),
+            (&p, Type::INT4),
+            (&window, Type::INT8),
+            (&&*self.name, Type::TEXT),
+        ];
+        let sql = if n == 1 {
+            WINDOW_WHOLE
+        } else {
+            WINDOW_PARTITION
+        };
         let rows = Statements::new(self.options.statement_cache)
-            .query_raw(
-                ctx.conn(),
-                &format!(
-                    "SELECT CASE WHEN mine THEN event_id END, CASE WHEN mine THEN aggregate_id END,
-                            CASE WHEN mine THEN aggregate_type END, CASE WHEN mine THEN event_type END,
-                            CASE WHEN mine THEN event_data END, CASE WHEN mine THEN metadata END,
-                            CASE WHEN mine THEN version END, CASE WHEN mine THEN timestamp END,
-                            CASE WHEN mine THEN encrypted_fields END,
-                            transaction_id, global_position, mine,
-                            mine AND aggregate_id IN (SELECT d.aggregate_id FROM projection_dead_letters d
-                                                       WHERE d.projection = $7) AS blocked
-                       FROM (SELECT {COLUMNS}, chronicle_partition(aggregate_id, $4) = $5 AS mine
-                               FROM events
-                              WHERE (transaction_id, global_position) > ($1, $2)
-                                AND transaction_id < $3
-                              ORDER BY transaction_id, global_position
-                              LIMIT $6) AS w
-                      ORDER BY transaction_id, global_position"
-                ),
-                &[
-                    (&Xid8(checkpoint.transaction_id) as &(dyn ToSql + Sync), Type::XID8),
-                    (&checkpoint.global_position, Type::INT8),
-                    (&Xid8(horizon), Type::XID8),
-                    (&n, Type::INT4),
-                    (&p, Type::INT4),
-                    (&window, Type::INT8),
-                    (&&*self.name, Type::TEXT),
-                ],
-            )
+            .query_raw(ctx.conn(), sql, &params)
             .await?;
-        // Rows stream in feed order and are decoded as they arrive; other
-        // partitions' rows carry only their position (the window's end):
-        // every other column is NULL.
         futures_util::pin_mut!(rows);
         let mut events = Vec::new();
         let mut blocked = AggregateSet::default();
-        let (mut window_end, mut window_rows) = (None, 0i64);
+        let mut seen_window = Window::default();
+        let mut last = None;
         while let Some(row) = rows.try_next().await? {
-            window_rows += 1;
-            window_end = Some(Position::new(row.get::<_, Xid8>(9).0, row.get(10)));
-            if row.get::<_, bool>(11) {
-                let event = envelope(&row)?;
-                if row.get::<_, bool>(12) {
-                    blocked.insert(event.aggregate_id);
+            match row.get::<_, i32>(WINDOW_KIND) {
+                EVENT => {
+                    let event = envelope(&row)?;
+                    if row.get::<_, bool>(WINDOW_KIND + 1) {
+                        blocked.insert(event.aggregate_id);
+                    }
+                    last = Some(event.position);
+                    events.push(event);
                 }
-                events.push(event);
+                FIRST => seen_window.saw_feed = true,
+                _ => {
+                    seen_window.end = Some(Position::new(
+                        row.get::<_, Xid8>(WINDOW_KIND - 2).0,
+                        row.get(WINDOW_KIND - 1),
+                    ))
+                }
+            }
+        }
+        if n == 1 {
+            // Every row of the window is the partition's.
+            seen_window.saw_feed = !events.is_empty();
+            if events.len() as i64 == window {
+                seen_window.end = last;
             }
         }
         self.verify_order(ctx, partition, checkpoint, &events, &seen.last)
@@ -641,9 +696,7 @@ impl PgProjection {
                     return Ok(Flow::Restart(restart));
                 }
                 outcome.handled += runnable.len() as u32;
-                return self
-                    .finish(ctx, batch, outcome, window_end, window_rows, None)
-                    .await;
+                return self.finish(ctx, batch, outcome, seen_window, None).await;
             }
         };
         for event in &events {
@@ -701,7 +754,7 @@ impl PgProjection {
             }
         }
 
-        self.finish(ctx, batch, outcome, window_end, window_rows, last_error)
+        self.finish(ctx, batch, outcome, seen_window, last_error)
             .await
     }
 
@@ -712,8 +765,7 @@ impl PgProjection {
         ctx: &mut PgContext,
         batch: &Batch,
         mut outcome: StepOutcome,
-        window_end: Option<Position>,
-        window_rows: i64,
+        window: Window,
         last_error: Option<String>,
     ) -> Result<Flow> {
         let Batch {
@@ -725,20 +777,23 @@ impl PgProjection {
         } = *batch;
         let n = self.options.partitions as i32;
         let p = partition as i32;
-        outcome.caught_up = window_rows < self.window();
-        outcome.window_rows = window_rows as u64;
-        outcome.checkpoint = match window_end {
+        outcome.caught_up = window.end.is_none();
+        outcome.saw_feed = window.saw_feed;
+        outcome.checkpoint = match window.end {
             // The whole window is handled (other partitions' rows in it
             // are theirs): resume after it.
-            Some(end) if !outcome.caught_up => end,
+            Some(end) => end,
             // Everything of the partition below the horizon is handled, and
             // every transaction below it has ended: resume at the horizon.
-            _ => checkpoint.max(Position::new(horizon, 0)),
+            None => checkpoint.max(Position::new(horizon, 0)),
         };
 
         // The age of the oldest pending event is cheap (the next event of
         // the partition); counting the backlog is not, so it is counted when
-        // caught up (the backlog is then small) or every few seconds.
+        // caught up (the backlog is then small) or every few seconds. While
+        // a partition of several catches up, its share is estimated as the
+        // feed's backlog over the partition count, from the feed index
+        // alone: the exact count reads every row's aggregate id.
         let count_lag = count_lag || outcome.caught_up;
         let failures = i64::from(outcome.retries + outcome.dead_lettered);
         let handled = i64::from(outcome.handled);
@@ -750,12 +805,19 @@ impl PgProjection {
                 ctx.conn(),
                 "UPDATE projection_state
                     SET checkpoint_xid = $3, checkpoint_position = $4,
-                        lag_events = CASE WHEN $5 THEN (
+                        lag_events = CASE WHEN NOT $5 THEN lag_events
+                                          WHEN $9 AND $11 > 1 THEN (
                             SELECT count(*) FILTER (WHERE chronicle_partition(aggregate_id, $11) = $2)
                               FROM (SELECT aggregate_id FROM events
                                      WHERE (transaction_id, global_position) > ($3, $4)
                                      ORDER BY transaction_id, global_position
-                                     LIMIT $12) AS backlog) ELSE lag_events END,
+                                     LIMIT $12) AS backlog)
+                                          ELSE (
+                            SELECT count(*) / $11
+                              FROM (SELECT FROM events
+                                     WHERE (transaction_id, global_position) > ($3, $4)
+                                     ORDER BY transaction_id, global_position
+                                     LIMIT $12) AS backlog) END,
                         lag_seconds = coalesce((
                             SELECT greatest(extract(epoch FROM clock_timestamp() - timestamp), 0)::float8
                               FROM (SELECT aggregate_id, timestamp FROM events

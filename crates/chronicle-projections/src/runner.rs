@@ -223,7 +223,7 @@ impl PartitionTask {
                         // The feed moved (this partition's events or
                         // another's): the notified append is visible, so
                         // no more quick looks for it in any partition.
-                        if outcome.window_rows > 0 {
+                        if outcome.saw_feed {
                             self.recheck = 0;
                         }
                         self.wait_for_events().await;
