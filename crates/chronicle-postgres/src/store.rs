@@ -513,7 +513,9 @@ impl PgEventStore {
         let mut attempts = 0;
         let row = loop {
             let client = self.pool.get().await.map_err(Error::from)?;
-            let result = client.query_typed_one(sql, &params).await;
+            let result = crate::Statements::new(self.statement_cache)
+                .query_one(&client, sql, &params)
+                .await;
             drop(client);
             match result {
                 Ok(row) => break row,
