@@ -53,15 +53,16 @@ pub struct ProjectionOptions {
     /// [`chronicle_postgres::PgOptions::statement_cache`] reads it from the
     /// URL.
     pub statement_cache: bool,
-    /// Whether a step's commit waits for its WAL to reach the disk
-    /// (default off). Off costs nothing in correctness: the read model, the
+    /// Whether a step commits as the session is configured (its
+    /// `synchronous_commit`, normally waiting for the WAL to reach the
+    /// disk) instead of without waiting (default: without). Off costs nothing in correctness: the read model, the
     /// dead letters and the checkpoint commit together or not at all, so a
     /// crash can only take back the last steps' commits as a whole, and the
     /// events are handled again from the checkpoint that survived (a read
     /// model in the same database sees them once; external effects were
     /// at-least-once already). A reader may then see the read model step
-    /// back and catch up again. On, every step waits for a disk flush,
-    /// which bounds catch-up at small batches.
+    /// back and catch up again. Waiting for a disk flush on every step
+    /// bounds catch-up at small batches.
     pub synchronous_commit: bool,
 }
 

@@ -329,3 +329,73 @@ async fn a_failure_during_a_rebuild_stops_it_instead_of_dead_lettering() {
     drain(&projection).await;
     assert_eq!(read_model(&db).await, expected_model(&db).await);
 }
+
+/// Records the step transaction's `synchronous_commit` for every event.
+struct CommitMode {
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[async_trait::async_trait]
+impl chronicle_core::ProjectionHandler<chronicle_projections::PgContext> for CommitMode {
+    fn name(&self) -> &str {
+        "commit-mode"
+    }
+
+    async fn handle(
+        &self,
+        _: &chronicle_core::EventEnvelope,
+        ctx: &mut chronicle_projections::PgContext,
+    ) -> chronicle_core::ProjectionResult {
+        let row = ctx
+            .client()
+            .query_one("SELECT current_setting('synchronous_commit')", &[])
+            .await;
+        match row {
+            Ok(row) => {
+                self.seen.lock().unwrap().push(row.get(0));
+                chronicle_core::ProjectionResult::Done
+            }
+            Err(e) => chronicle_core::ProjectionResult::Fail(e.to_string()),
+        }
+    }
+}
+
+/// Steps commit without waiting for the flush unless the options ask for
+/// it; the setting is the step's own (`SET LOCAL`), not the session's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_commit_without_waiting_for_the_flush_unless_asked() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    deposit(&db, 3, 2).await;
+    wait_for_horizon(&db).await;
+    // Sessions that wait for the flush by default (the test cluster's
+    // default is off).
+    let mut options = chronicle_postgres::PgOptions::from_url(&db.url).unwrap();
+    options.config_mut().options("-c synchronous_commit=on");
+    let pool = options.pool().unwrap();
+    for (durable, expected) in [(false, "off"), (true, "on")] {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let options = ProjectionOptions {
+            partitions: 1,
+            synchronous_commit: durable,
+            ..ProjectionOptions::default()
+        };
+        let projection =
+            PgProjection::new(pool.clone(), CommitMode { seen: seen.clone() }, options).unwrap();
+        projection.register().await.unwrap();
+        projection.rebuild(Position::START).await.unwrap();
+        drain(&projection).await;
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 6, "every event handled once: {seen:?}");
+        assert!(seen.iter().all(|s| s == expected), "{durable}: {seen:?}");
+    }
+    let session: String = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(session, "on", "the step's setting does not outlive it");
+}
