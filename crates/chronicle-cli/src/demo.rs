@@ -308,11 +308,16 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
         },
     )
     .await?;
+    // Each partition's lag is as of its last step, so wait for what this
+    // step shows: Grace in the read model, and the poison event and the one
+    // parked behind it in the queue.
     settle(
         &projection,
         &pool,
         &format!(
-            "SELECT EXISTS (SELECT 1 FROM user_profile.user_profiles WHERE user_id = '{newcomer}')"
+            "SELECT EXISTS (SELECT 1 FROM user_profile.user_profiles WHERE user_id = '{newcomer}')
+                AND (SELECT count(*) FROM projection_dead_letters
+                      WHERE projection = 'user-profile' AND aggregate_id = '{user}') = 2"
         ),
     )
     .await?;
