@@ -58,8 +58,13 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Check every hash chain of the log: edited, deleted, inserted and
-    /// re-linked rows, rows cut from the end; exits 1 if anything is wrong.
+    /// Link the committed records not in a chain yet into it (writers
+    /// store records unlinked; a sealer links them after commit, and
+    /// `list` and `verify` seal first).
+    Seal,
+    /// Seal, then check every hash chain of the log: edited, deleted,
+    /// inserted and re-linked rows, rows cut from the end, unlinked rows
+    /// planted below the sealer's horizon; exits 1 if anything is wrong.
     Verify {
         /// Also check against chain heads saved earlier outside the
         /// database (a file written by --save-anchor): catches a log
@@ -72,6 +77,10 @@ pub enum AuditCommand {
         save_anchor: Option<PathBuf>,
     },
 }
+
+/// How long `audit seal|list|verify` wait for open transactions that
+/// hold the sealer's horizon back.
+const SEAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The audit log is not intact (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +123,7 @@ pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result
                 after_id: after,
                 limit,
             };
+            audit.seal_all(SEAL_WAIT).await?;
             let records = audit.list(&query).await?;
             print_records(&records, format);
             if format == OutputFormat::Table {
@@ -125,10 +135,15 @@ pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result
                 }
             }
         }
+        AuditCommand::Seal => {
+            let (sealed, unsealed) = audit.seal_all(SEAL_WAIT).await?;
+            print_record(&json!({ "sealed": sealed, "unsealed": unsealed }), format);
+        }
         AuditCommand::Verify {
             anchor,
             save_anchor,
         } => {
+            audit.seal_all(SEAL_WAIT).await?;
             let report = match &anchor {
                 Some(path) => {
                     let text = std::fs::read_to_string(path)
@@ -158,6 +173,7 @@ pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result
                     "chains": report.chains.len(),
                     "rows_per_chain": rows_per_chain,
                     "checked_against_anchor": anchor.is_some(),
+                    "unsealed": report.unsealed,
                     "problems": problems,
                 }),
                 format,
@@ -220,7 +236,11 @@ fn print_records(records: &[AuditRecord], format: OutputFormat) {
                 };
                 table.add_row(vec![
                     r.id.to_string(),
-                    format!("{}:{}", r.chain, r.seq),
+                    if r.sealed {
+                        format!("{}:{}", r.chain, r.seq)
+                    } else {
+                        "unsealed".into()
+                    },
                     e.at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
                     e.operation.to_string(),
                     e.outcome.to_string(),

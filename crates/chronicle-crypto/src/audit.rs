@@ -409,6 +409,16 @@ pub struct AuditRecord {
     pub prev_hash: ChainHash,
     /// This record's hash.
     pub hash: ChainHash,
+    /// Whether the record is linked into its chain. A log that links
+    /// records after they commit (the PostgreSQL sink) lists records not
+    /// linked yet with `sealed: false`, `chain` and `seq` 0 and zero
+    /// hashes.
+    #[serde(default = "linked")]
+    pub sealed: bool,
+}
+
+fn linked() -> bool {
+    true
 }
 
 impl AuditRecord {
@@ -466,6 +476,7 @@ impl ChainHead {
             entry,
             prev_hash: self.hash,
             hash,
+            sealed: true,
         };
         *self = ChainHead {
             seq: record.seq,
@@ -506,6 +517,14 @@ pub enum ChainProblem {
         /// The row before it.
         after_seq: u64,
     },
+    /// A row not linked into any chain that no writer can have left
+    /// unlinked: its transaction is older than the sealer's horizon (every
+    /// transaction below it had ended when the sealer passed). It was
+    /// inserted outside the audit sink.
+    Backdated {
+        /// The row's id ([`AuditRecord::id`]; it has no `seq`).
+        id: u64,
+    },
     /// The chain ends before the expected head: rows were deleted from the
     /// end.
     Truncated {
@@ -540,6 +559,7 @@ impl ChainProblem {
             ChainProblem::Deleted { first_seq, .. }
             | ChainProblem::BeyondHead { first_seq, .. } => first_seq,
             ChainProblem::Truncated { last_seq, .. } => last_seq,
+            ChainProblem::Backdated { .. } => 0,
         }
     }
 }
@@ -564,6 +584,10 @@ impl fmt::Display for ChainProblem {
             ChainProblem::Inserted { seq } => {
                 write!(f, "row {seq} was inserted: it is not part of the chain")
             }
+            ChainProblem::Backdated { id } => write!(
+                f,
+                "row id {id} is not linked into the chain and is older than the sealer's horizon: it was inserted outside the audit sink"
+            ),
             ChainProblem::BrokenLink { seq, after_seq } => write!(
                 f,
                 "row {seq} does not follow row {after_seq}: row {after_seq} was rewritten with a recomputed hash, or rows were deleted and the rest renumbered"
@@ -773,6 +797,10 @@ pub struct AuditReport {
     pub chains: Vec<ChainSummary>,
     /// Everything wrong, by chain and row; empty if the log is intact.
     pub problems: Vec<AuditProblem>,
+    /// Records stored but not linked into a chain yet, so not covered by
+    /// this verification: those of transactions newer than the oldest one
+    /// still open when the log was sealed.
+    pub unsealed: u64,
 }
 
 impl AuditReport {
@@ -852,6 +880,7 @@ pub fn verify_log(
         checked: 0,
         chains: Vec::new(),
         problems: Vec::new(),
+        unsealed: 0,
     };
     for (chain, mut rows) in chains {
         rows.sort_by_key(|r| (r.seq, r.id));

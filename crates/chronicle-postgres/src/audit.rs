@@ -1,6 +1,7 @@
 //! [`PgAuditSink`]: the hash-chained audit log in `chronicle_audit_log`,
-//! sixteen chains anchored by `chronicle_audit_head` (one row per chain);
-//! and the audited append of [`PgEventStore`].
+//! records linked after commit by a sealer, chains anchored by
+//! `chronicle_audit_head` (one row per chain); and the audited append of
+//! [`PgEventStore`].
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -18,11 +19,21 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, IsolationLevel, Row};
 use uuid::Uuid;
 
+use crate::types::Xid8;
 use crate::{Error, PgEventStore, PgPool};
 
 /// The columns [`record`] decodes, in order.
 const RECORD_COLUMNS: &str = "id, chain, seq, at, operation, outcome, subject, key_id, kek_id, \
                               event_ids, fields, actor, purpose, prev_hash, hash";
+
+/// How many columns [`RECORD_COLUMNS`] has.
+const RECORD_COLUMN_COUNT: usize = 15;
+
+/// Records sealed per transaction.
+const SEAL_BATCH: usize = 5_000;
+
+/// The sealer's advisory lock ("aud2").
+const SEAL_LOCK: i64 = 1_635_083_314;
 
 /// Column positions in [`RECORD_COLUMNS`].
 const PREV_HASH: usize = 13;
@@ -83,23 +94,25 @@ impl Default for AuditQuery {
     }
 }
 
-/// An [`AuditSink`] on PostgreSQL (migrations 3 and 9), and the reader and
-/// verifier of what it stored.
+/// An [`AuditSink`] on PostgreSQL (migrations 3, 9 and 11), and the
+/// reader, sealer and verifier of what it stored.
 ///
-/// The log is [`AUDIT_CHAINS`] independent hash chains. [`AuditSink::append`]
-/// is one statement, `chronicle_audit_append`, in its own transaction: it
-/// takes the advisory transaction lock of the first chain nobody holds
-/// (waiting for none unless all are held; waiting assigns no transaction
-/// id, so it does not hold back the event feed), locks that chain's head
-/// row, links the entries (`hash = SHA-256(prev_hash || canonical(entry))`,
-/// the canonical bytes sent by the client), inserts them and moves the head.
-/// It returns only after the commit, so a caller never releases plaintext
-/// whose audit record could still be lost. Concurrent appends land in
-/// different chains and commit together; wrap the sink in a
-/// [`chronicle_crypto::GroupCommitAuditSink`] to also merge concurrent
-/// readers' batches into one statement.
+/// [`AuditSink::append`] is one statement, `chronicle_audit_append`, in its
+/// own transaction: it stores the records unlinked (no lock, no head row)
+/// and returns only after the commit, so a caller never releases plaintext
+/// whose audit record could still be lost. An audited append stores its
+/// records in the append's own statement. [`PgAuditSink::seal`] links
+/// committed records into the hash chain (`hash = SHA-256(prev_hash ||
+/// canonical(entry))`) in the order of their writers' transactions, after
+/// they commit; run it in the background with
+/// [`PgAuditSink::spawn_sealer`] (verification and listing seal first). A
+/// record is tamper-evident once sealed. Records written before migration
+/// 11 were linked by their writers into one of [`AUDIT_CHAINS`] chains and
+/// verify as before; new ones go to chain 0. Wrap the sink in a
+/// [`chronicle_crypto::GroupCommitAuditSink`] to merge concurrent readers'
+/// batches into one statement.
 ///
-/// Triggers refuse `UPDATE`, `DELETE` and `TRUNCATE` of the log;
+/// Triggers refuse `UPDATE` (but sealing), `DELETE` and `TRUNCATE` of the log;
 /// [`PgAuditSink::verify`] detects what someone who disabled them did.
 ///
 /// ```no_run
@@ -146,6 +159,193 @@ impl PgAuditSink {
             .map_err(|e| failed("connect", Error::from(e)))
     }
 
+    /// Links every committed record not yet in a chain into chain 0, in
+    /// the order of their writers' transactions, and moves its head;
+    /// returns how many were linked.
+    ///
+    /// Writers store records unlinked, in their own transactions (one
+    /// statement, no lock, no head row), so sealing is what makes a record
+    /// tamper-evident. Only records below the snapshot's xmin are sealed:
+    /// every transaction below it has ended, so no record can still appear
+    /// there, and the head remembers that horizon (an unlinked record found
+    /// below it later was planted, and [`PgAuditSink::verify`] reports it).
+    /// One sealer runs at a time (an advisory lock; others wait for it).
+    /// Run it in the background ([`PgAuditSink::spawn_sealer`]); `verify`
+    /// and `list` seal first.
+    pub async fn seal(&self) -> chronicle_crypto::Result<u64> {
+        let mut total = 0;
+        loop {
+            let sealed = self.seal_batch(SEAL_BATCH).await?;
+            total += sealed;
+            if sealed < SEAL_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Seals until every committed record is linked, waiting up to `wait`
+    /// for the transactions that hold the horizon back (any open writing
+    /// transaction in the cluster does, as it holds back the event feed);
+    /// returns how many were linked and how many are still unlinked.
+    pub async fn seal_all(
+        &self,
+        wait: std::time::Duration,
+    ) -> chronicle_crypto::Result<(u64, u64)> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut sealed = 0;
+        loop {
+            sealed += self.seal().await?;
+            let client = self.client().await?;
+            let left: i64 = client
+                .query_typed_one(
+                    "SELECT count(*) FROM chronicle_audit_log WHERE hash IS NULL",
+                    &[],
+                )
+                .await
+                .map_err(|e| failed("count the unsealed records", e))?
+                .get(0);
+            if left == 0 || std::time::Instant::now() >= deadline {
+                return Ok((sealed, u64::try_from(left).unwrap_or(0)));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Seals every `every` until the task is aborted; a failed round is
+    /// logged and retried at the next.
+    pub fn spawn_sealer(&self, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let sink = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = sink.seal().await {
+                    tracing::warn!(error = %e, "sealing the audit log failed; retrying");
+                }
+            }
+        })
+    }
+
+    async fn seal_batch(&self, limit: usize) -> chronicle_crypto::Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| failed("begin sealing", e))?;
+        tx.execute_typed(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[(&SEAL_LOCK, Type::INT8)],
+        )
+        .await
+        .map_err(|e| failed("take the sealer's lock", e))?;
+        let head = tx
+            .query_typed_opt(
+                "SELECT seq, hash, sealed_below, pg_snapshot_xmin(pg_current_snapshot())
+                   FROM chronicle_audit_head WHERE chain = 0 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(|e| failed("lock chain 0's head", e))?;
+        // Without its head nothing can be linked; verification reports it.
+        let Some(head) = head else {
+            return Ok(0);
+        };
+        let mut seq = u64::try_from(head.get::<_, i64>(0)).unwrap_or(0);
+        let mut hash = <[u8; 32]>::try_from(head.get::<_, Vec<u8>>(1).as_slice())
+            .map(ChainHash::from_bytes)
+            .map_err(|_| chronicle_crypto::Error::Backend {
+                message: "audit log: the head hash of chain 0 is not 32 bytes".into(),
+                source: None,
+            })?;
+        let below: Xid8 = head.get(2);
+        let horizon: Xid8 = head.get(3);
+        let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = tx
+            .query_typed(
+                &format!(
+                    "SELECT {RECORD_COLUMNS}, transaction_id FROM chronicle_audit_log \
+                      WHERE hash IS NULL AND transaction_id >= $1 AND transaction_id < $2 \
+                      ORDER BY transaction_id, id LIMIT $3"
+                ),
+                &[
+                    (&below, Type::XID8),
+                    (&horizon, Type::XID8),
+                    (&limit_param, Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|e| failed("read the records to seal", e))?;
+        let n = rows.len();
+        let (mut ids, mut seqs, mut prevs, mut hashes) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for row in &rows {
+            let id: i64 = row.get(0);
+            let entry = entry(row).map_err(|reason| chronicle_crypto::Error::Backend {
+                message: format!(
+                    "audit log: row id {id} cannot be read ({reason}), so it is not sealed; run chronicle audit verify"
+                ),
+                source: None,
+            })?;
+            let next = AuditRecord::compute_hash(&hash, &entry);
+            seq += 1;
+            ids.push(id);
+            seqs.push(i64::try_from(seq).unwrap_or(i64::MAX));
+            prevs.push(hash.as_bytes().to_vec());
+            hashes.push(next.as_bytes().to_vec());
+            hash = next;
+        }
+        if n > 0 {
+            let updated = tx
+                .execute_typed(
+                    "UPDATE chronicle_audit_log l
+                        SET chain = 0, seq = u.seq, prev_hash = u.prev, hash = u.hash
+                       FROM unnest($1::int8[], $2::int8[], $3::bytea[], $4::bytea[]) AS u(id, seq, prev, hash)
+                      WHERE l.id = u.id AND l.hash IS NULL",
+                    &[
+                        (&ids, Type::INT8_ARRAY),
+                        (&seqs, Type::INT8_ARRAY),
+                        (&prevs, Type::BYTEA_ARRAY),
+                        (&hashes, Type::BYTEA_ARRAY),
+                    ],
+                )
+                .await
+                .map_err(|e| failed("seal records", e))?;
+            if updated != n as u64 {
+                return Err(chronicle_crypto::Error::Backend {
+                    message: format!(
+                        "audit log: {updated} of {n} records could be sealed; something else changed the log while the sealer held it: run chronicle audit verify"
+                    ),
+                    source: None,
+                });
+            }
+        }
+        // Everything below the horizon is sealed now, unless the batch was
+        // cut short: then everything below its last transaction is.
+        let sealed_below: Xid8 = match rows.last() {
+            Some(last) if n == limit => last.get(RECORD_COLUMN_COUNT),
+            _ => horizon,
+        };
+        let last_seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        tx.execute_typed(
+            "UPDATE chronicle_audit_head SET seq = $1, hash = $2, sealed_below = greatest(sealed_below, $3)
+              WHERE chain = 0",
+            &[
+                (&last_seq, Type::INT8),
+                (&hash.as_bytes().as_slice(), Type::BYTEA),
+                (&sealed_below, Type::XID8),
+            ],
+        )
+        .await
+        .map_err(|e| failed("move chain 0's head", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| failed("commit the seal", e))?;
+        Ok(n as u64)
+    }
+
     /// Every chain's head as anchored in `chronicle_audit_head`: what to
     /// keep outside the database for [`PgAuditSink::verify_against`].
     pub async fn heads(&self) -> chronicle_crypto::Result<BTreeMap<u16, ChainHead>> {
@@ -153,7 +353,8 @@ impl PgAuditSink {
         read_heads(&**client).await
     }
 
-    /// The number of records in the log (the sum of the chains' heads).
+    /// The number of sealed records in the log (the sum of the chains'
+    /// heads).
     pub async fn len(&self) -> chronicle_crypto::Result<u64> {
         Ok(self.heads().await?.values().map(|h| h.seq).sum())
     }
@@ -163,8 +364,11 @@ impl PgAuditSink {
         Ok(self.len().await? == 0)
     }
 
-    /// The records matching `query`, in `id` order.
+    /// The records matching `query`, in `id` order, after sealing what can
+    /// be sealed ([`PgAuditSink::seal`]); records of transactions newer than
+    /// the oldest open one come unsealed ([`AuditRecord::sealed`]).
     pub async fn list(&self, query: &AuditQuery) -> chronicle_crypto::Result<Vec<AuditRecord>> {
+        self.seal().await?;
         let client = self.client().await?;
         let subject = query.subject.as_ref().map(SubjectId::as_str);
         let operation = query.operation.map(AuditOperation::as_str);
@@ -256,6 +460,7 @@ impl PgAuditSink {
         outside: Option<&BTreeMap<u16, ChainHead>>,
     ) -> chronicle_crypto::Result<AuditReport> {
         let page_size = page_size.max(2);
+        self.seal().await?;
         let mut client = self.client().await?;
         let tx = client
             .build_transaction()
@@ -267,7 +472,10 @@ impl PgAuditSink {
         let mut heads = read_heads(&*tx).await?;
         // Chains that have rows but no head: verified against an empty one.
         let stored = tx
-            .query_typed("SELECT DISTINCT chain FROM chronicle_audit_log", &[])
+            .query_typed(
+                "SELECT DISTINCT chain FROM chronicle_audit_log WHERE chain IS NOT NULL",
+                &[],
+            )
             .await
             .map_err(|e| failed("list the chains", e))?;
         for row in &stored {
@@ -278,10 +486,33 @@ impl PgAuditSink {
             checked: 0,
             chains: Vec::new(),
             problems: Vec::new(),
+            unsealed: 0,
         };
         for (chain, anchor) in heads {
             let verified = verify_chain_paged(&*tx, chain, page_size, &anchor).await?;
             report.push_chain(chain, verified);
+        }
+        // Unsealed rows: in flight, or planted below the sealer's horizon.
+        let unsealed = tx
+            .query_typed(
+                "SELECT l.id, l.transaction_id < h.sealed_below
+                   FROM chronicle_audit_log l, chronicle_audit_head h
+                  WHERE l.hash IS NULL AND h.chain = 0
+                  ORDER BY l.id",
+                &[],
+            )
+            .await
+            .map_err(|e| failed("list the unsealed records", e))?;
+        for row in &unsealed {
+            if row.get::<_, bool>(1) {
+                let id = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+                report.problems.push(chronicle_crypto::AuditProblem {
+                    chain: 0,
+                    problem: ChainProblem::Backdated { id },
+                });
+            } else {
+                report.unsealed += 1;
+            }
         }
         if let Some(outside) = outside {
             for (chain, anchor) in outside.iter().filter(|(_, a)| a.seq > 0) {
@@ -437,6 +668,7 @@ fn stand_in(row: &Row, seq: u64) -> AuditRecord {
         entry: AuditEntry::new(AuditOperation::Encrypt, AuditOutcome::Failed, &context),
         prev_hash: hash_at(PREV_HASH),
         hash: hash_at(HASH),
+        sealed: true,
     }
 }
 
@@ -481,12 +713,40 @@ async fn read_heads(
     Ok(heads)
 }
 
-/// Decodes a row selected with [`RECORD_COLUMNS`].
+/// Decodes a row selected with [`RECORD_COLUMNS`]; a row not sealed yet
+/// has no chain columns ([`AuditRecord::sealed`] false).
 fn record(row: &Row) -> Result<AuditRecord, String> {
     let text = |e: tokio_postgres::Error| e.to_string();
     let id: i64 = row.try_get(0).map_err(text)?;
-    let chain: i16 = row.try_get(1).map_err(text)?;
-    let seq: i64 = row.try_get(2).map_err(text)?;
+    let chain: Option<i16> = row.try_get(1).map_err(text)?;
+    let seq: Option<i64> = row.try_get(2).map_err(text)?;
+    let hash = |i: usize| -> Result<Option<ChainHash>, String> {
+        let Some(bytes) = row.try_get::<_, Option<Vec<u8>>>(i).map_err(text)? else {
+            return Ok(None);
+        };
+        <[u8; 32]>::try_from(bytes.as_slice())
+            .map(|b| Some(ChainHash::from_bytes(b)))
+            .map_err(|_| format!("column {i} is not a 32-byte hash"))
+    };
+    let (prev_hash, hash) = (hash(PREV_HASH)?, hash(HASH)?);
+    let sealed = hash.is_some();
+    if sealed != (chain.is_some() && seq.is_some() && prev_hash.is_some()) {
+        return Err("its chain columns are set in part".into());
+    }
+    Ok(AuditRecord {
+        id: u64::try_from(id).map_err(|_| "negative id".to_owned())?,
+        chain: u16::try_from(chain.unwrap_or(0)).map_err(|_| "negative chain".to_owned())?,
+        seq: u64::try_from(seq.unwrap_or(0)).map_err(|_| "negative seq".to_owned())?,
+        entry: entry(row)?,
+        prev_hash: prev_hash.unwrap_or(ChainHash::ZERO),
+        hash: hash.unwrap_or(ChainHash::ZERO),
+        sealed,
+    })
+}
+
+/// The entry of a row selected with [`RECORD_COLUMNS`].
+fn entry(row: &Row) -> Result<AuditEntry, String> {
+    let text = |e: tokio_postgres::Error| e.to_string();
     let operation: String = row.try_get(4).map_err(text)?;
     let outcome: String = row.try_get(5).map_err(text)?;
     let subject: Option<String> = row.try_get(6).map_err(text)?;
@@ -494,30 +754,17 @@ fn record(row: &Row) -> Result<AuditRecord, String> {
     let kek_id: Option<String> = row.try_get(8).map_err(text)?;
     let event_ids: Option<Vec<Uuid>> = row.try_get(9).map_err(text)?;
     let fields: Option<Vec<String>> = row.try_get(10).map_err(text)?;
-    let hash = |i: usize| -> Result<ChainHash, String> {
-        let bytes: Vec<u8> = row.try_get(i).map_err(text)?;
-        <[u8; 32]>::try_from(bytes.as_slice())
-            .map(ChainHash::from_bytes)
-            .map_err(|_| format!("column {i} is not a 32-byte hash"))
-    };
-    Ok(AuditRecord {
-        id: u64::try_from(id).map_err(|_| "negative id".to_owned())?,
-        chain: u16::try_from(chain).map_err(|_| "negative chain".to_owned())?,
-        seq: u64::try_from(seq).map_err(|_| "negative seq".to_owned())?,
-        entry: AuditEntry {
-            at: row.try_get::<_, DateTime<Utc>>(3).map_err(text)?,
-            operation: AuditOperation::from_str(&operation).map_err(|e| e.to_string())?,
-            outcome: AuditOutcome::from_str(&outcome).map_err(|e| e.to_string())?,
-            subject: subject.map(SubjectId::new),
-            key_id: key_id.map(DataKeyId::from_uuid),
-            kek_id: kek_id.map(KekId::new),
-            event_ids: event_ids.unwrap_or_default(),
-            fields: fields.unwrap_or_default(),
-            actor: row.try_get(11).map_err(text)?,
-            purpose: row.try_get(12).map_err(text)?,
-        },
-        prev_hash: hash(PREV_HASH)?,
-        hash: hash(HASH)?,
+    Ok(AuditEntry {
+        at: row.try_get::<_, DateTime<Utc>>(3).map_err(text)?,
+        operation: AuditOperation::from_str(&operation).map_err(|e| e.to_string())?,
+        outcome: AuditOutcome::from_str(&outcome).map_err(|e| e.to_string())?,
+        subject: subject.map(SubjectId::new),
+        key_id: key_id.map(DataKeyId::from_uuid),
+        kek_id: kek_id.map(KekId::new),
+        event_ids: event_ids.unwrap_or_default(),
+        fields: fields.unwrap_or_default(),
+        actor: row.try_get(11).map_err(text)?,
+        purpose: row.try_get(12).map_err(text)?,
     })
 }
 
@@ -537,7 +784,10 @@ pub(crate) struct AuditColumns {
     fields: Vec<String>,
     actor: Vec<String>,
     purpose: Vec<String>,
-    canonical: Vec<Vec<u8>>,
+    /// `event_ids` and `fields`, `None` when empty (a single record's
+    /// columns, bound as they are stored).
+    event_ids_or_null: Option<Vec<Uuid>>,
+    fields_or_null: Option<Vec<String>>,
 }
 
 impl AuditColumns {
@@ -556,10 +806,10 @@ impl AuditColumns {
             fields: Vec::new(),
             actor: Vec::with_capacity(n),
             purpose: Vec::with_capacity(n),
-            canonical: Vec::with_capacity(n),
+            event_ids_or_null: None,
+            fields_or_null: None,
         };
         for e in entries {
-            c.canonical.push(e.canonical_bytes());
             c.at.push(e.at);
             c.operation.push(e.operation.as_str());
             c.outcome.push(e.outcome.as_str());
@@ -575,15 +825,19 @@ impl AuditColumns {
             c.actor.push(e.actor);
             c.purpose.push(e.purpose);
         }
+        if n == 1 {
+            c.event_ids_or_null = (!c.event_ids.is_empty()).then(|| c.event_ids.clone());
+            c.fields_or_null = (!c.fields.is_empty()).then(|| c.fields.clone());
+        }
         c
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.canonical.is_empty()
+        self.at.is_empty()
     }
 
-    /// The thirteen parameters of `chronicle_audit_append`, typed.
-    pub(crate) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 13] {
+    /// The twelve parameters of `chronicle_audit_append`, typed.
+    pub(crate) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 12] {
         [
             (&self.at, Type::TIMESTAMPTZ_ARRAY),
             (&self.operation, Type::TEXT_ARRAY),
@@ -597,7 +851,6 @@ impl AuditColumns {
             (&self.fields, Type::TEXT_ARRAY),
             (&self.actor, Type::TEXT_ARRAY),
             (&self.purpose, Type::TEXT_ARRAY),
-            (&self.canonical, Type::BYTEA_ARRAY),
         ]
     }
 }
@@ -634,7 +887,29 @@ impl AppendAudit {
         a
     }
 
-    /// The eighteen parameters, typed.
+    /// The columns of its one audit record, when it stores no key and one
+    /// record (an append for a subject that has a key): what
+    /// [`PgEventStore`]'s prepared audited append binds after the event's.
+    pub(crate) fn single_record(&self) -> Option<[(&(dyn ToSql + Sync), Type); 10]> {
+        let a = &self.audit;
+        if !self.subject.is_empty() || a.at.len() != 1 {
+            return None;
+        }
+        Some([
+            (&a.at[0], Type::TIMESTAMPTZ),
+            (&a.operation[0], Type::TEXT),
+            (&a.outcome[0], Type::TEXT),
+            (&a.subject[0], Type::TEXT),
+            (&a.key_id[0], Type::UUID),
+            (&a.kek_id[0], Type::TEXT),
+            (&a.event_ids_or_null, Type::UUID_ARRAY),
+            (&a.fields_or_null, Type::TEXT_ARRAY),
+            (&a.actor[0], Type::TEXT),
+            (&a.purpose[0], Type::TEXT),
+        ])
+    }
+
+    /// The seventeen parameters, typed.
     pub(crate) fn params(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
         let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
             (&self.subject, Type::TEXT_ARRAY),
@@ -675,8 +950,8 @@ impl AuditSink for PgAuditSink {
         let client = self.client().await?;
         client
             .query_typed(
-                "SELECT audit_chain, audit_seq FROM chronicle_audit_append(\
-                   $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                "SELECT chronicle_audit_append(\
+                   $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 &columns.params(),
             )
             .await

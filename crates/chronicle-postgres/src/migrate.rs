@@ -78,6 +78,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "append_fast_path",
         sql: include_str!("../migrations/0010_append_fast_path.sql"),
     },
+    Migration {
+        version: 11,
+        name: "audit_sealed_after_commit",
+        sql: include_str!("../migrations/0011_audit_sealed_after_commit.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

@@ -40,6 +40,18 @@ const FAST_APPEND_ONE: &str = "INSERT INTO events (event_id, aggregate_id, aggre
       WHERE $7 = 0 OR EXISTS (SELECT 1 FROM events e WHERE e.aggregate_id = $2 AND e.version = $7) \
      ON CONFLICT DO NOTHING";
 
+/// [`FAST_APPEND_ONE`] and, only if the event went in, its audit record
+/// (`$9` .. `$18`, stored unsealed: migration 11).
+const FAST_AUDITED_APPEND_ONE: &str = "WITH stored AS (\
+     INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, \
+     event_data, metadata, version, encrypted_fields) \
+     SELECT $1, $2, $3, $4, $5, $6, $7 + 1, $8 \
+      WHERE $7 = 0 OR EXISTS (SELECT 1 FROM events e WHERE e.aggregate_id = $2 AND e.version = $7) \
+     ON CONFLICT DO NOTHING RETURNING 1) \
+     INSERT INTO chronicle_audit_log (at, operation, outcome, subject, key_id, kek_id, event_ids, \
+     fields, actor, purpose) \
+     SELECT $9, $10, $11, $12, $13, $14, $15, $16, $17, $18 FROM stored";
+
 /// A batch at versions `$7 + 1 ..`, as [`FAST_APPEND_ONE`]; without
 /// `ON CONFLICT`, so that a batch that collides with stored rows fails as a
 /// whole (a unique violation) instead of going in in part.
@@ -351,6 +363,37 @@ impl PgEventStore {
         }
     }
 
+    /// [`FAST_APPEND_ONE`] and the event's audit record in one prepared
+    /// statement: true when both were stored; false when neither was and
+    /// `chronicle_append_audited` must find out why.
+    async fn fast_audited_append(
+        &self,
+        aggregate_id: AggregateId,
+        aggregate_type: &str,
+        expected: i32,
+        p: &Prepared,
+        event: &NewEvent,
+        record: &[(&(dyn ToSql + Sync), Type); 10],
+    ) -> Result<bool, Error> {
+        let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&p.ids[0], Type::UUID),
+            (&aggregate_id, Type::UUID),
+            (&aggregate_type, Type::TEXT),
+            (&p.types[0], Type::TEXT),
+            (&p.data[0], Type::JSONB),
+            (&p.metadata[0], Type::JSONB),
+            (&expected, Type::INT4),
+            (&encrypted, Type::TEXT_ARRAY),
+        ];
+        params.extend(record.iter().map(|(v, t)| (*v, t.clone())));
+        let client = self.pool.get().await?;
+        let rows = crate::Statements::new(true)
+            .execute(&client, FAST_AUDITED_APPEND_ONE, &params)
+            .await?;
+        Ok(rows == 1)
+    }
+
     /// The aggregate's current version (0: no events).
     async fn current_version(&self, aggregate_id: AggregateId) -> Result<u32, Error> {
         let client = self.pool.get().await?;
@@ -479,6 +522,25 @@ impl PgEventStore {
         audit: Option<&crate::audit::AppendAudit>,
     ) -> chronicle_core::Result<AppendOutcome> {
         let p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
+        // One event with its one audit record, for a subject that has its
+        // key: one prepared statement stores both, or neither.
+        if let (true, Some(record), Some(v), [event]) = (
+            self.statement_cache,
+            audit.and_then(crate::audit::AppendAudit::single_record),
+            expected.as_option(),
+            events.as_slice(),
+        ) {
+            let v = v as i32;
+            if self
+                .fast_audited_append(aggregate_id, aggregate_type, v, &p, event, &record)
+                .await?
+            {
+                return Ok(AppendOutcome {
+                    version: (v as u32) + 1,
+                    appended: true,
+                });
+            }
+        }
         if let (true, None, Some(v)) = (self.statement_cache, audit, expected.as_option()) {
             let v = v as i32;
             if self
@@ -507,7 +569,7 @@ impl PgEventStore {
             Some(audit) => {
                 params.extend(audit.params());
                 "SELECT status, version FROM chronicle_append_audited($1, $2, $3, $4, $5, $6, $7, $8, \
-                 $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
+                 $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
             }
         };
         let mut attempts = 0;

@@ -45,6 +45,10 @@ scenario!(
     first_keys_and_audit_appends_are_race_safe_via_pgbouncer
 );
 
+/// How long a test waits for other tests' open transactions (same
+/// cluster) that hold the audit sealer's horizon back.
+const SEAL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 const CONFIG: &str = r#"
 encryption:
   events:
@@ -351,6 +355,7 @@ mod scenarios {
         for t in tasks {
             t.await.unwrap();
         }
+        assert_eq!(kit.audit.seal_all(SEAL_WAIT).await.unwrap().1, 0);
         let report = kit.audit.verify().await.unwrap();
         assert!(report.is_intact(), "{:?}", report.problems);
         assert_eq!(report.checked, 120);
@@ -849,6 +854,7 @@ async fn grouped_audit_appends_keep_one_record_per_read() {
         .build(),
     );
     let store = kit.store_with(encryptor);
+    kit.audit.seal_all(SEAL_WAIT).await.unwrap();
     let before = kit.audit.len().await.unwrap();
     let readers: Vec<_> = (0..16)
         .map(|i| {
@@ -864,6 +870,7 @@ async fn grouped_audit_appends_keep_one_record_per_read() {
     for r in readers {
         r.await.unwrap();
     }
+    assert_eq!(kit.audit.seal_all(SEAL_WAIT).await.unwrap().1, 0);
     let report = kit.audit.verify().await.unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
     assert_eq!(kit.audit.len().await.unwrap() - before, 16 * 5);
@@ -903,6 +910,7 @@ async fn audited_history(kit: &Kit) -> Vec<&'static str> {
         .shred(&AccessContext::new("dpo", "erasure-17"), &subject)
         .await
         .unwrap();
+    assert_eq!(kit.audit.seal_all(SEAL_WAIT).await.unwrap().1, 0);
     ops(&kit.audit.list(&AuditQuery::default()).await.unwrap())
 }
 
@@ -1417,7 +1425,11 @@ async fn audit_rows_written_before_the_chains_still_verify() {
         )
         .await
         .unwrap();
-    client.batch_execute(&render(chains.sql)).await.unwrap();
+    // Then everything after it (migration 11 links new records after
+    // commit, into chain 0).
+    for m in MIGRATIONS.iter().filter(|m| m.version >= chains.version) {
+        client.batch_execute(&render(m.sql)).await.unwrap();
+    }
 
     let audit = PgAuditSink::new(db.pool.clone());
     let listed = audit.list(&AuditQuery::default()).await.unwrap();
@@ -1433,6 +1445,7 @@ async fn audit_rows_written_before_the_chains_still_verify() {
     )
     .await
     .unwrap();
+    assert_eq!(audit.seal_all(SEAL_WAIT).await.unwrap().1, 0);
     let report = audit.verify().await.unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
     assert_eq!(report.checked, 3);
@@ -1626,6 +1639,7 @@ async fn first_keys_travel_with_their_events() {
         .await
         .unwrap();
     let before = kit.count("SELECT count(*) FROM events").await;
+    kit.audit.seal_all(SEAL_WAIT).await.unwrap();
     let records = kit.audit.len().await.unwrap();
     let late = StoredDataKey {
         id: DataKeyId::new(),
@@ -1667,6 +1681,7 @@ async fn first_keys_travel_with_their_events() {
         "{err}"
     );
     assert_eq!(kit.count("SELECT count(*) FROM events").await, before);
+    kit.audit.seal_all(SEAL_WAIT).await.unwrap();
     assert_eq!(kit.audit.len().await.unwrap(), records);
 
     // A conflicting append stores neither its key nor its records.
@@ -1675,6 +1690,7 @@ async fn first_keys_travel_with_their_events() {
     let other = kit.store_with(kit.fresh_encryptor(kit.keyring.clone()));
     let newcomer = Uuid::now_v7();
     let keys_before = kit.count("SELECT count(*) FROM chronicle_data_keys").await;
+    kit.audit.seal_all(SEAL_WAIT).await.unwrap();
     let records = kit.audit.len().await.unwrap();
     let err = other
         .append(
@@ -1693,6 +1709,92 @@ async fn first_keys_travel_with_their_events() {
         kit.count("SELECT count(*) FROM chronicle_data_keys").await,
         keys_before
     );
+    kit.audit.seal_all(SEAL_WAIT).await.unwrap();
     assert_eq!(kit.audit.len().await.unwrap(), records);
     assert!(kit.audit.verify().await.unwrap().is_intact());
+}
+
+/// Records are stored unlinked and sealed after commit: a record of a
+/// transaction newer than an open one waits for it; sealing is the one
+/// update the log takes, once, changing nothing else; a row planted
+/// unlinked below the sealer's horizon is reported, not sealed.
+#[tokio::test]
+async fn records_are_sealed_after_commit_and_planted_rows_are_caught() {
+    let kit = Kit::new(fresh_db().await);
+    let ctx = AccessContext::new("ops", "test");
+    let entry = || {
+        AuditEntry::new(AuditOperation::Rotate, AuditOutcome::Success, &ctx)
+            .with_subject(&SubjectId::new("user-1"))
+    };
+    // An open writing transaction holds the horizon back.
+    let holder = kit.db.pool.get().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .unwrap();
+    chronicle_crypto::AuditSink::append(&*kit.audit, vec![entry()])
+        .await
+        .unwrap();
+    assert_eq!(kit.audit.seal().await.unwrap(), 0);
+    let report = kit.audit.verify().await.unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!((report.checked, report.unsealed), (0, 1));
+    let listed = kit.audit.list(&AuditQuery::default()).await.unwrap();
+    assert!(!listed[0].sealed);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(kit.audit.seal_all(SEAL_WAIT).await.unwrap(), (1, 0));
+    let listed = kit.audit.list(&AuditQuery::default()).await.unwrap();
+    assert!(listed[0].sealed);
+    assert_eq!((listed[0].chain, listed[0].seq), (0, 1));
+
+    // Sealing is the one update allowed: once, and with nothing else.
+    let client = kit.db.pool.get().await.unwrap();
+    for sql in [
+        "UPDATE chronicle_audit_log SET hash = hash",
+        "UPDATE chronicle_audit_log SET actor = 'mallory'",
+    ] {
+        let err = client.batch_execute(sql).await.unwrap_err();
+        assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{sql}");
+    }
+    chronicle_crypto::AuditSink::append(&*kit.audit, vec![entry()])
+        .await
+        .unwrap();
+    let err = client
+        .batch_execute(
+            "UPDATE chronicle_audit_log
+                SET chain = 0, seq = 2, prev_hash = decode(repeat('00', 32), 'hex'),
+                    hash = decode(repeat('00', 32), 'hex'), actor = 'mallory'
+              WHERE hash IS NULL",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+    assert_eq!(kit.audit.seal_all(SEAL_WAIT).await.unwrap(), (1, 0));
+
+    // A row planted unlinked, dated to a transaction long ended.
+    let planted: i64 = client
+        .query_one(
+            "INSERT INTO chronicle_audit_log (transaction_id, at, operation, outcome, actor, purpose)
+             VALUES ('3', now(), 'shred', 'success', 'mallory', 'cover-up') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        kit.audit.seal().await.unwrap(),
+        0,
+        "planted rows are not sealed"
+    );
+    let report = kit.audit.verify().await.unwrap();
+    assert_eq!(report.checked, 2);
+    assert_eq!(
+        report.chain_problems(),
+        [ChainProblem::Backdated { id: planted as u64 }]
+    );
+    assert!(
+        report.problems[0]
+            .to_string()
+            .contains("outside the audit sink")
+    );
 }
