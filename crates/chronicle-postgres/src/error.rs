@@ -100,6 +100,18 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
                 s.push_str("; hint: ");
                 s.push_str(h);
             }
+            // A statement prepared on one server connection and bound on
+            // another: a pooler in transaction mode between us and it.
+            let lost = *db.code() == tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME
+                || (*db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION
+                    && db.message().starts_with("bind message"));
+            if lost && db.message().contains("prepared statement") {
+                s.push_str(
+                    "; the connection goes through a pooler in transaction mode that cannot keep \
+                     prepared statements (PgBouncer before 1.21, or without max_prepared_statements): \
+                     add statement_cache=off to the database URL",
+                );
+            }
             s
         }
         None => {

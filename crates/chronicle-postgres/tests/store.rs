@@ -28,6 +28,66 @@ scenario!(
     single_and_multi_event_appends,
     single_and_multi_event_appends_via_pgbouncer
 );
+
+/// Prepared statements through a PgBouncer that cannot keep them (1.18, in
+/// transaction mode) fail with an error that says what to change; with
+/// `statement_cache=off` (what the test URL says) the same appends work.
+#[tokio::test]
+async fn prepared_statements_behind_an_old_pgbouncer_fail_with_the_fix_named() {
+    let db = fresh_db_via_pgbouncer().await;
+    let mut options = chronicle_postgres::PgOptions::from_url(&db.url).unwrap();
+    options.max_connections(4);
+    let store = chronicle_postgres::PgEventStore::new(options.pool().unwrap());
+    assert!(store.caches_statements(), "on unless the URL says off");
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let id = Uuid::now_v7();
+                let mut errors = Vec::new();
+                for v in 0..25u32 {
+                    let expected = match v {
+                        0 => ExpectedVersion::NoStream,
+                        v => ExpectedVersion::Exact(v),
+                    };
+                    let event = NewEvent::new("Noted", json!({ "v": v }));
+                    match store.append(id, "note", expected, vec![event]).await {
+                        Ok(_) => {}
+                        Err(e) => {
+                            errors.push(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for t in tasks {
+        errors.extend(t.await.unwrap());
+    }
+    assert!(
+        !errors.is_empty(),
+        "a statement prepared on one server connection was found on another"
+    );
+    for e in &errors {
+        assert!(e.contains("add statement_cache=off"), "{e}");
+    }
+    // The URL's own setting (off) works through the same PgBouncer.
+    let id = Uuid::now_v7();
+    for v in 0..25u32 {
+        let expected = match v {
+            0 => ExpectedVersion::NoStream,
+            v => ExpectedVersion::Exact(v),
+        };
+        let event = NewEvent::new("Noted", json!({ "v": v }));
+        db.store
+            .append(id, "note", expected, vec![event])
+            .await
+            .unwrap();
+    }
+}
 scenario!(
     conflicts_carry_the_actual_version,
     conflicts_carry_the_actual_version_via_pgbouncer
