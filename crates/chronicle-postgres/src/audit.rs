@@ -995,7 +995,9 @@ impl PgEventStore {
     /// and store their `encrypt` records in their own statement
     /// ([`EncryptedStore::audit_in_append`]); reads decrypt for `context`.
     /// The encryptor's audit sink should be a [`PgAuditSink`] (or a group
-    /// commit over one) on the same database.
+    /// commit over one) on the same database, with a sealer running
+    /// ([`PgAuditSink::spawn_sealer`]) so that the records become
+    /// tamper-evident soon after they commit.
     ///
     /// ```no_run
     /// # async fn demo(pool: chronicle_postgres::PgPool, crypto: std::sync::Arc<chronicle_crypto::FieldEncryptor>) {

@@ -291,67 +291,28 @@ impl PgEventStore {
         events: &[NewEvent],
     ) -> Result<bool, Error> {
         let client = self.pool.get().await?;
+        let statements = crate::Statements::new(true);
         if let [event] = events {
             let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
-            let statement = client
-                .prepare_typed_cached(
-                    FAST_APPEND_ONE,
-                    &[
-                        Type::UUID,
-                        Type::UUID,
-                        Type::TEXT,
-                        Type::TEXT,
-                        Type::JSONB,
-                        Type::JSONB,
-                        Type::INT4,
-                        Type::TEXT_ARRAY,
-                    ],
-                )
-                .await?;
-            let rows = client
-                .execute(
-                    &statement,
-                    &[
-                        &p.ids[0],
-                        &aggregate_id,
-                        &aggregate_type,
-                        &p.types[0],
-                        &p.data[0],
-                        &p.metadata[0],
-                        &expected,
-                        &encrypted,
-                    ],
-                )
+            let params = one_event(&aggregate_id, &aggregate_type, &expected, p, &encrypted);
+            let rows = statements
+                .execute(&client, FAST_APPEND_ONE, &params)
                 .await?;
             return Ok(rows == 1);
         }
-        let statement = client
-            .prepare_typed_cached(
+        let result = statements
+            .execute(
+                &client,
                 FAST_APPEND_MANY,
                 &[
-                    Type::UUID_ARRAY,
-                    Type::UUID,
-                    Type::TEXT,
-                    Type::TEXT_ARRAY,
-                    Type::JSONB_ARRAY,
-                    Type::JSONB_ARRAY,
-                    Type::INT4,
-                    Type::JSONB_ARRAY,
-                ],
-            )
-            .await?;
-        let result = client
-            .execute(
-                &statement,
-                &[
-                    &p.ids,
-                    &aggregate_id,
-                    &aggregate_type,
-                    &p.types,
-                    &p.data,
-                    &p.metadata,
-                    &expected,
-                    &p.encrypted,
+                    (&p.ids, Type::UUID_ARRAY),
+                    (&aggregate_id, Type::UUID),
+                    (&aggregate_type, Type::TEXT),
+                    (&p.types, Type::TEXT_ARRAY),
+                    (&p.data, Type::JSONB_ARRAY),
+                    (&p.metadata, Type::JSONB_ARRAY),
+                    (&expected, Type::INT4),
+                    (&p.encrypted, Type::JSONB_ARRAY),
                 ],
             )
             .await;
@@ -376,16 +337,8 @@ impl PgEventStore {
         record: &[(&(dyn ToSql + Sync), Type); 10],
     ) -> Result<bool, Error> {
         let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
-        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
-            (&p.ids[0], Type::UUID),
-            (&aggregate_id, Type::UUID),
-            (&aggregate_type, Type::TEXT),
-            (&p.types[0], Type::TEXT),
-            (&p.data[0], Type::JSONB),
-            (&p.metadata[0], Type::JSONB),
-            (&expected, Type::INT4),
-            (&encrypted, Type::TEXT_ARRAY),
-        ];
+        let mut params =
+            one_event(&aggregate_id, &aggregate_type, &expected, p, &encrypted).to_vec();
         params.extend(record.iter().map(|(v, t)| (*v, t.clone())));
         let client = self.pool.get().await?;
         let rows = crate::Statements::new(true)
@@ -492,6 +445,27 @@ pub fn decode_event(row: &Row) -> Result<EventEnvelope, tokio_postgres::Error> {
         encrypted_fields: encrypted.unwrap_or_default(),
         position: Position::new(xid.0, row.try_get(10)?),
     })
+}
+
+/// The eight parameters of [`FAST_APPEND_ONE`] (the first eight of
+/// [`FAST_AUDITED_APPEND_ONE`]), typed.
+fn one_event<'a>(
+    aggregate_id: &'a AggregateId,
+    aggregate_type: &'a &str,
+    expected: &'a i32,
+    p: &'a Prepared,
+    encrypted: &'a Option<&Vec<String>>,
+) -> [(&'a (dyn ToSql + Sync), Type); 8] {
+    [
+        (&p.ids[0], Type::UUID),
+        (aggregate_id, Type::UUID),
+        (aggregate_type, Type::TEXT),
+        (&p.types[0], Type::TEXT),
+        (&p.data[0], Type::JSONB),
+        (&p.metadata[0], Type::JSONB),
+        (expected, Type::INT4),
+        (encrypted, Type::TEXT_ARRAY),
+    ]
 }
 
 #[async_trait]
