@@ -492,27 +492,28 @@ impl PgAuditSink {
             let verified = verify_chain_paged(&*tx, chain, page_size, &anchor).await?;
             report.push_chain(chain, verified);
         }
-        // Unsealed rows: in flight, or planted below the sealer's horizon.
+        // Unsealed rows: in flight, or planted below the sealer's horizon
+        // (the first thousand of those named).
         let unsealed = tx
-            .query_typed(
-                "SELECT l.id, l.transaction_id < h.sealed_below
+            .query_typed_one(
+                "SELECT count(*) FILTER (WHERE l.transaction_id >= h.sealed_below),
+                        (array_agg(l.id ORDER BY l.id)
+                           FILTER (WHERE l.transaction_id < h.sealed_below))[1:1000]
                    FROM chronicle_audit_log l, chronicle_audit_head h
-                  WHERE l.hash IS NULL AND h.chain = 0
-                  ORDER BY l.id",
+                  WHERE l.hash IS NULL AND h.chain = 0",
                 &[],
             )
             .await
-            .map_err(|e| failed("list the unsealed records", e))?;
-        for row in &unsealed {
-            if row.get::<_, bool>(1) {
-                let id = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-                report.problems.push(chronicle_crypto::AuditProblem {
-                    chain: 0,
-                    problem: ChainProblem::Backdated { id },
-                });
-            } else {
-                report.unsealed += 1;
-            }
+            .map_err(|e| failed("count the unsealed records", e))?;
+        report.unsealed = u64::try_from(unsealed.get::<_, i64>(0)).unwrap_or(0);
+        let planted: Option<Vec<i64>> = unsealed.get(1);
+        for id in planted.unwrap_or_default() {
+            report.problems.push(chronicle_crypto::AuditProblem {
+                chain: 0,
+                problem: ChainProblem::Backdated {
+                    id: u64::try_from(id).unwrap_or(0),
+                },
+            });
         }
         if let Some(outside) = outside {
             for (chain, anchor) in outside.iter().filter(|(_, a)| a.seq > 0) {
