@@ -11,6 +11,7 @@ use chronicle_core::{
 };
 use chrono::{DateTime, Utc};
 
+use crate::DataKeyId;
 use crate::audit::{AccessContext, AuditEntry};
 use crate::encryptor::FieldEncryptor;
 use crate::envelope::redact_event;
@@ -33,6 +34,16 @@ pub enum ReadMode {
     /// The envelopes as stored, `encrypted_fields` kept: for copying events
     /// elsewhere (a backup, a re-encryption job) without decrypting them.
     Ciphertext,
+}
+
+/// What an [`AuditedAppender`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditedAppend {
+    /// The append's outcome.
+    pub outcome: AppendOutcome,
+    /// The new keys that became their subjects' current key (a key made
+    /// while another writer made the subject's first key may not).
+    pub current_keys: Vec<DataKeyId>,
 }
 
 /// An event store that can append events, the data keys they were
@@ -61,7 +72,7 @@ pub trait AuditedAppender: Send + Sync {
         events: Vec<NewEvent>,
         new_keys: Vec<StoredDataKey>,
         audit: Vec<AuditEntry>,
-    ) -> chronicle_core::Result<AppendOutcome>;
+    ) -> chronicle_core::Result<AuditedAppend>;
 }
 
 /// An event store that encrypts the configured fields of every appended
@@ -256,7 +267,7 @@ impl<S: EventStore + ?Sized> EventAppender for EncryptedStore<S> {
                 .append(aggregate_id, aggregate_type, expected, events)
                 .await;
         }
-        let outcome = audited
+        let stored = audited
             .append_audited(
                 aggregate_id,
                 aggregate_type,
@@ -266,10 +277,10 @@ impl<S: EventStore + ?Sized> EventAppender for EncryptedStore<S> {
                 pending.take_entries(),
             )
             .await?;
-        if outcome.appended {
-            self.encryptor.appended(pending);
+        if stored.outcome.appended {
+            self.encryptor.appended(pending, &stored.current_keys);
         }
-        Ok(outcome)
+        Ok(stored.outcome)
     }
 }
 
@@ -540,16 +551,26 @@ mod tests {
             events: Vec<NewEvent>,
             new_keys: Vec<StoredDataKey>,
             audit: Vec<AuditEntry>,
-        ) -> chronicle_core::Result<AppendOutcome> {
+        ) -> chronicle_core::Result<AuditedAppend> {
             let outcome = self
                 .events
                 .append(aggregate_id, aggregate_type, expected, events)
                 .await?;
+            let mut current_keys = Vec::new();
             for key in new_keys {
-                crate::DataKeyStore::insert_first(&*self.keys, key).await?;
+                let id = key.id;
+                if let crate::KeyLookup::Found(current) =
+                    crate::DataKeyStore::insert_first(&*self.keys, key).await?
+                    && current.id == id
+                {
+                    current_keys.push(id);
+                }
             }
             crate::AuditSink::append(&*self.audit, audit).await?;
-            Ok(outcome)
+            Ok(AuditedAppend {
+                outcome,
+                current_keys,
+            })
         }
     }
 

@@ -317,15 +317,17 @@ impl FieldEncryptor {
     }
 
     /// Caches the data keys of `pending` once they are stored with its
-    /// events, so that reads of those events find them without a lookup.
-    /// Not as their subjects' current keys: when two writers make a
-    /// subject's first key at once, both keys are stored but only the first
-    /// becomes current, so the subject's next encryption looks the current
-    /// key up (one query per new subject) rather than keep using a key that
-    /// lost.
-    pub fn appended(&self, pending: PendingAudit) {
+    /// events, so that reads of those events find them without a lookup;
+    /// those in `current` (the ones that became their subjects' current
+    /// key) as current, so the subject's next encryption needs no lookup
+    /// either. When two writers make a subject's first key at once, both
+    /// keys are stored but only one becomes current: the other is cached
+    /// for reads only, and its writer looks the current key up next time
+    /// rather than keep using a key that lost.
+    pub fn appended(&self, pending: PendingAudit, current: &[DataKeyId]) {
         for key in pending.live {
-            self.cache.insert(key, false);
+            let is_current = current.contains(&key.id);
+            self.cache.insert(key, is_current);
         }
     }
 

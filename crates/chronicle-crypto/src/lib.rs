@@ -210,7 +210,7 @@ pub use audit::{
     MemoryAuditSink, verify_chain, verify_chain_from, verify_log,
 };
 pub use config::{EncryptionConfig, EventRule, FieldPointer};
-pub use encrypted_store::{AuditedAppender, EncryptedStore, ReadMode};
+pub use encrypted_store::{AuditedAppend, AuditedAppender, EncryptedStore, ReadMode};
 pub use encryptor::{
     AccessPolicy, AllowAll, DecryptSummary, FieldAccess, FieldEncryptor, FieldEncryptorBuilder,
     PendingAudit, RewrapPage, RewrapProgress,

@@ -28,7 +28,9 @@
 --   below it had ended when the sealer passed): it was inserted outside the
 --   audit sink, and verification reports it instead of sealing it.
 -- * chronicle_audit_append and chronicle_append_audited store records
---   unsealed and no longer take the records' canonical bytes.
+--   unsealed and no longer take the records' canonical bytes;
+--   chronicle_append_audited also returns which of its new keys became
+--   their subjects' current key, so the writer caches them as current.
 
 ALTER TABLE chronicle_audit_log ADD COLUMN transaction_id XID8 NOT NULL DEFAULT '0';
 ALTER TABLE chronicle_audit_log ALTER COLUMN transaction_id SET DEFAULT pg_current_xact_id();
@@ -121,7 +123,8 @@ BEGIN
 END;
 $$;
 
--- As migration 9's, with the records stored unsealed.
+-- As migration 9's, with the records stored unsealed, and the new keys
+-- that became current returned.
 CREATE FUNCTION chronicle_append_audited(
     p_aggregate_id UUID,
     p_aggregate_type TEXT,
@@ -148,13 +151,14 @@ CREATE FUNCTION chronicle_append_audited(
     a_fields TEXT[],
     a_actor TEXT[],
     a_purpose TEXT[]
-) RETURNS TABLE (status INTEGER, version INTEGER)
+) RETURNS TABLE (status INTEGER, version INTEGER, current_keys UUID[])
 LANGUAGE plpgsql
 AS $$
 DECLARE
     v_status INTEGER;
     v_version INTEGER;
     v_shredded BOOLEAN;
+    v_current UUID[] := '{}';
 BEGIN
     SELECT a.status, a.version INTO v_status, v_version
       FROM chronicle_append(p_aggregate_id, p_aggregate_type, p_expected, p_event_ids,
@@ -174,11 +178,14 @@ BEGIN
             VALUES (k_key_id[i], k_subject[i], k_wrapped[i], k_kek_id[i], k_created_at[i]);
             UPDATE chronicle_key_subjects s SET current_key_id = k_key_id[i]
              WHERE s.subject = k_subject[i] AND s.current_key_id IS NULL;
+            IF FOUND THEN
+                v_current := v_current || k_key_id[i];
+            END IF;
         END LOOP;
         PERFORM chronicle_audit_append(a_at, a_operation, a_outcome, a_subject, a_key_id,
                                        a_kek_id, a_event_counts, a_event_ids, a_field_counts,
                                        a_fields, a_actor, a_purpose);
     END IF;
-    RETURN QUERY SELECT v_status, v_version;
+    RETURN QUERY SELECT v_status, v_version, v_current;
 END;
 $$;

@@ -8,11 +8,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chronicle_core::{AggregateId, AppendOutcome, ExpectedVersion, NewEvent, TimeRange};
+use chronicle_core::{AggregateId, ExpectedVersion, NewEvent, TimeRange};
 use chronicle_crypto::{
     AccessContext, AuditEntry, AuditOperation, AuditOutcome, AuditRecord, AuditReport, AuditSink,
-    AuditedAppender, ChainHash, ChainHead, ChainProblem, ChainReport, DataKeyId, EncryptedStore,
-    FieldEncryptor, KekId, StoredDataKey, SubjectId, verify_chain_from,
+    AuditedAppend, AuditedAppender, ChainHash, ChainHead, ChainProblem, ChainReport, DataKeyId,
+    EncryptedStore, FieldEncryptor, KekId, StoredDataKey, SubjectId, verify_chain_from,
 };
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::{ToSql, Type};
@@ -975,7 +975,7 @@ impl AuditedAppender for PgEventStore {
         events: Vec<NewEvent>,
         new_keys: Vec<StoredDataKey>,
         audit: Vec<AuditEntry>,
-    ) -> chronicle_core::Result<AppendOutcome> {
+    ) -> chronicle_core::Result<AuditedAppend> {
         if new_keys.is_empty() && audit.is_empty() {
             return self
                 .append_with(aggregate_id, aggregate_type, expected, events, None)

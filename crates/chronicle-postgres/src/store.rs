@@ -16,6 +16,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
+use chronicle_crypto::{AuditedAppend, DataKeyId};
+
 use crate::types::{JsonbText, MetadataColumn, Xid8};
 use crate::{Error, PgPool};
 
@@ -447,6 +449,14 @@ pub fn decode_event(row: &Row) -> Result<EventEnvelope, tokio_postgres::Error> {
     })
 }
 
+/// An append that made no key current.
+fn stored(outcome: AppendOutcome) -> AuditedAppend {
+    AuditedAppend {
+        outcome,
+        current_keys: Vec::new(),
+    }
+}
+
 /// The eight parameters of [`FAST_APPEND_ONE`] (the first eight of
 /// [`FAST_AUDITED_APPEND_ONE`]), typed.
 fn one_event<'a>(
@@ -480,6 +490,7 @@ impl EventAppender for PgEventStore {
     ) -> chronicle_core::Result<AppendOutcome> {
         self.append_with(aggregate_id, aggregate_type, expected, events, None)
             .await
+            .map(|stored| stored.outcome)
     }
 }
 
@@ -494,7 +505,7 @@ impl PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
         audit: Option<&crate::audit::AppendAudit>,
-    ) -> chronicle_core::Result<AppendOutcome> {
+    ) -> chronicle_core::Result<AuditedAppend> {
         let p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
         // One event with its one audit record, for a subject that has its
         // key: one prepared statement stores both, or neither.
@@ -509,10 +520,10 @@ impl PgEventStore {
                 .fast_audited_append(aggregate_id, aggregate_type, v, &p, event, &record)
                 .await?
             {
-                return Ok(AppendOutcome {
+                return Ok(stored(AppendOutcome {
                     version: (v as u32) + 1,
                     appended: true,
-                });
+                }));
             }
         }
         if let (true, None, Some(v)) = (self.statement_cache, audit, expected.as_option()) {
@@ -521,10 +532,10 @@ impl PgEventStore {
                 .fast_append(aggregate_id, aggregate_type, v, &p, &events)
                 .await?
             {
-                return Ok(AppendOutcome {
+                return Ok(stored(AppendOutcome {
                     version: (v as u32) + events.len() as u32,
                     appended: true,
-                });
+                }));
             }
         }
         let expected_param: Option<i32> = expected.as_option().map(|v| v as i32);
@@ -542,7 +553,7 @@ impl PgEventStore {
             None => "SELECT status, version FROM chronicle_append($1, $2, $3, $4, $5, $6, $7, $8)",
             Some(audit) => {
                 params.extend(audit.params());
-                "SELECT status, version FROM chronicle_append_audited($1, $2, $3, $4, $5, $6, $7, $8, \
+                "SELECT status, version, current_keys FROM chronicle_append_audited($1, $2, $3, $4, $5, $6, $7, $8, \
                  $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
             }
         };
@@ -581,15 +592,22 @@ impl PgEventStore {
         };
         let (status, version): (i32, i32) = (row.get(0), row.get(1));
         let version = u32::try_from(version).unwrap_or(0);
+        let current_keys: Vec<Uuid> = match audit {
+            Some(_) => row.get::<_, Option<Vec<Uuid>>>(2).unwrap_or_default(),
+            None => Vec::new(),
+        };
         match status {
-            0 => Ok(AppendOutcome {
-                version,
-                appended: true,
+            0 => Ok(AuditedAppend {
+                outcome: AppendOutcome {
+                    version,
+                    appended: true,
+                },
+                current_keys: current_keys.into_iter().map(DataKeyId::from_uuid).collect(),
             }),
-            1 => Ok(AppendOutcome {
+            1 => Ok(stored(AppendOutcome {
                 version,
                 appended: false,
-            }),
+            })),
             2 => Err(CoreError::Conflict {
                 aggregate_id,
                 expected,
