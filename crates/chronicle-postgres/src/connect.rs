@@ -281,10 +281,10 @@ impl PgOptions {
     }
 }
 
-/// Takes `sslmode` and `sslrootcert` out of a URL or key/value string
-/// (tokio-postgres knows neither verify mode nor root files).
 /// The settings chronicle reads itself, taken out of the URL before
-/// tokio-postgres parses the rest.
+/// tokio-postgres parses the rest: `sslmode` and `sslrootcert`
+/// (tokio-postgres knows neither verify mode nor root files) and
+/// `statement_cache`.
 struct OwnParams {
     ssl_mode: SslMode,
     ssl_root_cert: Option<PathBuf>,

@@ -39,25 +39,6 @@ impl Statements {
         Statements { cache }
     }
 
-    /// Whether statements are prepared and cached.
-    pub fn cached(&self) -> bool {
-        self.cache
-    }
-
-    /// The rows of `sql`.
-    pub async fn query(
-        &self,
-        conn: &Object,
-        sql: &str,
-        params: &Params<'_>,
-    ) -> Result<Vec<Row>, Error> {
-        if !self.cache {
-            return conn.query_typed(sql, params).await;
-        }
-        let statement = conn.prepare_typed_cached(sql, &types(params)).await?;
-        conn.query(&statement, &values(params)).await
-    }
-
     /// The one row of `sql`; an error when there is none or more.
     pub async fn query_one(
         &self,

@@ -1,7 +1,6 @@
 //! [`PgProjection`]: one projection on PostgreSQL and its step.
 
 use std::collections::{HashMap, HashSet};
-
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,9 +54,11 @@ pub struct ProjectionOptions {
     pub statement_cache: bool,
     /// Whether a step commits as the session is configured (its
     /// `synchronous_commit`, normally waiting for the WAL to reach the
-    /// disk) instead of without waiting (default: without). Off costs nothing in correctness: the read model, the
-    /// dead letters and the checkpoint commit together or not at all, so a
-    /// crash can only take back the last steps' commits as a whole, and the
+    /// disk) instead of without waiting (default: without).
+    ///
+    /// Not waiting costs nothing in correctness: the read model, the dead
+    /// letters and the checkpoint commit together or not at all, so a crash
+    /// can only take back the last steps' commits as a whole, and their
     /// events are handled again from the checkpoint that survived (a read
     /// model in the same database sees them once; external effects were
     /// at-least-once already). A reader may then see the read model step
@@ -283,6 +284,7 @@ UNION ALL
 const WINDOW_KIND: usize = 11;
 const EVENT: i32 = 0;
 const FIRST: i32 = 1;
+const LAST: i32 = 2;
 
 /// What a step learned of its window besides the events.
 #[derive(Debug, Default, Clone, Copy)]
@@ -485,7 +487,7 @@ impl PgProjection {
         // trip (requests on a connection go out in the order they are first
         // polled).
         let client = ctx.client();
-        let statements = Statements::new(self.options.statement_cache);
+        let statements = self.statements();
         let begin = if self.options.synchronous_commit {
             "BEGIN"
         } else {
@@ -588,6 +590,12 @@ impl PgProjection {
         }
     }
 
+    /// How a step sends its statements: prepared per connection, or
+    /// unnamed ([`ProjectionOptions::statement_cache`]).
+    fn statements(&self) -> Statements {
+        Statements::new(self.options.statement_cache)
+    }
+
     /// Feed rows read per step: about `batch_size` of the partition's own
     /// events, at most 50,000 rows.
     fn window(&self) -> i64 {
@@ -633,7 +641,8 @@ impl PgProjection {
         } else {
             WINDOW_PARTITION
         };
-        let rows = Statements::new(self.options.statement_cache)
+        let rows = self
+            .statements()
             .query_raw(ctx.conn(), sql, &params)
             .await?;
         futures_util::pin_mut!(rows);
@@ -652,12 +661,13 @@ impl PgProjection {
                     events.push(event);
                 }
                 FIRST => seen_window.saw_feed = true,
-                _ => {
+                LAST => {
                     seen_window.end = Some(Position::new(
                         row.get::<_, Xid8>(WINDOW_KIND - 2).0,
                         row.get(WINDOW_KIND - 1),
                     ))
                 }
+                kind => unreachable!("the window statement has no row kind {kind}"),
             }
         }
         if n == 1 {
@@ -801,7 +811,8 @@ impl PgProjection {
         let ttl = self.options.lease_ttl.as_secs_f64();
         // One statement: the lag figures are subqueries of the update (the
         // count's only runs when asked for).
-        let updated = Statements::new(self.options.statement_cache)
+        let updated = self
+            .statements()
             .query_one(
                 ctx.conn(),
                 "UPDATE projection_state
@@ -892,7 +903,8 @@ impl PgProjection {
         if ids.is_empty() {
             return in_batch.map_or(Ok(()), Err);
         }
-        let ahead = Statements::new(self.options.statement_cache)
+        let ahead = self
+            .statements()
             .query_opt(
                 ctx.conn(),
                 "SELECT f.a, f.v FROM unnest($1::uuid[], $2::int4[]) AS f(a, v)
