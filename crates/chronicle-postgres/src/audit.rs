@@ -785,10 +785,6 @@ pub(crate) struct AuditColumns {
     fields: Vec<String>,
     actor: Vec<String>,
     purpose: Vec<String>,
-    /// `event_ids` and `fields`, `None` when empty (a single record's
-    /// columns, bound as they are stored).
-    event_ids_or_null: Option<Vec<Uuid>>,
-    fields_or_null: Option<Vec<String>>,
 }
 
 impl AuditColumns {
@@ -807,8 +803,6 @@ impl AuditColumns {
             fields: Vec::new(),
             actor: Vec::with_capacity(n),
             purpose: Vec::with_capacity(n),
-            event_ids_or_null: None,
-            fields_or_null: None,
         };
         for e in entries {
             c.at.push(e.at);
@@ -825,10 +819,6 @@ impl AuditColumns {
             c.fields.extend(e.fields);
             c.actor.push(e.actor);
             c.purpose.push(e.purpose);
-        }
-        if n == 1 {
-            c.event_ids_or_null = (!c.event_ids.is_empty()).then(|| c.event_ids.clone());
-            c.fields_or_null = (!c.fields.is_empty()).then(|| c.fields.clone());
         }
         c
     }
@@ -903,8 +893,8 @@ impl AppendAudit {
             (&a.subject[0], Type::TEXT),
             (&a.key_id[0], Type::UUID),
             (&a.kek_id[0], Type::TEXT),
-            (&a.event_ids_or_null, Type::UUID_ARRAY),
-            (&a.fields_or_null, Type::TEXT_ARRAY),
+            (&a.event_ids, Type::UUID_ARRAY),
+            (&a.fields, Type::TEXT_ARRAY),
             (&a.actor[0], Type::TEXT),
             (&a.purpose[0], Type::TEXT),
         ])

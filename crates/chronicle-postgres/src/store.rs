@@ -31,28 +31,36 @@ pub const EVENT_COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_t
 const PARTIAL_APPEND: &str = "CH409";
 
 /// One event at version `$7 + 1` when version `$7` is stored (or `$7` is
-/// 0): the common append as one prepared statement. It inserts nothing
-/// when the expected version is not the aggregate's current one, or the
-/// version or the id is taken; the store then asks `chronicle_append`,
-/// which finds out why. The migration 10 notes explain why the `EXISTS`
-/// keeps the feed's per-aggregate order.
-const FAST_APPEND_ONE: &str = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, \
-     event_data, metadata, version, encrypted_fields) \
-     SELECT $1, $2, $3, $4, $5, $6, $7 + 1, $8 \
-      WHERE $7 = 0 OR EXISTS (SELECT 1 FROM events e WHERE e.aggregate_id = $2 AND e.version = $7) \
-     ON CONFLICT DO NOTHING";
+/// 0), the text shared by [`FAST_APPEND_ONE`] and
+/// [`FAST_AUDITED_APPEND_ONE`].
+macro_rules! insert_one_event {
+    () => {
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, \
+         event_data, metadata, version, encrypted_fields) \
+         SELECT $1, $2, $3, $4, $5, $6, $7 + 1, $8 \
+          WHERE $7 = 0 OR EXISTS (SELECT 1 FROM events e WHERE e.aggregate_id = $2 AND e.version = $7) \
+         ON CONFLICT DO NOTHING"
+    };
+}
+
+/// The common append as one prepared statement. It inserts nothing when
+/// the expected version is not the aggregate's current one, or the version
+/// or the id is taken; the store then asks `chronicle_append`, which finds
+/// out why. The migration 10 notes explain why the `EXISTS` keeps the
+/// feed's per-aggregate order.
+const FAST_APPEND_ONE: &str = insert_one_event!();
 
 /// [`FAST_APPEND_ONE`] and, only if the event went in, its audit record
-/// (`$9` .. `$18`, stored unsealed: migration 11).
-const FAST_AUDITED_APPEND_ONE: &str = "WITH stored AS (\
-     INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, \
-     event_data, metadata, version, encrypted_fields) \
-     SELECT $1, $2, $3, $4, $5, $6, $7 + 1, $8 \
-      WHERE $7 = 0 OR EXISTS (SELECT 1 FROM events e WHERE e.aggregate_id = $2 AND e.version = $7) \
-     ON CONFLICT DO NOTHING RETURNING 1) \
+/// (`$9` .. `$18`, stored unsealed: migration 11; empty event ids and
+/// fields stored as NULL, as `chronicle_audit_append` stores them).
+const FAST_AUDITED_APPEND_ONE: &str = concat!(
+    "WITH stored AS (",
+    insert_one_event!(),
+    " RETURNING 1) \
      INSERT INTO chronicle_audit_log (at, operation, outcome, subject, key_id, kek_id, event_ids, \
      fields, actor, purpose) \
-     SELECT $9, $10, $11, $12, $13, $14, $15, $16, $17, $18 FROM stored";
+     SELECT $9, $10, $11, $12, $13, $14, nullif($15, '{}'), nullif($16, '{}'), $17, $18 FROM stored"
+);
 
 /// A batch at versions `$7 + 1 ..`, as [`FAST_APPEND_ONE`]; without
 /// `ON CONFLICT`, so that a batch that collides with stored rows fails as a
