@@ -237,14 +237,18 @@ impl PgAuditSink {
         )
         .await
         .map_err(|e| failed("take the sealer's lock", e))?;
+        // The advisory lock keeps other sealers off the head, and nothing
+        // else moves it since migration 11: reading it without a row lock
+        // takes no transaction id, so a round with nothing to seal writes
+        // nothing (the background sealer and every list and verify run one).
         let head = tx
             .query_typed_opt(
                 "SELECT seq, hash, sealed_below, pg_snapshot_xmin(pg_current_snapshot())
-                   FROM chronicle_audit_head WHERE chain = 0 FOR UPDATE",
+                   FROM chronicle_audit_head WHERE chain = 0",
                 &[],
             )
             .await
-            .map_err(|e| failed("lock chain 0's head", e))?;
+            .map_err(|e| failed("read chain 0's head", e))?;
         // Without its head nothing can be linked; verification reports it.
         let Some(head) = head else {
             return Ok(0);
@@ -253,7 +257,10 @@ impl PgAuditSink {
         let mut hash = <[u8; 32]>::try_from(head.get::<_, Vec<u8>>(1).as_slice())
             .map(ChainHash::from_bytes)
             .map_err(|_| chronicle_crypto::Error::Backend {
-                message: "audit log: the head hash of chain 0 is not 32 bytes".into(),
+                message: "audit log: the head hash of chain 0 is not 32 bytes, so nothing can be \
+                          sealed; the head row was changed outside the audit sink: run \
+                          chronicle audit verify, and restore the head from a backup or an anchor"
+                    .into(),
                 source: None,
             })?;
         let below: Xid8 = head.get(2);
@@ -275,6 +282,14 @@ impl PgAuditSink {
             .await
             .map_err(|e| failed("read the records to seal", e))?;
         let n = rows.len();
+        if n == 0 {
+            // Nothing to link, and nothing is written: the head's horizon
+            // stays where the last seal that linked something left it. A
+            // row planted with a transaction id between that horizon and
+            // this one looks like a late writer's and will be sealed; one
+            // planted below it is reported by verify.
+            return Ok(0);
+        }
         let (mut ids, mut seqs, mut prevs, mut hashes) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -297,30 +312,28 @@ impl PgAuditSink {
             hashes.push(next.as_bytes().to_vec());
             hash = next;
         }
-        if n > 0 {
-            let updated = tx
-                .execute_typed(
-                    "UPDATE chronicle_audit_log l
-                        SET chain = 0, seq = u.seq, prev_hash = u.prev, hash = u.hash
-                       FROM unnest($1::int8[], $2::int8[], $3::bytea[], $4::bytea[]) AS u(id, seq, prev, hash)
-                      WHERE l.id = u.id AND l.hash IS NULL",
-                    &[
-                        (&ids, Type::INT8_ARRAY),
-                        (&seqs, Type::INT8_ARRAY),
-                        (&prevs, Type::BYTEA_ARRAY),
-                        (&hashes, Type::BYTEA_ARRAY),
-                    ],
-                )
-                .await
-                .map_err(|e| failed("seal records", e))?;
-            if updated != n as u64 {
-                return Err(chronicle_crypto::Error::Backend {
-                    message: format!(
-                        "audit log: {updated} of {n} records could be sealed; something else changed the log while the sealer held it: run chronicle audit verify"
-                    ),
-                    source: None,
-                });
-            }
+        let updated = tx
+            .execute_typed(
+                "UPDATE chronicle_audit_log l
+                    SET chain = 0, seq = u.seq, prev_hash = u.prev, hash = u.hash
+                   FROM unnest($1::int8[], $2::int8[], $3::bytea[], $4::bytea[]) AS u(id, seq, prev, hash)
+                  WHERE l.id = u.id AND l.hash IS NULL",
+                &[
+                    (&ids, Type::INT8_ARRAY),
+                    (&seqs, Type::INT8_ARRAY),
+                    (&prevs, Type::BYTEA_ARRAY),
+                    (&hashes, Type::BYTEA_ARRAY),
+                ],
+            )
+            .await
+            .map_err(|e| failed("seal records", e))?;
+        if updated != n as u64 {
+            return Err(chronicle_crypto::Error::Backend {
+                message: format!(
+                    "audit log: {updated} of {n} records could be sealed; something else changed the log while the sealer held it: run chronicle audit verify"
+                ),
+                source: None,
+            });
         }
         // Everything below the horizon is sealed now, unless the batch was
         // cut short: then everything below its last transaction is.
