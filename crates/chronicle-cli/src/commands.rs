@@ -8,7 +8,7 @@ use chronicle_core::{
     EventAppender, EventReader, ExpectedVersion, Metadata, NewEvent, Position, TimeRange,
 };
 use chronicle_embedded::EmbeddedPostgres;
-use chronicle_postgres::{MigrateOptions, migrate};
+use chronicle_postgres::{MigrateOptions, PgEventStore, migrate};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use serde::Deserialize;
@@ -377,15 +377,17 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
 }
 
 /// A projection of a registered handler, its setup SQL run.
+/// Its statements are sent as the store's are (`statement_cache` in the
+/// URL).
 async fn open_projection(
-    pool: &chronicle_postgres::PgPool,
-    statement_cache: bool,
+    store: &PgEventStore,
     registry: &Registry,
     name: &str,
     options: chronicle_projections::ProjectionOptions,
 ) -> Result<std::sync::Arc<chronicle_projections::PgProjection>> {
+    let pool = store.pool();
     let options = chronicle_projections::ProjectionOptions {
-        statement_cache,
+        statement_cache: store.caches_statements(),
         ..options
     };
     let handler = registry.handlers().get(name).ok_or_else(|| {
@@ -452,16 +454,15 @@ fn rebuild_bar(format: OutputFormat, doing: &str, name: &str, len: u64) -> indic
 }
 
 async fn rebuild_blue_green(
-    pool: &chronicle_postgres::PgPool,
-    statement_cache: bool,
+    store: &PgEventStore,
     registry: &Registry,
     name: &str,
     from: Position,
     format: OutputFormat,
 ) -> Result<()> {
+    let pool = store.pool();
     let projection = open_projection(
-        pool,
-        statement_cache,
+        store,
         registry,
         name,
         chronicle_projections::ProjectionOptions::default(),
@@ -501,8 +502,7 @@ async fn rebuild_blue_green(
 }
 
 async fn run_projections(
-    pool: &chronicle_postgres::PgPool,
-    statement_cache: bool,
+    store: &PgEventStore,
     registry: &Registry,
     names: Vec<String>,
     config: Option<PathBuf>,
@@ -549,7 +549,7 @@ async fn run_projections(
     };
     let mut runners = Vec::new();
     for (name, options) in selected {
-        let projection = open_projection(pool, statement_cache, registry, &name, options).await?;
+        let projection = open_projection(store, registry, &name, options).await?;
         let runner = RunnerOptions {
             listener: listener.clone(),
             ..RunnerOptions::default()
@@ -570,8 +570,7 @@ async fn run_projections(
 }
 
 async fn rebuild_projection(
-    pool: &chronicle_postgres::PgPool,
-    statement_cache: bool,
+    store: &PgEventStore,
     registry: &Registry,
     name: &str,
     from: Position,
@@ -579,14 +578,7 @@ async fn rebuild_projection(
 ) -> Result<()> {
     use chronicle_core::ProjectionStatus;
     use chronicle_projections::{ProjectionOptions, Runner, RunnerOptions};
-    let projection = open_projection(
-        pool,
-        statement_cache,
-        registry,
-        name,
-        ProjectionOptions::default(),
-    )
-    .await?;
+    let projection = open_projection(store, registry, name, ProjectionOptions::default()).await?;
     projection.register().await?;
     projection.rebuild(from).await?;
     let runner = Runner::start(projection.clone(), RunnerOptions::default()).await?;
@@ -634,7 +626,7 @@ async fn projections(
     format: OutputFormat,
 ) -> Result<()> {
     let store = db.store().await?;
-    let (pool, cache) = (store.pool().clone(), store.caches_statements());
+    let pool = store.pool().clone();
     let name = match action {
         ProjectionsCommand::Status { name } => name,
         ProjectionsCommand::List => {
@@ -663,17 +655,17 @@ async fn projections(
                     }
                 });
             }
-            return run_projections(&pool, cache, registry, names, config, &listen_url).await;
+            return run_projections(&store, registry, names, config, &listen_url).await;
         }
         ProjectionsCommand::Rebuild {
             name,
             from,
             blue_green: true,
         } => {
-            return rebuild_blue_green(&pool, cache, registry, &name, from, format).await;
+            return rebuild_blue_green(&store, registry, &name, from, format).await;
         }
         ProjectionsCommand::Rebuild { name, from, .. } => {
-            return rebuild_projection(&pool, cache, registry, &name, from, format).await;
+            return rebuild_projection(&store, registry, &name, from, format).await;
         }
     };
     let states = chronicle_projections::load_state(&pool, name.as_deref()).await?;
@@ -736,7 +728,7 @@ async fn dlq(
     format: OutputFormat,
 ) -> Result<()> {
     let store = db.store().await?;
-    let (pool, cache) = (store.pool().clone(), store.caches_statements());
+    let pool = store.pool().clone();
     let discard = matches!(action, DlqCommand::Discard { .. });
     let (projection, aggregate_id) = match action {
         DlqCommand::List {
@@ -756,7 +748,7 @@ async fn dlq(
             aggregate_id,
         } => {
             let options = chronicle_projections::ProjectionOptions::default();
-            let p = open_projection(&pool, cache, registry, &projection, options).await?;
+            let p = open_projection(&store, registry, &projection, options).await?;
             let report = if discard {
                 p.dlq_discard(aggregate_id).await?
             } else {
