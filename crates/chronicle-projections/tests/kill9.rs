@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chronicle_postgres::PgOptions;
-use chronicle_projections::{PgProjection, ProjectionOptions, Runner, RunnerOptions, load_state};
+use chronicle_projections::{PgProjection, ProjectionOptions, Runner, RunnerOptions};
 
 use crate::ledger::{
-    Ledger, create_read_model, deposit, expected_model, read_model, wait_until_processed,
+    Ledger, create_read_model, deposit, events_processed, expected_model, read_model,
+    wait_until_processed,
 };
 use crate::support::fresh_db;
 
@@ -101,23 +102,13 @@ async fn kill_dash_nine_mid_batch_repeatedly_loses_nothing_and_applies_nothing_t
             worker.kill();
             kills += 1;
         }
-        let processed: u64 = load_state(&db.pool, Some("kill9"))
-            .await
-            .unwrap()
-            .iter()
-            .map(|s| s.events_processed)
-            .sum();
+        let processed = events_processed(&db, "kill9").await;
         if processed >= EVENTS / 2 {
             break;
         }
     }
     assert!(kills >= 6, "the catch-up should outlive several workers");
-    let processed_before_last: u64 = load_state(&db.pool, Some("kill9"))
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.events_processed)
-        .sum();
+    let processed_before_last = events_processed(&db, "kill9").await;
     // A last worker, left alone, finishes.
     let last = Worker::spawn(&db.url);
     wait_until_processed(&db, "kill9", EVENTS, Duration::from_secs(600)).await;

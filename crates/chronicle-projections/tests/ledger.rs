@@ -235,6 +235,16 @@ pub async fn append_one(db: &TestDb, account: Uuid, data: serde_json::Value) -> 
 
 /// Waits until `projection` has handled `events` events in total and
 /// every partition has no lag; panics after `timeout`.
+/// Events the projection's partitions have handled, summed.
+pub async fn events_processed(db: &TestDb, projection: &str) -> u64 {
+    load_state(&db.pool, Some(projection))
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.events_processed)
+        .sum()
+}
+
 pub async fn wait_until_processed(db: &TestDb, projection: &str, events: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
