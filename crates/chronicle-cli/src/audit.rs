@@ -91,6 +91,22 @@ const SEAL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 )]
 pub struct Tampered(pub usize);
 
+/// Seals the audit records a command wrote (key operations, upcasting
+/// with a keyring): a short-lived process has no background sealer, so
+/// without this its records would wait for the next seal anywhere. Best
+/// effort: the command's work is done, and a failure is only reported.
+pub async fn seal_written(db: &Database) {
+    let sealed = async {
+        let pool = db.store().await?.pool().clone();
+        anyhow::Ok(PgAuditSink::new(pool).seal().await?)
+    };
+    if let Err(e) = sealed.await {
+        eprintln!(
+            "warning: the audit records just written are not sealed yet ({e:#});              `chronicle audit seal` links them"
+        );
+    }
+}
+
 /// Runs `chronicle audit`.
 pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result<()> {
     let pool = db.store().await?.pool().clone();

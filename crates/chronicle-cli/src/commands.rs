@@ -331,9 +331,15 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         }
         Command::Projections { action } => projections(&db, registry, action, format).await?,
         Command::Dlq { action } => dlq(&db, registry, action, format).await?,
-        Command::Keys(args) => crate::keys::run(&db, args, format).await?,
+        Command::Keys(args) => {
+            crate::keys::run(&db, args, format).await?;
+            crate::audit::seal_written(&db).await;
+        }
         Command::Audit(args) => crate::audit::run(&db, args, format).await?,
-        Command::Upcast(args) => crate::upcast::run(&db, registry, args, format).await?,
+        Command::Upcast(args) => {
+            crate::upcast::run(&db, registry, args, format).await?;
+            crate::audit::seal_written(&db).await;
+        }
         Command::Dev { .. } | Command::Demo | Command::Bench { .. } => {
             unreachable!("handled above")
         }
