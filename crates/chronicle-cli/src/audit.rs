@@ -198,6 +198,14 @@ pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result
                 for p in &problems {
                     eprintln!("problem: {p}");
                 }
+                if report.unsealed > 0 {
+                    eprintln!(
+                        "{} record(s) are not sealed yet, so not checked: an open transaction \
+                         older than them holds the sealer back (`chronicle status` shows the \
+                         oldest); run `chronicle audit verify` again once it has ended",
+                        report.unsealed
+                    );
+                }
             }
             if !report.is_intact() {
                 bail!(Tampered(report.problems.len()));
