@@ -175,9 +175,9 @@ impl PgAuditSink {
     pub async fn seal(&self) -> chronicle_crypto::Result<u64> {
         let mut total = 0;
         loop {
-            let sealed = self.seal_batch(SEAL_BATCH).await?;
+            let (sealed, more) = self.seal_batch(SEAL_BATCH).await?;
             total += sealed;
-            if sealed < SEAL_BATCH as u64 {
+            if sealed < SEAL_BATCH as u64 && !more {
                 return Ok(total);
             }
         }
@@ -225,7 +225,11 @@ impl PgAuditSink {
         })
     }
 
-    async fn seal_batch(&self, limit: usize) -> chronicle_crypto::Result<u64> {
+    /// One sealing round: derives the `encrypt` records of the events
+    /// written since the last round, then links up to `limit` records.
+    /// Returns how many were linked, and whether events were left for the
+    /// next round.
+    async fn seal_batch(&self, limit: usize) -> chronicle_crypto::Result<(u64, bool)> {
         let mut client = self.client().await?;
         let tx = client
             .transaction()
@@ -243,7 +247,8 @@ impl PgAuditSink {
         // nothing (the background sealer and every list and verify run one).
         let head = tx
             .query_typed_opt(
-                "SELECT seq, hash, sealed_below, pg_snapshot_xmin(pg_current_snapshot())
+                "SELECT seq, hash, sealed_below, pg_snapshot_xmin(pg_current_snapshot()),
+                        derived_tid, derived_pos
                    FROM chronicle_audit_head WHERE chain = 0",
                 &[],
             )
@@ -251,7 +256,7 @@ impl PgAuditSink {
             .map_err(|e| failed("read chain 0's head", e))?;
         // Without its head nothing can be linked; verification reports it.
         let Some(head) = head else {
-            return Ok(0);
+            return Ok((0, false));
         };
         let mut seq = u64::try_from(head.get::<_, i64>(0)).unwrap_or(0);
         let mut hash = <[u8; 32]>::try_from(head.get::<_, Vec<u8>>(1).as_slice())
@@ -263,8 +268,28 @@ impl PgAuditSink {
                     .into(),
                 source: None,
             })?;
+        // A head that is not the chain's last row was changed outside the
+        // sealer (verify reports how): linking more records after it would
+        // only extend the damage, and deriving would store records again.
+        let last: i64 = tx
+            .query_typed_one(
+                "SELECT coalesce(max(seq), 0) FROM chronicle_audit_log WHERE chain = 0",
+                &[],
+            )
+            .await
+            .map_err(|e| failed("read chain 0's last row", e))?
+            .get(0);
+        if last != head.get::<_, i64>(0) {
+            tracing::warn!(
+                head = head.get::<_, i64>(0),
+                last,
+                "audit log: chain 0's head is not its last row, so nothing is sealed; run chronicle audit verify"
+            );
+            return Ok((0, false));
+        }
         let below: Xid8 = head.get(2);
-        let horizon: Xid8 = head.get(3);
+        let derived = derive_encrypt_records(&tx, (head.get(4), head.get(5)), head.get(3)).await?;
+        let horizon = derived.seal_below;
         let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = tx
             .query_typed(
@@ -283,12 +308,18 @@ impl PgAuditSink {
             .map_err(|e| failed("read the records to seal", e))?;
         let n = rows.len();
         if n == 0 {
-            // Nothing to link, and nothing is written: the head's horizon
-            // stays where the last seal that linked something left it. A
-            // row planted with a transaction id between that horizon and
-            // this one looks like a late writer's and will be sealed; one
-            // planted below it is reported by verify.
-            return Ok(0);
+            // Nothing to link: the head's horizon stays where the last seal
+            // that linked something left it. A row planted with a
+            // transaction id between that horizon and this one looks like a
+            // late writer's and will be sealed; one planted below it is
+            // reported by verify. Only a moved derivation cursor is
+            // written, so a round over an idle store writes nothing.
+            if derived.scanned > 0 {
+                tx.commit()
+                    .await
+                    .map_err(|e| failed("commit the derivation cursor", e))?;
+            }
+            return Ok((0, derived.more));
         }
         let (mut ids, mut seqs, mut prevs, mut hashes) = (
             Vec::with_capacity(n),
@@ -356,7 +387,7 @@ impl PgAuditSink {
         tx.commit()
             .await
             .map_err(|e| failed("commit the seal", e))?;
-        Ok(n as u64)
+        Ok((n as u64, derived.more))
     }
 
     /// Every chain's head as anchored in `chronicle_audit_head`: what to
@@ -782,6 +813,168 @@ fn entry(row: &Row) -> Result<AuditEntry, String> {
     })
 }
 
+/// Events read per sealing round to derive `encrypt` records from.
+const DERIVE_BATCH: i64 = 20_000;
+
+/// What [`derive_encrypt_records`] did.
+struct Derived {
+    /// Events read.
+    scanned: usize,
+    /// Seal only below this transaction: the horizon, or the last
+    /// transaction read when events were left for the next round.
+    seal_below: Xid8,
+    /// Whether events were left for the next round.
+    more: bool,
+}
+
+/// Reads the events after `cursor` (feed order) and below `horizon`, and
+/// stores, unsealed and with the events' transaction id, one `encrypt`
+/// record per transaction, key and writer context of those marked with
+/// [`ENCRYPTED_BY`]: what the writer used to store itself (migration 12).
+/// Moves the head's cursor past the events read. Runs in the sealer's
+/// transaction, under its lock.
+async fn derive_encrypt_records(
+    tx: &tokio_postgres::Transaction<'_>,
+    cursor: (Xid8, i64),
+    horizon: Xid8,
+) -> chronicle_crypto::Result<Derived> {
+    // One row for the last event read (kind 0), then one per encrypted
+    // field of the marked events (kind 1), in feed order. A pointer
+    // without escapes is split inline; chronicle_pointer_path unescapes.
+    let rows = tx
+        .query_typed(
+            "WITH scanned AS (
+                 SELECT transaction_id, global_position, event_id, \"timestamp\", event_data,
+                        encrypted_fields, metadata -> '$encrypted_by' AS mark
+                   FROM events
+                  WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
+                  ORDER BY transaction_id, global_position
+                  LIMIT $4)
+             SELECT 0 AS kind, transaction_id, global_position, (SELECT count(*) FROM scanned),
+                    NULL::uuid, NULL::timestamptz, NULL::text, NULL::text, NULL::text, NULL::text, 0::int8
+               FROM (SELECT transaction_id, global_position FROM scanned
+                      ORDER BY transaction_id DESC, global_position DESC LIMIT 1) AS last
+             UNION ALL
+             SELECT 1, s.transaction_id, s.global_position, 0, s.event_id, s.\"timestamp\", f.field,
+                    s.event_data #> CASE WHEN strpos(f.field, '~') = 0
+                                         THEN string_to_array(substr(f.field, 2), '/')
+                                         ELSE chronicle_pointer_path(f.field) END ->> 'kid',
+                    s.mark ->> 'actor', s.mark ->> 'purpose', f.n
+               FROM scanned s CROSS JOIN LATERAL unnest(s.encrypted_fields) WITH ORDINALITY AS f(field, n)
+              WHERE s.mark IS NOT NULL
+             ORDER BY 1, 2, 3, 11",
+            &[
+                (&cursor.0, Type::XID8),
+                (&cursor.1, Type::INT8),
+                (&horizon, Type::XID8),
+                (&DERIVE_BATCH, Type::INT8),
+            ],
+        )
+        .await
+        .map_err(|e| failed("read the encrypted events to record", e))?;
+    let Some(last) = rows.first() else {
+        return Ok(Derived {
+            scanned: 0,
+            seal_below: horizon,
+            more: false,
+        });
+    };
+    let last_tid: Xid8 = last.get(1);
+    let last_pos: i64 = last.get(2);
+    let scanned = usize::try_from(last.get::<_, i64>(3)).unwrap_or(0);
+    let more = scanned as i64 >= DERIVE_BATCH;
+
+    // Group as the writer did: one entry per transaction (append), key and
+    // context, events and fields in first-seen order.
+    let mut entries: Vec<AuditEntry> = Vec::new();
+    let mut tids: Vec<Xid8> = Vec::new();
+    let mut groups: std::collections::HashMap<(Xid8, Option<Uuid>, String, String), usize> =
+        std::collections::HashMap::new();
+    for row in &rows[1..] {
+        let tid: Xid8 = row.get(1);
+        let event_id: Uuid = row.get(4);
+        let at: DateTime<Utc> = row.get(5);
+        let field: String = row.get(6);
+        let kid = row
+            .get::<_, Option<&str>>(7)
+            .and_then(|k| Uuid::parse_str(k).ok());
+        let actor: String = row.get::<_, Option<String>>(8).unwrap_or_default();
+        let purpose: String = row.get::<_, Option<String>>(9).unwrap_or_default();
+        let slot = *groups
+            .entry((tid, kid, actor.clone(), purpose.clone()))
+            .or_insert_with(|| {
+                let mut entry = AuditEntry::new(
+                    AuditOperation::Encrypt,
+                    AuditOutcome::Success,
+                    &AccessContext::new(actor, purpose),
+                );
+                entry.at = at;
+                entry.key_id = kid.map(DataKeyId::from_uuid);
+                entries.push(entry);
+                tids.push(tid);
+                entries.len() - 1
+            });
+        entries[slot].add(event_id, &field);
+    }
+    if !entries.is_empty() {
+        // The subjects, from the keys' rows (a shredded key's row stays).
+        let kids: Vec<Uuid> = entries
+            .iter()
+            .filter_map(|e| e.key_id.map(|k| k.as_uuid()))
+            .collect();
+        let subjects: std::collections::HashMap<Uuid, String> = tx
+            .query_typed(
+                "SELECT key_id, subject FROM chronicle_data_keys WHERE key_id = ANY($1)",
+                &[(&kids, Type::UUID_ARRAY)],
+            )
+            .await
+            .map_err(|e| failed("read the subjects of the encrypted events' keys", e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        for entry in &mut entries {
+            entry.subject = entry
+                .key_id
+                .and_then(|k| subjects.get(&k.as_uuid()))
+                .map(|s| SubjectId::new(s.as_str()));
+        }
+        let columns = AuditColumns::new(entries);
+        let mut params = vec![(&tids as &(dyn ToSql + Sync), Type::XID8_ARRAY)];
+        params.extend(columns.params());
+        tx.execute_typed(
+            "INSERT INTO chronicle_audit_log (transaction_id, at, operation, outcome, subject, key_id,
+                                              kek_id, event_ids, fields, actor, purpose)
+             SELECT t.tid, t.at, t.op, t.oc, t.su, t.k, t.kek,
+                    CASE WHEN t.ec > 0 THEN ($9::uuid[])[t.eo + 1 : t.eo + t.ec] END,
+                    CASE WHEN t.fc > 0 THEN ($11::text[])[t.fo + 1 : t.fo + t.fc] END,
+                    t.ac, t.pu
+               FROM (SELECT u.*, (sum(u.ec) OVER w - u.ec)::INTEGER AS eo,
+                            (sum(u.fc) OVER w - u.fc)::INTEGER AS fo
+                       FROM unnest($1::xid8[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                                   $6::uuid[], $7::text[], $8::int4[], $10::int4[], $12::text[], $13::text[])
+                            WITH ORDINALITY AS u(tid, at, op, oc, su, k, kek, ec, fc, ac, pu, n)
+                     WINDOW w AS (ORDER BY u.n)) AS t
+              ORDER BY t.n",
+            &params,
+        )
+        .await
+        .map_err(|e| failed("store the encrypted events' records", e))?;
+    }
+    tx.execute_typed(
+        "UPDATE chronicle_audit_head SET derived_tid = $1, derived_pos = $2 WHERE chain = 0",
+        &[(&last_tid, Type::XID8), (&last_pos, Type::INT8)],
+    )
+    .await
+    .map_err(|e| failed("move the derivation cursor", e))?;
+    Ok(Derived {
+        scanned,
+        // Events of the last transaction read may follow in the next
+        // round, and their records must not fall below the seal.
+        seal_below: if more { last_tid.min(horizon) } else { horizon },
+        more,
+    })
+}
+
 /// A batch of audit entries as the array parameters of
 /// `chronicle_audit_append` (and the audit half of
 /// `chronicle_append_audited`), in that order.
@@ -895,8 +1088,42 @@ impl AppendAudit {
     /// record (an append for a subject that has a key): what
     /// [`PgEventStore`]'s prepared audited append binds after the event's.
     pub(crate) fn single_record(&self) -> Option<[(&(dyn ToSql + Sync), Type); 10]> {
+        if !self.subject.is_empty() {
+            return None;
+        }
+        self.record()
+    }
+
+    /// The columns of its one record and then of its one key, when it
+    /// stores exactly one of each (a subject's first append, with its
+    /// `create-key` record): what [`PgEventStore`]'s prepared first-key
+    /// append binds after the event's.
+    pub(crate) fn first_key(&self) -> Option<Vec<(&(dyn ToSql + Sync), Type)>> {
+        if self.subject.len() != 1 {
+            return None;
+        }
+        let mut params = self.record()?.to_vec();
+        params.extend([
+            (&self.subject[0] as &(dyn ToSql + Sync), Type::TEXT),
+            (&self.key_id[0], Type::UUID),
+            (&self.wrapped[0], Type::BYTEA),
+            (&self.kek_id[0], Type::TEXT),
+            (&self.created_at[0], Type::TIMESTAMPTZ),
+        ]);
+        Some(params)
+    }
+
+    /// The one key's id, when it stores exactly one.
+    pub(crate) fn only_key(&self) -> Option<Uuid> {
+        match self.key_id.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    fn record(&self) -> Option<[(&(dyn ToSql + Sync), Type); 10]> {
         let a = &self.audit;
-        if !self.subject.is_empty() || a.at.len() != 1 {
+        if a.at.len() != 1 {
             return None;
         }
         Some([
@@ -964,10 +1191,44 @@ impl AuditSink for PgAuditSink {
     }
 }
 
+/// The metadata key under which an encrypted append stores its writer's
+/// actor and purpose, from which the sealer derives its `encrypt` record
+/// (migration 12).
+pub const ENCRYPTED_BY: &str = "$encrypted_by";
+
+/// Moves each successful `encrypt` entry into the metadata of the events it
+/// covers (`"$encrypted_by": {"actor", "purpose"}`): the sealer derives the
+/// record from the stored events (migration 12), so the append stores one
+/// row instead of two. Returns the entries still to be stored.
+fn mark_encrypted(events: &mut [NewEvent], audit: Vec<AuditEntry>) -> Vec<AuditEntry> {
+    let mut kept = Vec::with_capacity(audit.len());
+    for entry in audit {
+        if entry.operation != AuditOperation::Encrypt || entry.outcome != AuditOutcome::Success {
+            kept.push(entry);
+            continue;
+        }
+        let mark = serde_json::json!({ "actor": entry.actor, "purpose": entry.purpose });
+        for event in events
+            .iter_mut()
+            .filter(|e| entry.event_ids.contains(&e.event_id))
+        {
+            event
+                .metadata
+                .extra
+                .insert(ENCRYPTED_BY.into(), mark.clone());
+        }
+    }
+    kept
+}
+
 /// Appends with their new data keys and audit records in the same
-/// statement (`chronicle_append_audited`): the events, their subjects'
-/// first keys and their `create-key` and `encrypt` records commit together,
-/// or nothing does, in one round trip.
+/// statement: the events, their subjects' first keys and their
+/// `create-key` records commit together (`chronicle_append_audited`), or
+/// nothing does, in one round trip. `encrypt` records are not stored as
+/// rows: the events carry their writer's actor and purpose in their
+/// metadata ([`ENCRYPTED_BY`]) and the sealer derives the records from
+/// them ([`PgAuditSink::seal`]), so an append for a subject that has its
+/// key is the plain one-statement append.
 #[async_trait]
 impl AuditedAppender for PgEventStore {
     async fn append_audited(
@@ -975,10 +1236,11 @@ impl AuditedAppender for PgEventStore {
         aggregate_id: AggregateId,
         aggregate_type: &str,
         expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        mut events: Vec<NewEvent>,
         new_keys: Vec<StoredDataKey>,
         audit: Vec<AuditEntry>,
     ) -> chronicle_core::Result<AuditedAppend> {
+        let audit = mark_encrypted(&mut events, audit);
         if new_keys.is_empty() && audit.is_empty() {
             return self
                 .append_with(aggregate_id, aggregate_type, expected, events, None)

@@ -83,6 +83,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "audit_sealed_after_commit",
         sql: include_str!("../migrations/0011_audit_sealed_after_commit.sql"),
     },
+    Migration {
+        version: 12,
+        name: "audit_encrypt_records_derived",
+        sql: include_str!("../migrations/0012_audit_encrypt_records_derived.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

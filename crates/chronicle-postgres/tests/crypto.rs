@@ -921,13 +921,15 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
     let history = audited_history(&kit).await;
     assert_eq!(
         history,
+        // The encrypt record is stored by the sealer, from the event (so
+        // after the records written before the seal) ...
         [
             "create-key",
-            "encrypt",
             "decrypt",
             "rotate",
             "shred",
-            "shred"
+            "shred",
+            "encrypt"
         ]
     );
     let all = kit.audit.list(&AuditQuery::default()).await.unwrap();
@@ -935,10 +937,18 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
         kit.count("SELECT count(*) FROM chronicle_audit_log").await,
         6
     );
-    // The key's creation and the encryption were stored with the event.
-    assert_eq!(all[0].chain, all[1].chain);
-    assert_eq!(all[1].id, all[0].id + 1);
-    let decrypt = &all[2].entry;
+    // ... and sealed in the place of the event's transaction, which stored
+    // the key's creation.
+    let encrypt = &all[5];
+    assert_eq!(all[0].chain, encrypt.chain);
+    assert_eq!(encrypt.seq, all[0].seq + 1);
+    assert_eq!(
+        (encrypt.entry.actor.as_str(), encrypt.entry.purpose.as_str()),
+        ("signup-service", "registration")
+    );
+    assert_eq!(encrypt.entry.subject, all[0].entry.subject);
+    assert_eq!(encrypt.entry.key_id, all[0].entry.key_id);
+    let decrypt = &all[1].entry;
     assert_eq!(
         (
             decrypt.actor.as_str(),
@@ -948,8 +958,8 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
         ("support:alice", "ticket-4711", AuditOutcome::Success)
     );
     assert_eq!(decrypt.fields, ["/email", "/address/street"]);
-    assert_eq!(decrypt.event_ids, all[1].entry.event_ids);
-    assert_eq!(all[1].entry.fields, ["/email", "/address/street"]);
+    assert_eq!(decrypt.event_ids, encrypt.entry.event_ids);
+    assert_eq!(encrypt.entry.fields, ["/email", "/address/street"]);
 
     // Filters.
     let subject = all[0].entry.subject.clone().unwrap();
@@ -1018,12 +1028,12 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
     let by_event = kit
         .audit
         .list(&AuditQuery {
-            event_id: all[1].entry.event_id(),
+            event_id: encrypt.entry.event_id(),
             ..AuditQuery::default()
         })
         .await
         .unwrap();
-    assert_eq!(ops(&by_event), ["encrypt", "decrypt"]);
+    assert_eq!(ops(&by_event), ["decrypt", "encrypt"]);
 
     // Round trip: what was stored hashes as it was chained.
     let report = kit.audit.verify().await.unwrap();
@@ -1031,13 +1041,93 @@ async fn audit_log_has_one_record_per_operation_and_filters() {
     assert_eq!(report.checked, 6);
     let heads = kit.audit.heads().await.unwrap();
     assert_eq!(report.heads(), heads);
-    let last = all.last().unwrap();
+    let last = all.iter().max_by_key(|r| r.seq).unwrap();
     assert_eq!(
         heads[&last.chain],
         ChainHead {
             seq: last.seq,
             hash: last.hash
         }
+    );
+}
+
+/// An encrypted append stores no audit row: the sealer derives its
+/// `encrypt` record from the event, one per append and key, even behind a
+/// backlog of more events than it reads in one round.
+#[tokio::test]
+async fn encrypt_records_are_derived_from_the_events_behind_a_backlog() {
+    let kit = Kit::new(fresh_db().await);
+    // More plain events than one sealing round reads (20,000).
+    kit.exec(
+        "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, event_data, version)
+         SELECT gen_random_uuid(), gen_random_uuid(), 'other', 'Plain', '{}', 1
+           FROM generate_series(1, 25000)",
+    )
+    .await;
+    let user = Uuid::now_v7();
+    let first = kit.register(user, "ada@example.com", "1 Main St").await;
+    let two: Vec<NewEvent> = ["/email", "/address/street"]
+        .iter()
+        .map(|_| {
+            NewEvent::new(
+                "UserRegistered",
+                json!({ "email": "ada@example.org", "address": { "street": "2 Side St" } }),
+            )
+        })
+        .collect();
+    let ids: Vec<Uuid> = two.iter().map(|e| e.event_id).collect();
+    kit.store
+        .append(user, "user", ExpectedVersion::Exact(1), two)
+        .await
+        .unwrap();
+    assert_eq!(
+        kit.count("SELECT count(*) FROM chronicle_audit_log WHERE operation = 'encrypt'")
+            .await,
+        0,
+        "the appends stored no encrypt row"
+    );
+    // The writer's context travels in the events' metadata.
+    let raw = kit.store.inner().read_stream(user, 1, None).await.unwrap();
+    assert!(raw.iter().all(|e| e.metadata.extra["$encrypted_by"]
+        == json!({ "actor": "signup-service", "purpose": "registration" })));
+
+    assert_eq!(kit.audit.seal_all(SEAL_WAIT).await.unwrap().1, 0);
+    let encrypts = kit
+        .audit
+        .list(&AuditQuery {
+            operation: Some(AuditOperation::Encrypt),
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(encrypts.len(), 2, "{encrypts:#?}");
+    assert_eq!(encrypts[0].entry.event_ids, [first]);
+    assert_eq!(encrypts[1].entry.event_ids, ids);
+    let subject = SubjectId::from_aggregate(user);
+    for record in &encrypts {
+        assert_eq!(record.entry.subject.as_ref(), Some(&subject));
+        assert_eq!(record.entry.fields, ["/email", "/address/street"]);
+        assert_eq!(record.entry.actor, "signup-service");
+        assert!(record.sealed);
+    }
+    assert_eq!(encrypts[0].entry.key_id, encrypts[1].entry.key_id);
+    let report = kit.audit.verify().await.unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    // A second pass finds nothing new to record.
+    assert_eq!(kit.audit.seal_all(SEAL_WAIT).await.unwrap(), (0, 0));
+    assert_eq!(
+        kit.count("SELECT count(*) FROM chronicle_audit_log WHERE operation = 'encrypt'")
+            .await,
+        2
+    );
+    // Pointers with escapes reach the right envelope.
+    assert_eq!(
+        kit.count(
+            "SELECT count(*) FROM (SELECT chronicle_pointer_path('/a~1b/c~0d/0') AS p) t
+              WHERE p = ARRAY['a/b', 'c~d', '0']"
+        )
+        .await,
+        1
     );
 }
 
@@ -1057,9 +1147,11 @@ impl Tamper {
         assert_eq!(all.len(), 6);
         let chain = all[0].chain;
         assert!(all.iter().all(|r| r.chain == chain));
+        // Listed by id; the encrypt record, stored last by the sealer, is
+        // sealed second, in its event's place.
         assert_eq!(
             all.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6]
+            [1, 3, 4, 5, 6, 2]
         );
         kit.exec(
             "CREATE TABLE audit_backup AS SELECT * FROM chronicle_audit_log;
@@ -1220,7 +1312,8 @@ async fn audit_log_refuses_changes_and_verify_catches_tampering() {
 
     // Inserted: a correctly hashed forgery after row 4, the rest renumbered
     // and the head moved along.
-    let all = t.kit.audit.list(&AuditQuery::default()).await.unwrap();
+    let mut all = t.kit.audit.list(&AuditQuery::default()).await.unwrap();
+    all.sort_by_key(|r| r.seq);
     let mut head = ChainHead {
         seq: 4,
         hash: all[3].hash,
@@ -1306,7 +1399,8 @@ async fn an_outside_anchor_catches_a_rewritten_or_cut_log() {
     assert_eq!(t.problems("SELECT 1").await, []);
 
     // Rewrite row 3 and re-chain everything after it, head included.
-    let all = t.kit.audit.list(&AuditQuery::default()).await.unwrap();
+    let mut all = t.kit.audit.list(&AuditQuery::default()).await.unwrap();
+    all.sort_by_key(|r| r.seq);
     let mut head = ChainHead {
         seq: 2,
         hash: all[1].hash,
