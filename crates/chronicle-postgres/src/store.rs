@@ -62,6 +62,24 @@ const FAST_AUDITED_APPEND_ONE: &str = concat!(
      SELECT $9, $10, $11, $12, $13, $14, nullif($15, '{}'), nullif($16, '{}'), $17, $18 FROM stored"
 );
 
+/// A subject's first append: [`FAST_AUDITED_APPEND_ONE`] with the
+/// subject's row and first data key (`$19` .. `$23`), all stored or none.
+/// When the subject has a row already (its key made by another writer, or
+/// shredded) the insert fails with a unique violation, and
+/// `chronicle_append_audited` handles the append.
+const FAST_FIRST_KEY_APPEND_ONE: &str = concat!(
+    "WITH stored AS (",
+    insert_one_event!(),
+    " RETURNING 1), \
+     subject AS (INSERT INTO chronicle_key_subjects (subject, current_key_id) \
+     SELECT $19, $20 FROM stored RETURNING 1), \
+     data_key AS (INSERT INTO chronicle_data_keys (key_id, subject, wrapped_key, kek_id, created_at) \
+     SELECT $20, $19, $21, $22, $23 FROM subject RETURNING 1) \
+     INSERT INTO chronicle_audit_log (at, operation, outcome, subject, key_id, kek_id, event_ids, \
+     fields, actor, purpose) \
+     SELECT $9, $10, $11, $12, $13, $14, nullif($15, '{}'), nullif($16, '{}'), $17, $18 FROM data_key"
+);
+
 /// A batch at versions `$7 + 1 ..`, as [`FAST_APPEND_ONE`]; without
 /// `ON CONFLICT`, so that a batch that collides with stored rows fails as a
 /// whole (a unique violation) instead of going in in part.
@@ -357,6 +375,34 @@ impl PgEventStore {
         Ok(rows == 1)
     }
 
+    /// [`FAST_FIRST_KEY_APPEND_ONE`]: true when the event, the subject's
+    /// first key and its record were stored; false when nothing was and
+    /// `chronicle_append_audited` must handle the append.
+    async fn fast_first_key_append(
+        &self,
+        aggregate_id: AggregateId,
+        aggregate_type: &str,
+        expected: i32,
+        p: &Prepared,
+        event: &NewEvent,
+        rest: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<bool, Error> {
+        let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
+        let mut params =
+            one_event(&aggregate_id, &aggregate_type, &expected, p, &encrypted).to_vec();
+        params.extend(rest.iter().map(|(v, t)| (*v, t.clone())));
+        let client = self.pool.get().await?;
+        match crate::Statements::new(true)
+            .execute(&client, FAST_FIRST_KEY_APPEND_ONE, &params)
+            .await
+        {
+            Ok(rows) => Ok(rows == 1),
+            // The subject has a row: shredded, or another writer made its key.
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The aggregate's current version (0: no events).
     async fn current_version(&self, aggregate_id: AggregateId) -> Result<u32, Error> {
         let client = self.pool.get().await?;
@@ -532,6 +578,29 @@ impl PgEventStore {
                     version: (v as u32) + 1,
                     appended: true,
                 }));
+            }
+        }
+        // A subject's first event, its key and the key's record: the same,
+        // with the key's two rows.
+        if let (true, Some(audit), Some(v), [event]) = (
+            self.statement_cache,
+            audit,
+            expected.as_option(),
+            events.as_slice(),
+        ) && let (Some(params), Some(key)) = (audit.first_key(), audit.only_key())
+        {
+            let v = v as i32;
+            if self
+                .fast_first_key_append(aggregate_id, aggregate_type, v, &p, event, &params)
+                .await?
+            {
+                return Ok(AuditedAppend {
+                    outcome: AppendOutcome {
+                        version: (v as u32) + 1,
+                        appended: true,
+                    },
+                    current_keys: vec![DataKeyId::from_uuid(key)],
+                });
             }
         }
         if let (true, None, Some(v)) = (self.statement_cache, audit, expected.as_option()) {
