@@ -79,23 +79,17 @@ impl FieldPointer {
 
     /// The reference tokens, unescaped.
     pub fn tokens(&self) -> impl Iterator<Item = Cow<'_, str>> {
-        self.0[1..].split('/').map(|t| {
-            if t.contains('~') {
-                Cow::Owned(t.replace("~1", "/").replace("~0", "~"))
-            } else {
-                Cow::Borrowed(t)
-            }
-        })
+        pointer_tokens(&self.0).into_iter().flatten()
     }
 
     /// The value it names in `data`, if present.
     pub fn get<'v>(&self, data: &'v Value) -> Option<&'v Value> {
-        data.pointer(&self.0)
+        lookup(data, &self.0)
     }
 
     /// The value it names in `data`, mutably, if present.
     pub fn get_mut<'v>(&self, data: &'v mut Value) -> Option<&'v mut Value> {
-        data.pointer_mut(&self.0)
+        lookup_mut(data, &self.0)
     }
 
     /// Whether `other` names this field or something inside it.
@@ -445,5 +439,98 @@ mod tests {
                 .with_event("", rule.clone())
                 .is_err()
         );
+    }
+}
+
+/// The value `pointer` (RFC 6901) names in `data`, as
+/// [`Value::pointer`], without allocating for tokens that need no
+/// unescaping (every read looks up each encrypted field twice).
+pub(crate) fn lookup<'v>(data: &'v Value, pointer: &str) -> Option<&'v Value> {
+    let rest = pointer_tokens(pointer)?;
+    let mut target = data;
+    for token in rest {
+        target = match target {
+            Value::Object(map) => map.get(token.as_ref())?,
+            Value::Array(list) => list.get(array_index(&token)?)?,
+            _ => return None,
+        };
+    }
+    Some(target)
+}
+
+/// [`lookup`], mutably.
+pub(crate) fn lookup_mut<'v>(data: &'v mut Value, pointer: &str) -> Option<&'v mut Value> {
+    let rest = pointer_tokens(pointer)?;
+    let mut target = data;
+    for token in rest {
+        target = match target {
+            Value::Object(map) => map.get_mut(token.as_ref())?,
+            Value::Array(list) => list.get_mut(array_index(&token)?)?,
+            _ => return None,
+        };
+    }
+    Some(target)
+}
+
+/// The unescaped tokens of `pointer` (none for `""`, the whole document);
+/// `None` when it does not start with `/`.
+fn pointer_tokens(pointer: &str) -> Option<impl Iterator<Item = Cow<'_, str>>> {
+    let tokens = match pointer {
+        "" => None,
+        p => Some(p.strip_prefix('/')?.split('/')),
+    };
+    Some(tokens.into_iter().flatten().map(|t| {
+        if t.contains('~') {
+            Cow::Owned(t.replace("~1", "/").replace("~0", "~"))
+        } else {
+            Cow::Borrowed(t)
+        }
+    }))
+}
+
+/// An array index token as RFC 6901 allows it: digits, no leading zero.
+fn array_index(token: &str) -> Option<usize> {
+    if token.starts_with('+') || (token.starts_with('0') && token.len() > 1) {
+        return None;
+    }
+    token.parse().ok()
+}
+
+#[cfg(test)]
+mod lookup_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn lookups_agree_with_serde_json() {
+        let mut data = json!({
+            "a": { "b/c": [10, { "d~e": 1 }], "": 2 },
+            "01": 3,
+            "list": [0, 1],
+        });
+        for pointer in [
+            "",
+            "/a",
+            "/a/b~1c",
+            "/a/b~1c/1/d~0e",
+            "/a/",
+            "/01",
+            "/list/1",
+            "/list/01",
+            "/list/+1",
+            "/list/2",
+            "/nope",
+            "a",
+            "/a/b~1c/x",
+        ] {
+            assert_eq!(lookup(&data, pointer), data.pointer(pointer), "{pointer:?}");
+            let expected = data.clone().pointer_mut(pointer).map(|v| v.clone());
+            assert_eq!(
+                lookup_mut(&mut data, pointer).map(|v| v.clone()),
+                expected,
+                "{pointer:?}"
+            );
+        }
     }
 }

@@ -448,7 +448,9 @@ impl FieldEncryptor {
         }
         for (i, f, value) in opened {
             let event = &mut events[i];
-            if let Some(slot) = event.event_data.pointer_mut(&event.encrypted_fields[f]) {
+            if let Some(slot) =
+                crate::config::lookup_mut(&mut event.event_data, &event.encrypted_fields[f])
+            {
                 *slot = value;
             }
         }
@@ -470,7 +472,7 @@ impl FieldEncryptor {
         let mut sealed: Vec<(usize, usize, envelope::Envelope)> = Vec::new();
         for (i, event) in events.iter().enumerate() {
             for (f, field) in event.encrypted_fields.iter().enumerate() {
-                let Some(value) = event.event_data.pointer(field) else {
+                let Some(value) = crate::config::lookup(&event.event_data, field) else {
                     return Err(malformed(
                         event.event_id,
                         field,
@@ -609,7 +611,7 @@ impl FieldEncryptor {
         let mut audit = Vec::new();
         for (i, event) in events.iter().enumerate() {
             for (f, field) in event.encrypted_fields.iter().enumerate() {
-                let Some(value) = event.event_data.pointer(field) else {
+                let Some(value) = crate::config::lookup(&event.event_data, field) else {
                     return Err(malformed(
                         event.event_id,
                         field,
@@ -700,7 +702,9 @@ impl FieldEncryptor {
         let count = resealed.len();
         for (i, f, value) in resealed {
             let event = &mut events[i];
-            if let Some(slot) = event.event_data.pointer_mut(&event.encrypted_fields[f]) {
+            if let Some(slot) =
+                crate::config::lookup_mut(&mut event.event_data, &event.encrypted_fields[f])
+            {
                 *slot = value;
             }
         }

@@ -242,7 +242,7 @@ impl Redaction {
 pub fn redact_event(event: &mut EventEnvelope) -> usize {
     let mut redacted = 0;
     for pointer in std::mem::take(&mut event.encrypted_fields) {
-        if let Some(slot) = event.event_data.pointer_mut(&pointer)
+        if let Some(slot) = crate::config::lookup_mut(&mut event.event_data, &pointer)
             && is_envelope(slot)
         {
             *slot = Redaction::Denied.marker();
