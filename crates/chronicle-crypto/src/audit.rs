@@ -799,7 +799,8 @@ pub struct AuditReport {
     pub problems: Vec<AuditProblem>,
     /// Records stored but not linked into a chain yet, so not covered by
     /// this verification: those of transactions newer than the oldest one
-    /// still open when the log was sealed.
+    /// still open when the log was sealed (on PostgreSQL this also counts
+    /// encrypted events whose `encrypt` records are still to be derived).
     pub unsealed: u64,
 }
 

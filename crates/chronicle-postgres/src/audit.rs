@@ -186,7 +186,9 @@ impl PgAuditSink {
     /// Seals until every committed record is linked, waiting up to `wait`
     /// for the transactions that hold the horizon back (any open writing
     /// transaction in the cluster does, as it holds back the event feed);
-    /// returns how many were linked and how many are still unlinked.
+    /// returns how many were linked and how many are still unlinked
+    /// (records, and encrypted events whose records are still to be
+    /// derived).
     pub async fn seal_all(
         &self,
         wait: std::time::Duration,
@@ -196,9 +198,13 @@ impl PgAuditSink {
         loop {
             sealed += self.seal().await?;
             let client = self.client().await?;
+            // Records not sealed yet, and committed encrypted events whose
+            // records are still to be derived (beyond the horizon).
             let left: i64 = client
                 .query_typed_one(
-                    "SELECT count(*) FROM chronicle_audit_log WHERE hash IS NULL",
+                    &format!(
+                        "SELECT (SELECT count(*) FROM chronicle_audit_log WHERE hash IS NULL) + ({UNDERIVED})"
+                    ),
                     &[],
                 )
                 .await
@@ -540,11 +546,14 @@ impl PgAuditSink {
         // (the first thousand of those named).
         let unsealed = tx
             .query_typed_one(
-                "SELECT count(*) FILTER (WHERE l.transaction_id >= h.sealed_below),
-                        (array_agg(l.id ORDER BY l.id)
-                           FILTER (WHERE l.transaction_id < h.sealed_below))[1:1000]
-                   FROM chronicle_audit_log l, chronicle_audit_head h
-                  WHERE l.hash IS NULL AND h.chain = 0",
+                &format!(
+                    "SELECT count(*) FILTER (WHERE l.transaction_id >= h.sealed_below) + ({UNDERIVED}),
+                            (array_agg(l.id ORDER BY l.id)
+                               FILTER (WHERE l.transaction_id < h.sealed_below))[1:1000]
+                       FROM chronicle_audit_head h
+                       LEFT JOIN chronicle_audit_log l ON l.hash IS NULL
+                      WHERE h.chain = 0"
+                ),
                 &[],
             )
             .await
@@ -812,6 +821,12 @@ fn entry(row: &Row) -> Result<AuditEntry, String> {
         purpose: row.try_get(12).map_err(text)?,
     })
 }
+
+/// How many stored encrypted events the sealer has not derived records
+/// from yet (those of transactions beyond its last horizon).
+const UNDERIVED: &str = "SELECT count(*) FROM chronicle_audit_head dh \
+     JOIN events de ON (de.transaction_id, de.global_position) > (dh.derived_tid, dh.derived_pos) \
+     WHERE dh.chain = 0 AND de.metadata ? '$encrypted_by' AND cardinality(de.encrypted_fields) > 0";
 
 /// Events read per sealing round to derive `encrypt` records from.
 const DERIVE_BATCH: i64 = 20_000;

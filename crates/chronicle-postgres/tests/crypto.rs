@@ -1115,10 +1115,24 @@ async fn encrypt_records_are_derived_from_the_events_behind_a_backlog() {
     assert!(report.is_intact(), "{:?}", report.problems);
     // A second pass finds nothing new to record.
     assert_eq!(kit.audit.seal_all(SEAL_WAIT).await.unwrap(), (0, 0));
+
+    // Behind an open transaction, an encrypted event counts as pending
+    // (with its key's create-key record) until its record is derived.
+    let holder = kit.db.pool.get().await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .unwrap();
+    kit.register(Uuid::now_v7(), "bob@example.com", "3 Hill St")
+        .await;
+    assert_eq!(kit.audit.seal().await.unwrap(), 0);
+    assert_eq!(kit.audit.verify().await.unwrap().unsealed, 2);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(kit.audit.seal_all(SEAL_WAIT).await.unwrap(), (2, 0));
     assert_eq!(
         kit.count("SELECT count(*) FROM chronicle_audit_log WHERE operation = 'encrypt'")
             .await,
-        2
+        3
     );
     // Pointers with escapes reach the right envelope.
     assert_eq!(
