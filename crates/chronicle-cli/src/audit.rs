@@ -60,7 +60,8 @@ pub enum AuditCommand {
     },
     /// Link the committed records not in a chain yet into it (writers
     /// store records unlinked; a sealer links them after commit, and
-    /// `list` and `verify` seal first).
+    /// `list` and `verify` seal first), after deriving the `encrypt`
+    /// records of newly committed encrypted events.
     Seal,
     /// Seal, then check every hash chain of the log: edited, deleted,
     /// inserted and re-linked rows, rows cut from the end, unlinked rows

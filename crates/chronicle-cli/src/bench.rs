@@ -237,11 +237,11 @@ impl chronicle_crypto::AuditSink for TimedAudit {
 
 /// Runs `chronicle bench crypto`: appends and per-aggregate reads with two
 /// encrypted fields per event (local keyring; data keys and the
-/// hash-chained audit log in PostgreSQL: each append's `encrypt` record in
-/// the append's own statement, each read's `decrypt` record through a
-/// group-commit sink before the read returns, a sealer linking records
-/// into the chain every second), against the same without encryption, in
-/// the same run.
+/// hash-chained audit log in PostgreSQL: each append's writer context in
+/// its events' metadata, from which a sealer running every second derives
+/// the `encrypt` records and links every record into the chain; each
+/// read's `decrypt` record through a group-commit sink before the read
+/// returns), against the same without encryption, in the same run.
 pub async fn crypto(db: &Database, args: CryptoBenchArgs, format: OutputFormat) -> Result<()> {
     let scratch = Scratch::create(db).await?;
     let result = crypto_cases(&scratch, &args, format).await;
