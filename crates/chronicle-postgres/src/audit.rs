@@ -313,7 +313,26 @@ impl PgAuditSink {
             .await
             .map_err(|e| failed("read the records to seal", e))?;
         let n = rows.len();
-        if n == 0 {
+        // A batch cut short seals below its last transaction, and derived
+        // records up to it; the others are stored unsealed, to be sealed
+        // in their place next round.
+        let cut: Option<Xid8> = match rows.last() {
+            Some(last) if n == limit => Some(last.get(RECORD_COLUMN_COUNT)),
+            _ => None,
+        };
+        let (derived_now, derived_later): (Vec<_>, Vec<_>) = derived
+            .records
+            .into_iter()
+            .partition(|(tid, _)| *tid < horizon && cut.is_none_or(|c| *tid <= c));
+        store_derived(
+            &tx,
+            derived_later
+                .into_iter()
+                .map(|(tid, entry)| (tid, entry, None))
+                .collect(),
+        )
+        .await?;
+        if n == 0 && derived_now.is_empty() {
             // Nothing to link: the head's horizon stays where the last seal
             // that linked something left it. A row planted with a
             // transaction id between that horizon and this one looks like a
@@ -333,24 +352,51 @@ impl PgAuditSink {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        for row in &rows {
-            let id: i64 = row.get(0);
-            let entry = entry(row).map_err(|reason| chronicle_crypto::Error::Backend {
-                message: format!(
-                    "audit log: row id {id} cannot be read ({reason}), so it is not sealed; run chronicle audit verify"
-                ),
-                source: None,
-            })?;
-            let next = AuditRecord::compute_hash(&hash, &entry);
-            seq += 1;
-            ids.push(id);
-            seqs.push(i64::try_from(seq).unwrap_or(i64::MAX));
-            prevs.push(hash.as_bytes().to_vec());
-            hashes.push(next.as_bytes().to_vec());
-            hash = next;
+        let mut sealed_derived = Vec::with_capacity(derived_now.len());
+        // Stored records and derived ones in transaction order (stored
+        // first within a transaction), each linked to the one before.
+        let mut stored = rows.iter().peekable();
+        let mut fresh = derived_now.into_iter().peekable();
+        loop {
+            let take_stored = match (stored.peek(), fresh.peek()) {
+                (Some(row), Some((tid, _))) => row.get::<_, Xid8>(RECORD_COLUMN_COUNT) <= *tid,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            if take_stored {
+                let Some(row) = stored.next() else { break };
+                let id: i64 = row.get(0);
+                let entry = entry(row).map_err(|reason| chronicle_crypto::Error::Backend {
+                    message: format!(
+                        "audit log: row id {id} cannot be read ({reason}), so it is not sealed; run chronicle audit verify"
+                    ),
+                    source: None,
+                })?;
+                let next = AuditRecord::compute_hash(&hash, &entry);
+                seq += 1;
+                ids.push(id);
+                seqs.push(i64::try_from(seq).unwrap_or(i64::MAX));
+                prevs.push(hash.as_bytes().to_vec());
+                hashes.push(next.as_bytes().to_vec());
+                hash = next;
+            } else {
+                let Some((tid, entry)) = fresh.next() else {
+                    break;
+                };
+                let next = AuditRecord::compute_hash(&hash, &entry);
+                seq += 1;
+                let link = (i64::try_from(seq).unwrap_or(i64::MAX), hash, next);
+                sealed_derived.push((tid, entry, Some(link)));
+                hash = next;
+            }
         }
-        let updated = tx
-            .execute_typed(
+        let linked = n + sealed_derived.len();
+        store_derived(&tx, sealed_derived).await?;
+        let updated = if ids.is_empty() {
+            0
+        } else {
+            tx.execute_typed(
                 "UPDATE chronicle_audit_log l
                     SET chain = 0, seq = u.seq, prev_hash = u.prev, hash = u.hash
                    FROM unnest($1::int8[], $2::int8[], $3::bytea[], $4::bytea[]) AS u(id, seq, prev, hash)
@@ -363,7 +409,8 @@ impl PgAuditSink {
                 ],
             )
             .await
-            .map_err(|e| failed("seal records", e))?;
+            .map_err(|e| failed("seal records", e))?
+        };
         if updated != n as u64 {
             return Err(chronicle_crypto::Error::Backend {
                 message: format!(
@@ -374,10 +421,7 @@ impl PgAuditSink {
         }
         // Everything below the horizon is sealed now, unless the batch was
         // cut short: then everything below its last transaction is.
-        let sealed_below: Xid8 = match rows.last() {
-            Some(last) if n == limit => last.get(RECORD_COLUMN_COUNT),
-            _ => horizon,
-        };
+        let sealed_below = cut.unwrap_or(horizon);
         let last_seq = i64::try_from(seq).unwrap_or(i64::MAX);
         tx.execute_typed(
             "UPDATE chronicle_audit_head SET seq = $1, hash = $2, sealed_below = greatest(sealed_below, $3)
@@ -393,7 +437,7 @@ impl PgAuditSink {
         tx.commit()
             .await
             .map_err(|e| failed("commit the seal", e))?;
-        Ok((n as u64, derived.more))
+        Ok((linked as u64, derived.more))
     }
 
     /// Every chain's head as anchored in `chronicle_audit_head`: what to
@@ -840,14 +884,17 @@ struct Derived {
     seal_below: Xid8,
     /// Whether events were left for the next round.
     more: bool,
+    /// The records derived, with their events' transaction, in that order;
+    /// not stored yet.
+    records: Vec<(Xid8, AuditEntry)>,
 }
 
 /// Reads the events after `cursor` (feed order) and below `horizon`, and
-/// stores, unsealed and with the events' transaction id, one `encrypt`
-/// record per transaction, key and writer context of those marked with
-/// [`ENCRYPTED_BY`]: what the writer used to store itself (migration 12).
-/// Moves the head's cursor past the events read. Runs in the sealer's
-/// transaction, under its lock.
+/// derives one `encrypt` record per transaction, key and writer context of
+/// those marked with [`ENCRYPTED_BY`]: what the writer used to store itself
+/// (migration 12). The sealer stores them, sealed where it can. Moves the
+/// head's cursor past the events read. Runs in the sealer's transaction,
+/// under its lock.
 async fn derive_encrypt_records(
     tx: &tokio_postgres::Transaction<'_>,
     cursor: (Xid8, i64),
@@ -892,6 +939,7 @@ async fn derive_encrypt_records(
             scanned: 0,
             seal_below: horizon,
             more: false,
+            records: Vec::new(),
         });
     };
     let last_tid: Xid8 = last.get(1);
@@ -953,27 +1001,6 @@ async fn derive_encrypt_records(
                 .and_then(|k| subjects.get(&k.as_uuid()))
                 .map(|s| SubjectId::new(s.as_str()));
         }
-        let columns = AuditColumns::new(entries);
-        let mut params = vec![(&tids as &(dyn ToSql + Sync), Type::XID8_ARRAY)];
-        params.extend(columns.params());
-        tx.execute_typed(
-            "INSERT INTO chronicle_audit_log (transaction_id, at, operation, outcome, subject, key_id,
-                                              kek_id, event_ids, fields, actor, purpose)
-             SELECT t.tid, t.at, t.op, t.oc, t.su, t.k, t.kek,
-                    CASE WHEN t.ec > 0 THEN ($9::uuid[])[t.eo + 1 : t.eo + t.ec] END,
-                    CASE WHEN t.fc > 0 THEN ($11::text[])[t.fo + 1 : t.fo + t.fc] END,
-                    t.ac, t.pu
-               FROM (SELECT u.*, (sum(u.ec) OVER w - u.ec)::INTEGER AS eo,
-                            (sum(u.fc) OVER w - u.fc)::INTEGER AS fo
-                       FROM unnest($1::xid8[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
-                                   $6::uuid[], $7::text[], $8::int4[], $10::int4[], $12::text[], $13::text[])
-                            WITH ORDINALITY AS u(tid, at, op, oc, su, k, kek, ec, fc, ac, pu, n)
-                     WINDOW w AS (ORDER BY u.n)) AS t
-              ORDER BY t.n",
-            &params,
-        )
-        .await
-        .map_err(|e| failed("store the encrypted events' records", e))?;
     }
     tx.execute_typed(
         "UPDATE chronicle_audit_head SET derived_tid = $1, derived_pos = $2 WHERE chain = 0",
@@ -987,7 +1014,68 @@ async fn derive_encrypt_records(
         // round, and their records must not fall below the seal.
         seal_below: if more { last_tid.min(horizon) } else { horizon },
         more,
+        records: tids.into_iter().zip(entries).collect(),
     })
+}
+
+/// A record's place in chain 0: its `seq`, `prev_hash` and `hash`.
+type Link = (i64, ChainHash, ChainHash);
+
+/// Stores derived records with their events' transaction ids: sealed
+/// (`chain` 0 and the [`Link`] given) or, with `None`, unsealed.
+async fn store_derived(
+    tx: &tokio_postgres::Transaction<'_>,
+    records: Vec<(Xid8, AuditEntry, Option<Link>)>,
+) -> chronicle_crypto::Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let n = records.len();
+    let (mut tids, mut entries) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut chains, mut seqs, mut prevs, mut hashes) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (tid, entry, link) in records {
+        tids.push(tid);
+        entries.push(entry);
+        chains.push(link.map(|_| 0i16));
+        seqs.push(link.map(|(seq, _, _)| seq));
+        prevs.push(link.map(|(_, prev, _)| prev.as_bytes().to_vec()));
+        hashes.push(link.map(|(_, _, hash)| hash.as_bytes().to_vec()));
+    }
+    let columns = AuditColumns::new(entries);
+    let mut params = vec![(&tids as &(dyn ToSql + Sync), Type::XID8_ARRAY)];
+    params.extend(columns.params());
+    params.extend([
+        (&chains as &(dyn ToSql + Sync), Type::INT2_ARRAY),
+        (&seqs, Type::INT8_ARRAY),
+        (&prevs, Type::BYTEA_ARRAY),
+        (&hashes, Type::BYTEA_ARRAY),
+    ]);
+    tx.execute_typed(
+        "INSERT INTO chronicle_audit_log (transaction_id, at, operation, outcome, subject, key_id,
+                                          kek_id, event_ids, fields, actor, purpose,
+                                          chain, seq, prev_hash, hash)
+         SELECT t.tid, t.at, t.op, t.oc, t.su, t.k, t.kek,
+                CASE WHEN t.ec > 0 THEN ($9::uuid[])[t.eo + 1 : t.eo + t.ec] END,
+                CASE WHEN t.fc > 0 THEN ($11::text[])[t.fo + 1 : t.fo + t.fc] END,
+                t.ac, t.pu, t.ch, t.sq, t.pv, t.hs
+           FROM (SELECT u.*, (sum(u.ec) OVER w - u.ec)::INTEGER AS eo,
+                        (sum(u.fc) OVER w - u.fc)::INTEGER AS fo
+                   FROM unnest($1::xid8[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                               $6::uuid[], $7::text[], $8::int4[], $10::int4[], $12::text[], $13::text[],
+                               $14::int2[], $15::int8[], $16::bytea[], $17::bytea[])
+                        WITH ORDINALITY AS u(tid, at, op, oc, su, k, kek, ec, fc, ac, pu, ch, sq, pv, hs, n)
+                 WINDOW w AS (ORDER BY u.n)) AS t
+          ORDER BY t.n",
+        &params,
+    )
+    .await
+    .map_err(|e| failed("store the encrypted events' records", e))?;
+    Ok(())
 }
 
 /// A batch of audit entries as the array parameters of

@@ -1064,6 +1064,18 @@ async fn encrypt_records_are_derived_from_the_events_behind_a_backlog() {
            FROM generate_series(1, 25000)",
     )
     .await;
+    // And, before the encrypted events, more stored records than one
+    // round seals (5,000): the derived records after the cut wait for the
+    // next round.
+    let ctx = AccessContext::new("ops", "backlog");
+    chronicle_crypto::AuditSink::append(
+        &*kit.audit,
+        (0..5001)
+            .map(|_| AuditEntry::new(AuditOperation::Rotate, AuditOutcome::Success, &ctx))
+            .collect(),
+    )
+    .await
+    .unwrap();
     let user = Uuid::now_v7();
     let first = kit.register(user, "ada@example.com", "1 Main St").await;
     let two: Vec<NewEvent> = ["/email", "/address/street"]
