@@ -193,12 +193,12 @@ fn load_keyring(db: &Database, flag: Option<&Path>) -> Result<Keyring> {
     )))
 }
 
-fn encryptor(pool: &PgPool, provider: Arc<dyn KeyProvider>) -> Arc<FieldEncryptor> {
+fn encryptor(pool: &PgPool, cache: bool, provider: Arc<dyn KeyProvider>) -> Arc<FieldEncryptor> {
     Arc::new(
         FieldEncryptorBuilder::new(
             EncryptionConfig::new(),
             provider,
-            Arc::new(PgDataKeyStore::new(pool.clone())),
+            Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(cache)),
             Arc::new(PgAuditSink::new(pool.clone())),
         )
         .build(),
@@ -231,8 +231,10 @@ async fn require_subject(keys: &PgDataKeyStore, subject: &SubjectId) -> Result<(
 
 /// Runs `chronicle keys`.
 pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<()> {
-    let pool = db.store().await?.pool().clone();
-    let keys = PgDataKeyStore::new(pool.clone());
+    let store = db.store().await?;
+    let cache = store.caches_statements();
+    let pool = store.pool().clone();
+    let keys = PgDataKeyStore::new(pool.clone()).statement_cache(cache);
     match &args.action {
         KeysCommand::List {
             subject,
@@ -300,7 +302,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let crypto = encryptor(&pool, ring.keyring.clone());
+            let crypto = encryptor(&pool, cache, ring.keyring.clone());
             let ctx = context(&args, "rotate-kek");
             let done = crypto
                 .rewrap_all(&ctx, (*batch_size).max(1), |p| bar.set_position(p.scanned))
@@ -346,7 +348,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
             let subject = SubjectId::new(subject.clone());
             require_subject(&keys, &subject).await?;
             let ring = load_keyring(db, args.keyring.as_deref())?;
-            let crypto = encryptor(&pool, ring.keyring.clone());
+            let crypto = encryptor(&pool, cache, ring.keyring.clone());
             let ctx = context(&args, "rotate");
             let id = crypto.rotate_data_key(&ctx, &subject).await?;
             let mut record = json!({ "subject": subject.as_str(), "key_id": id.to_string() });
@@ -387,7 +389,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                 }
             }
             // Shredding needs no key-encryption key; any provider will do.
-            let crypto = encryptor(&pool, Arc::new(LocalKeyring::generate()?));
+            let crypto = encryptor(&pool, cache, Arc::new(LocalKeyring::generate()?));
             let destroyed = crypto.shred(&context(&args, "shred"), &subject).await?;
             print_record(
                 &json!({
@@ -479,7 +481,7 @@ pub async fn demo(store: &chronicle_postgres::PgEventStore, n: u32) -> Result<()
         FieldEncryptorBuilder::new(
             EncryptionConfig::from_yaml(DEMO_CONFIG)?,
             keyring,
-            Arc::new(PgDataKeyStore::new(pool.clone())),
+            Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(store.caches_statements())),
             Arc::new(GroupCommitAuditSink::new(audit.clone())),
         )
         .build(),

@@ -109,7 +109,9 @@ pub async fn run(
     args: UpcastArgs,
     format: OutputFormat,
 ) -> Result<()> {
-    let pool = db.store().await?.pool().clone();
+    let store = db.store().await?;
+    let cache = store.caches_statements();
+    let pool = store.pool().clone();
     match args.action {
         UpcastCommand::Plan { config } => {
             let upcaster = PgUpcaster::new(pool, load_chain(&config, registry)?);
@@ -123,7 +125,7 @@ pub async fn run(
         } => {
             let chain = load_chain(&config, registry)?;
             let mut upcaster = PgUpcaster::new(pool.clone(), chain);
-            let cipher = cipher(&pool, keyring.as_deref(), "upcast run")?;
+            let cipher = cipher(&pool, cache, keyring.as_deref(), "upcast run")?;
             let has_keyring = cipher.is_some();
             if let Some(cipher) = cipher {
                 upcaster.cipher(Arc::new(cipher));
@@ -136,7 +138,7 @@ pub async fn run(
             keyring,
         } => {
             let mut upcaster = PgUpcaster::new(pool.clone(), load_chain(&config, registry)?);
-            if let Some(cipher) = cipher(&pool, keyring.as_deref(), "upcast verify")? {
+            if let Some(cipher) = cipher(&pool, cache, keyring.as_deref(), "upcast verify")? {
                 upcaster.cipher(Arc::new(cipher));
             }
             verify(&upcaster, run_ids, format).await
@@ -211,6 +213,7 @@ fn load_chain(arg: &ConfigArg, registry: &Registry) -> Result<UpcasterChain> {
 /// if any; its decryptions and encryptions are audited as `command`'s.
 fn cipher(
     pool: &PgPool,
+    cache: bool,
     keyring: Option<&std::path::Path>,
     command: &str,
 ) -> Result<Option<CryptoFieldCipher>> {
@@ -225,7 +228,7 @@ fn cipher(
     };
     Ok(Some(CryptoFieldCipher::new(
         keyring.keyring,
-        Arc::new(PgDataKeyStore::new(pool.clone())),
+        Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(cache)),
         Arc::new(PgAuditSink::new(pool.clone())),
         chronicle_crypto::AccessContext::new(
             format!("chronicle-upcast@{}", whoami()),

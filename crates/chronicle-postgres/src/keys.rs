@@ -43,8 +43,12 @@ const SUBJECT_LOCK_CLASS: i32 = 0x6372_7970;
 /// ([`chronicle_crypto::FieldEncryptor::rewrap_all`]) and retire the old
 /// one when backups taken before have expired.
 ///
-/// Every query is a typed, unnamed statement: it works through PgBouncer in
-/// transaction mode.
+/// The current-key lookup, made before a subject's first key on every
+/// writer, is prepared once per connection; every other query is a typed,
+/// unnamed statement. Behind a pooler that cannot keep prepared statements
+/// (PgBouncer before 1.21 in transaction mode) turn the cache off
+/// ([`PgDataKeyStore::statement_cache`], as the URL's `statement_cache=off`
+/// says for [`crate::PgEventStore`]).
 ///
 /// ```no_run
 /// # async fn demo(pool: chronicle_postgres::PgPool) -> chronicle_crypto::Result<()> {
@@ -64,6 +68,7 @@ const SUBJECT_LOCK_CLASS: i32 = 0x6372_7970;
 #[derive(Clone)]
 pub struct PgDataKeyStore {
     pool: PgPool,
+    statement_cache: bool,
 }
 
 impl std::fmt::Debug for PgDataKeyStore {
@@ -100,7 +105,30 @@ struct SubjectRow {
 impl PgDataKeyStore {
     /// A store over `pool`. The schema must be migrated ([`crate::migrate()`]).
     pub fn new(pool: PgPool) -> Self {
-        PgDataKeyStore { pool }
+        PgDataKeyStore {
+            pool,
+            statement_cache: true,
+        }
+    }
+
+    /// The same store, preparing its current-key lookup (`true`, the
+    /// default) or sending it unnamed (`false`: behind PgBouncer before
+    /// 1.21 in transaction mode; [`crate::PgOptions::statement_cache`]
+    /// reads the URL's setting).
+    ///
+    /// ```no_run
+    /// # fn demo(pool: chronicle_postgres::PgPool) -> Result<(), chronicle_postgres::Error> {
+    /// use chronicle_postgres::{PgDataKeyStore, PgOptions};
+    ///
+    /// let options = PgOptions::from_url("postgres://app@pooler:6432/app?statement_cache=off")?;
+    /// let keys = PgDataKeyStore::new(pool).statement_cache(options.statement_cache());
+    /// # let _ = keys; Ok(()) }
+    /// ```
+    pub fn statement_cache(self, on: bool) -> Self {
+        PgDataKeyStore {
+            statement_cache: on,
+            ..self
+        }
     }
 
     /// How many live (not shredded) data keys are wrapped under each KEK,
@@ -284,8 +312,9 @@ fn backend(what: &str, e: impl Into<Error>) -> chronicle_crypto::Error {
 impl DataKeyStore for PgDataKeyStore {
     async fn current(&self, subject: &SubjectId) -> chronicle_crypto::Result<KeyLookup> {
         let client = self.client().await?;
-        let row = client
-            .query_typed_opt(
+        let row = crate::Statements::new(self.statement_cache)
+            .query_opt(
+                &client,
                 "SELECT s.shredded_at IS NOT NULL, k.key_id, k.subject, k.wrapped_key, k.kek_id, k.created_at \
                    FROM chronicle_key_subjects s \
                    LEFT JOIN chronicle_data_keys k ON k.key_id = s.current_key_id \

@@ -85,10 +85,12 @@ impl Kit {
 
     fn over(db: TestDb, pool: PgPool) -> Kit {
         let keyring = Arc::new(LocalKeyring::generate().unwrap());
-        let keys = Arc::new(PgDataKeyStore::new(pool.clone()));
+        let inner = db.store_on(pool.clone());
+        let keys =
+            Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(inner.caches_statements()));
         let audit = Arc::new(PgAuditSink::new(pool.clone()));
         let encryptor = encryptor(&keyring, &keys, &audit);
-        let store = db.store_on(pool).encrypted(
+        let store = inner.encrypted(
             encryptor,
             AccessContext::new("signup-service", "registration"),
         );
@@ -1585,7 +1587,10 @@ async fn a_shred_elsewhere_reaches_a_listening_cache_at_once() {
             FieldEncryptorBuilder::new(
                 EncryptionConfig::from_yaml(CONFIG).unwrap(),
                 keyring,
-                Arc::new(PgDataKeyStore::new(options.pool().unwrap())),
+                Arc::new(
+                    PgDataKeyStore::new(options.pool().unwrap())
+                        .statement_cache(options.statement_cache()),
+                ),
                 kit.audit.clone(),
             )
             .cache_ttl(std::time::Duration::from_secs(3600))
