@@ -1030,52 +1030,73 @@ async fn store_derived(
     if records.is_empty() {
         return Ok(());
     }
-    let n = records.len();
-    let (mut tids, mut entries) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut chains, mut seqs, mut prevs, mut hashes) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (tid, entry, link) in records {
-        tids.push(tid);
-        entries.push(entry);
-        chains.push(link.map(|_| 0i16));
-        seqs.push(link.map(|(seq, _, _)| seq));
-        prevs.push(link.map(|(_, prev, _)| prev.as_bytes().to_vec()));
-        hashes.push(link.map(|(_, _, hash)| hash.as_bytes().to_vec()));
+    // A record's events and fields go as one JSON array each: slicing one
+    // flat array parameter per row made the insert quadratic.
+    let mut c = DerivedColumns::default();
+    for (tid, e, link) in records {
+        c.tid.push(tid);
+        c.at.push(e.at);
+        c.subject.push(e.subject.map(|s| s.as_str().to_owned()));
+        c.key_id.push(e.key_id.map(|k| k.as_uuid()));
+        c.event_ids.push(serde_json::json!(e.event_ids));
+        c.fields.push(serde_json::json!(e.fields));
+        c.actor.push(e.actor);
+        c.purpose.push(e.purpose);
+        c.chain.push(link.map(|_| 0i16));
+        c.seq.push(link.map(|(seq, _, _)| seq));
+        c.prev
+            .push(link.map(|(_, prev, _)| prev.as_bytes().to_vec()));
+        c.hash
+            .push(link.map(|(_, _, hash)| hash.as_bytes().to_vec()));
     }
-    let columns = AuditColumns::new(entries);
-    let mut params = vec![(&tids as &(dyn ToSql + Sync), Type::XID8_ARRAY)];
-    params.extend(columns.params());
-    params.extend([
-        (&chains as &(dyn ToSql + Sync), Type::INT2_ARRAY),
-        (&seqs, Type::INT8_ARRAY),
-        (&prevs, Type::BYTEA_ARRAY),
-        (&hashes, Type::BYTEA_ARRAY),
-    ]);
     tx.execute_typed(
         "INSERT INTO chronicle_audit_log (transaction_id, at, operation, outcome, subject, key_id,
-                                          kek_id, event_ids, fields, actor, purpose,
+                                          event_ids, fields, actor, purpose,
                                           chain, seq, prev_hash, hash)
-         SELECT t.tid, t.at, t.op, t.oc, t.su, t.k, t.kek,
-                CASE WHEN t.ec > 0 THEN ($9::uuid[])[t.eo + 1 : t.eo + t.ec] END,
-                CASE WHEN t.fc > 0 THEN ($11::text[])[t.fo + 1 : t.fo + t.fc] END,
-                t.ac, t.pu, t.ch, t.sq, t.pv, t.hs
-           FROM (SELECT u.*, (sum(u.ec) OVER w - u.ec)::INTEGER AS eo,
-                        (sum(u.fc) OVER w - u.fc)::INTEGER AS fo
-                   FROM unnest($1::xid8[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
-                               $6::uuid[], $7::text[], $8::int4[], $10::int4[], $12::text[], $13::text[],
-                               $14::int2[], $15::int8[], $16::bytea[], $17::bytea[])
-                        WITH ORDINALITY AS u(tid, at, op, oc, su, k, kek, ec, fc, ac, pu, ch, sq, pv, hs, n)
-                 WINDOW w AS (ORDER BY u.n)) AS t
-          ORDER BY t.n",
-        &params,
+         SELECT u.tid, u.at, 'encrypt', 'success', u.su, u.k,
+                ARRAY(SELECT jsonb_array_elements_text(u.ev)::uuid),
+                ARRAY(SELECT jsonb_array_elements_text(u.fi)),
+                u.ac, u.pu, u.ch, u.sq, u.pv, u.hs
+           FROM unnest($1::xid8[], $2::timestamptz[], $3::text[], $4::uuid[], $5::jsonb[],
+                       $6::jsonb[], $7::text[], $8::text[], $9::int2[], $10::int8[],
+                       $11::bytea[], $12::bytea[])
+                WITH ORDINALITY AS u(tid, at, su, k, ev, fi, ac, pu, ch, sq, pv, hs, n)
+          ORDER BY u.n",
+        &[
+            (&c.tid, Type::XID8_ARRAY),
+            (&c.at, Type::TIMESTAMPTZ_ARRAY),
+            (&c.subject, Type::TEXT_ARRAY),
+            (&c.key_id, Type::UUID_ARRAY),
+            (&c.event_ids, Type::JSONB_ARRAY),
+            (&c.fields, Type::JSONB_ARRAY),
+            (&c.actor, Type::TEXT_ARRAY),
+            (&c.purpose, Type::TEXT_ARRAY),
+            (&c.chain, Type::INT2_ARRAY),
+            (&c.seq, Type::INT8_ARRAY),
+            (&c.prev, Type::BYTEA_ARRAY),
+            (&c.hash, Type::BYTEA_ARRAY),
+        ],
     )
     .await
     .map_err(|e| failed("store the encrypted events' records", e))?;
     Ok(())
+}
+
+/// Derived `encrypt` records as the array parameters of their insert.
+#[derive(Default)]
+struct DerivedColumns {
+    tid: Vec<Xid8>,
+    at: Vec<DateTime<Utc>>,
+    subject: Vec<Option<String>>,
+    key_id: Vec<Option<Uuid>>,
+    event_ids: Vec<serde_json::Value>,
+    fields: Vec<serde_json::Value>,
+    actor: Vec<String>,
+    purpose: Vec<String>,
+    chain: Vec<Option<i16>>,
+    seq: Vec<Option<i64>>,
+    prev: Vec<Option<Vec<u8>>>,
+    hash: Vec<Option<Vec<u8>>>,
 }
 
 /// A batch of audit entries as the array parameters of
