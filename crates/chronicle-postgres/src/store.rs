@@ -352,52 +352,28 @@ impl PgEventStore {
         }
     }
 
-    /// [`FAST_APPEND_ONE`] and the event's audit record in one prepared
-    /// statement: true when both were stored; false when neither was and
-    /// `chronicle_append_audited` must find out why.
-    async fn fast_audited_append(
+    /// One event (`event`: [`one_event`]'s parameters) and what its
+    /// statement `sql` binds after it (`rest`: its audit record, and a first
+    /// key's rows) in one prepared statement
+    /// ([`FAST_AUDITED_APPEND_ONE`], [`FAST_FIRST_KEY_APPEND_ONE`]): true
+    /// when all of it was stored; false when nothing was and
+    /// `chronicle_append_audited` must handle the append (a conflict, a
+    /// repeat, or a subject that has a row already: shredded, or its key
+    /// made by another writer).
+    async fn fast_append_one_with(
         &self,
-        aggregate_id: AggregateId,
-        aggregate_type: &str,
-        expected: i32,
-        p: &Prepared,
-        event: &NewEvent,
-        record: &[(&(dyn ToSql + Sync), Type); 10],
-    ) -> Result<bool, Error> {
-        let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
-        let mut params =
-            one_event(&aggregate_id, &aggregate_type, &expected, p, &encrypted).to_vec();
-        params.extend(record.iter().map(|(v, t)| (*v, t.clone())));
-        let client = self.pool.get().await?;
-        let rows = crate::Statements::new(true)
-            .execute(&client, FAST_AUDITED_APPEND_ONE, &params)
-            .await?;
-        Ok(rows == 1)
-    }
-
-    /// [`FAST_FIRST_KEY_APPEND_ONE`]: true when the event, the subject's
-    /// first key and its record were stored; false when nothing was and
-    /// `chronicle_append_audited` must handle the append.
-    async fn fast_first_key_append(
-        &self,
-        aggregate_id: AggregateId,
-        aggregate_type: &str,
-        expected: i32,
-        p: &Prepared,
-        event: &NewEvent,
+        sql: &str,
+        event: &[(&(dyn ToSql + Sync), Type)],
         rest: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<bool, Error> {
-        let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
-        let mut params =
-            one_event(&aggregate_id, &aggregate_type, &expected, p, &encrypted).to_vec();
+        let mut params = event.to_vec();
         params.extend(rest.iter().map(|(v, t)| (*v, t.clone())));
         let client = self.pool.get().await?;
         match crate::Statements::new(true)
-            .execute(&client, FAST_FIRST_KEY_APPEND_ONE, &params)
+            .execute(&client, sql, &params)
             .await
         {
             Ok(rows) => Ok(rows == 1),
-            // The subject has a row: shredded, or another writer made its key.
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(false),
             Err(e) => Err(e.into()),
         }
@@ -570,8 +546,10 @@ impl PgEventStore {
             events.as_slice(),
         ) {
             let v = v as i32;
+            let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
+            let head = one_event(&aggregate_id, &aggregate_type, &v, &p, &encrypted);
             if self
-                .fast_audited_append(aggregate_id, aggregate_type, v, &p, event, &record)
+                .fast_append_one_with(FAST_AUDITED_APPEND_ONE, &head, &record)
                 .await?
             {
                 return Ok(stored(AppendOutcome {
@@ -590,8 +568,10 @@ impl PgEventStore {
         ) && let (Some(params), Some(key)) = (audit.first_key(), audit.only_key())
         {
             let v = v as i32;
+            let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
+            let head = one_event(&aggregate_id, &aggregate_type, &v, &p, &encrypted);
             if self
-                .fast_first_key_append(aggregate_id, aggregate_type, v, &p, event, &params)
+                .fast_append_one_with(FAST_FIRST_KEY_APPEND_ONE, &head, &params)
                 .await?
             {
                 return Ok(AuditedAppend {
