@@ -170,6 +170,11 @@ pub struct CryptoBenchArgs {
     /// Run only the `synchronous_commit` setting given (default: both).
     #[arg(long)]
     synchronous_commit: Option<bool>,
+    /// Seconds between the background sealer's rounds (it derives the
+    /// `encrypt` records and links every record into the chain; the run
+    /// ends with a full seal and a verification either way).
+    #[arg(long, default_value_t = 1.0)]
+    seal_every: f64,
     /// Also break the read cost down: ciphertext reads through the
     /// wrapper, decryption with the audit records thrown away, and the
     /// audit sink without group commit.
@@ -306,7 +311,7 @@ async fn crypto_cases(
         let audit = Arc::new(PgAuditSink::new(pool.clone()));
         // Records are linked into the hash chain after commit, as an
         // application's sealer does: its cost is part of the run.
-        let sealer = audit.spawn_sealer(Duration::from_secs(1));
+        let sealer = audit.spawn_sealer(Duration::from_secs_f64(args.seal_every.max(0.01)));
         let timed = Arc::new(TimedAudit::new(audit.clone()));
         let sink: Arc<dyn chronicle_crypto::AuditSink> = if args.profile {
             timed.clone()
