@@ -1208,16 +1208,6 @@ impl AppendAudit {
         a
     }
 
-    /// The columns of its one audit record, when it stores no key and one
-    /// record (an append for a subject that has a key): what
-    /// [`PgEventStore`]'s prepared audited append binds after the event's.
-    pub(crate) fn single_record(&self) -> Option<[(&(dyn ToSql + Sync), Type); 10]> {
-        if !self.subject.is_empty() {
-            return None;
-        }
-        self.record()
-    }
-
     /// The columns of its one record and then of its one key, when it
     /// stores exactly one of each (a subject's first append, with its
     /// `create-key` record): what [`PgEventStore`]'s prepared first-key

@@ -32,7 +32,7 @@ const PARTIAL_APPEND: &str = "CH409";
 
 /// One event at version `$7 + 1` when version `$7` is stored (or `$7` is
 /// 0), the text shared by [`FAST_APPEND_ONE`] and
-/// [`FAST_AUDITED_APPEND_ONE`].
+/// [`FAST_FIRST_KEY_APPEND_ONE`].
 macro_rules! insert_one_event {
     () => {
         "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, \
@@ -50,20 +50,12 @@ macro_rules! insert_one_event {
 /// feed's per-aggregate order.
 const FAST_APPEND_ONE: &str = insert_one_event!();
 
-/// [`FAST_APPEND_ONE`] and, only if the event went in, its audit record
-/// (`$9` .. `$18`, stored unsealed: migration 11; empty event ids and
-/// fields stored as NULL, as `chronicle_audit_append` stores them).
-const FAST_AUDITED_APPEND_ONE: &str = concat!(
-    "WITH stored AS (",
-    insert_one_event!(),
-    " RETURNING 1) \
-     INSERT INTO chronicle_audit_log (at, operation, outcome, subject, key_id, kek_id, event_ids, \
-     fields, actor, purpose) \
-     SELECT $9, $10, $11, $12, $13, $14, nullif($15, '{}'), nullif($16, '{}'), $17, $18 FROM stored"
-);
-
-/// A subject's first append: [`FAST_AUDITED_APPEND_ONE`] with the
-/// subject's row and first data key (`$19` .. `$23`), all stored or none.
+/// A subject's first append: [`FAST_APPEND_ONE`], and only if the event
+/// went in, the subject's row, its first data key (`$19` .. `$23`) and the
+/// key's `create-key` record (`$9` .. `$18`, stored unsealed: migration 11;
+/// empty event ids and fields stored as NULL, as `chronicle_audit_append`
+/// stores them), all stored or none. (Its `encrypt` record is derived from
+/// the event by the sealer: migration 12.)
 /// When the subject has a row already (its key made by another writer, or
 /// shredded) the insert fails with a unique violation, and
 /// `chronicle_append_audited` handles the append.
@@ -352,17 +344,14 @@ impl PgEventStore {
         }
     }
 
-    /// One event (`event`: [`one_event`]'s parameters) and what its
-    /// statement `sql` binds after it (`rest`: its audit record, and a first
-    /// key's rows) in one prepared statement
-    /// ([`FAST_AUDITED_APPEND_ONE`], [`FAST_FIRST_KEY_APPEND_ONE`]): true
+    /// [`FAST_FIRST_KEY_APPEND_ONE`] with one event (`event`:
+    /// [`one_event`]'s parameters) and its key and record (`rest`): true
     /// when all of it was stored; false when nothing was and
     /// `chronicle_append_audited` must handle the append (a conflict, a
     /// repeat, or a subject that has a row already: shredded, or its key
     /// made by another writer).
-    async fn fast_append_one_with(
+    async fn fast_first_key_append(
         &self,
-        sql: &str,
         event: &[(&(dyn ToSql + Sync), Type)],
         rest: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<bool, Error> {
@@ -370,7 +359,7 @@ impl PgEventStore {
         params.extend(rest.iter().map(|(v, t)| (*v, t.clone())));
         let client = self.pool.get().await?;
         match crate::Statements::new(true)
-            .execute(&client, sql, &params)
+            .execute(&client, FAST_FIRST_KEY_APPEND_ONE, &params)
             .await
         {
             Ok(rows) => Ok(rows == 1),
@@ -488,7 +477,7 @@ fn stored(outcome: AppendOutcome) -> AuditedAppend {
 }
 
 /// The eight parameters of [`FAST_APPEND_ONE`] (the first eight of
-/// [`FAST_AUDITED_APPEND_ONE`]), typed.
+/// [`FAST_FIRST_KEY_APPEND_ONE`]), typed.
 fn one_event<'a>(
     aggregate_id: &'a AggregateId,
     aggregate_type: &'a &str,
@@ -537,29 +526,8 @@ impl PgEventStore {
         audit: Option<&crate::audit::AppendAudit>,
     ) -> chronicle_core::Result<AuditedAppend> {
         let p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
-        // One event with its one audit record, for a subject that has its
-        // key: one prepared statement stores both, or neither.
-        if let (true, Some(record), Some(v), [event]) = (
-            self.statement_cache,
-            audit.and_then(crate::audit::AppendAudit::single_record),
-            expected.as_option(),
-            events.as_slice(),
-        ) {
-            let v = v as i32;
-            let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
-            let head = one_event(&aggregate_id, &aggregate_type, &v, &p, &encrypted);
-            if self
-                .fast_append_one_with(FAST_AUDITED_APPEND_ONE, &head, &record)
-                .await?
-            {
-                return Ok(stored(AppendOutcome {
-                    version: (v as u32) + 1,
-                    appended: true,
-                }));
-            }
-        }
-        // A subject's first event, its key and the key's record: the same,
-        // with the key's two rows.
+        // A subject's first event, its key and the key's record: one
+        // prepared statement stores all, or nothing.
         if let (true, Some(audit), Some(v), [event]) = (
             self.statement_cache,
             audit,
@@ -570,10 +538,7 @@ impl PgEventStore {
             let v = v as i32;
             let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
             let head = one_event(&aggregate_id, &aggregate_type, &v, &p, &encrypted);
-            if self
-                .fast_append_one_with(FAST_FIRST_KEY_APPEND_ONE, &head, &params)
-                .await?
-            {
+            if self.fast_first_key_append(&head, &params).await? {
                 return Ok(AuditedAppend {
                     outcome: AppendOutcome {
                         version: (v as u32) + 1,
