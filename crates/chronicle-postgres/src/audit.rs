@@ -254,7 +254,8 @@ impl PgAuditSink {
         let head = tx
             .query_typed_opt(
                 "SELECT seq, hash, sealed_below, pg_snapshot_xmin(pg_current_snapshot()),
-                        derived_tid, derived_pos
+                        derived_tid, derived_pos,
+                        (SELECT coalesce(max(l.seq), 0) FROM chronicle_audit_log l WHERE l.chain = 0)
                    FROM chronicle_audit_head WHERE chain = 0",
                 &[],
             )
@@ -277,14 +278,7 @@ impl PgAuditSink {
         // A head that is not the chain's last row was changed outside the
         // sealer (verify reports how): linking more records after it would
         // only extend the damage, and deriving would store records again.
-        let last: i64 = tx
-            .query_typed_one(
-                "SELECT coalesce(max(seq), 0) FROM chronicle_audit_log WHERE chain = 0",
-                &[],
-            )
-            .await
-            .map_err(|e| failed("read chain 0's last row", e))?
-            .get(0);
+        let last: i64 = head.get(6);
         if last != head.get::<_, i64>(0) {
             tracing::warn!(
                 head = head.get::<_, i64>(0),
