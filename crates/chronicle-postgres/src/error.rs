@@ -14,7 +14,7 @@ pub enum Error {
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(String),
     /// A query failed.
-    #[error("PostgreSQL error: {}", describe(.0))]
+    #[error("PostgreSQL error: {}{}", describe(.0), schema_hint(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// No connection could be taken from the pool.
     #[error("cannot get a database connection from the pool: {0}")]
@@ -83,6 +83,27 @@ impl From<Error> for chronicle_core::Error {
                 source: Some(Box::new(other)),
             },
         }
+    }
+}
+
+/// What to do when a query names a table, column or function the database
+/// lacks: the binary is ahead of the schema (the sealer and the appends
+/// use the newest migration's columns and statements). Empty otherwise.
+fn schema_hint(e: &tokio_postgres::Error) -> &'static str {
+    use tokio_postgres::error::SqlState as S;
+    match e.code() {
+        Some(c)
+            if [
+                S::UNDEFINED_TABLE,
+                S::UNDEFINED_COLUMN,
+                S::UNDEFINED_FUNCTION,
+            ]
+            .contains(c) =>
+        {
+            "; the database schema is probably older than this binary: run `chronicle migrate` \
+             (or chronicle_postgres::migrate) against this database"
+        }
+        _ => "",
     }
 }
 

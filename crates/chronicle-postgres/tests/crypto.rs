@@ -1159,6 +1159,20 @@ async fn encrypt_records_are_derived_from_the_events_behind_a_backlog() {
     );
 }
 
+/// A binary ahead of its schema (migration 12 not applied) is told what
+/// to do, and stores nothing.
+#[tokio::test]
+async fn a_schema_older_than_the_binary_names_chronicle_migrate() {
+    let kit = Kit::new(fresh_db().await);
+    kit.exec("ALTER TABLE chronicle_audit_head DROP COLUMN derived_tid")
+        .await;
+    let err = kit.audit.seal().await.unwrap_err().to_string();
+    assert!(
+        err.contains("derived_tid") && err.contains("run `chronicle migrate`"),
+        "{err}"
+    );
+}
+
 /// One audited history, tampered with case after case (as a superuser
 /// could, with the append-only triggers disabled) and restored in between.
 /// Its six records are in one chain (one connection), `chain`.
