@@ -199,7 +199,7 @@ fn encryptor(pool: &PgPool, cache: bool, provider: Arc<dyn KeyProvider>) -> Arc<
             EncryptionConfig::new(),
             provider,
             Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(cache)),
-            Arc::new(PgAuditSink::new(pool.clone())),
+            Arc::new(PgAuditSink::new(pool.clone()).statement_cache(cache)),
         )
         .build(),
     )
@@ -476,7 +476,7 @@ pub async fn demo(store: &chronicle_postgres::PgEventStore, n: u32) -> Result<()
 
     let pool = store.pool().clone();
     let (keyring, path) = dev_keyring()?;
-    let audit = Arc::new(PgAuditSink::new(pool.clone()));
+    let audit = Arc::new(PgAuditSink::new(pool.clone()).statement_cache(store.caches_statements()));
     let crypto = Arc::new(
         FieldEncryptorBuilder::new(
             EncryptionConfig::from_yaml(DEMO_CONFIG)?,

@@ -229,7 +229,7 @@ fn cipher(
     Ok(Some(CryptoFieldCipher::new(
         keyring.keyring,
         Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(cache)),
-        Arc::new(PgAuditSink::new(pool.clone())),
+        Arc::new(PgAuditSink::new(pool.clone()).statement_cache(cache)),
         chronicle_crypto::AccessContext::new(
             format!("chronicle-upcast@{}", whoami()),
             format!("schema migration (chronicle {command})"),

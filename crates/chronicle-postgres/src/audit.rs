@@ -97,8 +97,10 @@ impl Default for AuditQuery {
 /// An [`AuditSink`] on PostgreSQL (migrations 3, 9 and 11), and the
 /// reader, sealer and verifier of what it stored.
 ///
-/// [`AuditSink::append`] is one statement, `chronicle_audit_append`, in its
-/// own transaction: it stores the records unlinked (no lock, no head row)
+/// [`AuditSink::append`] is one statement in its own transaction (an
+/// `INSERT` for one record, `chronicle_audit_append` for several; prepared
+/// unless [`PgAuditSink::statement_cache`] is off): it stores the records
+/// unlinked (no lock, no head row)
 /// and returns only after the commit, so a caller never releases plaintext
 /// whose audit record could still be lost. An audited append stores its
 /// records in the append's own statement. [`PgAuditSink::seal`] links
@@ -133,6 +135,7 @@ impl Default for AuditQuery {
 #[derive(Clone)]
 pub struct PgAuditSink {
     pool: PgPool,
+    statement_cache: bool,
 }
 
 impl std::fmt::Debug for PgAuditSink {
@@ -149,7 +152,31 @@ fn failed(what: &str, e: impl Into<Error>) -> chronicle_crypto::Error {
 impl PgAuditSink {
     /// A sink over `pool`. The schema must be migrated ([`crate::migrate()`]).
     pub fn new(pool: PgPool) -> Self {
-        PgAuditSink { pool }
+        PgAuditSink {
+            pool,
+            statement_cache: true,
+        }
+    }
+
+    /// The same sink, preparing its append (`true`, the default: each
+    /// decrypting read's record is one such append, and sent unnamed it
+    /// is parsed and planned every time) or sending it unnamed (`false`:
+    /// behind PgBouncer before 1.21 in transaction mode;
+    /// [`crate::PgOptions::statement_cache`] reads the URL's setting).
+    ///
+    /// ```no_run
+    /// # fn demo(pool: chronicle_postgres::PgPool) -> Result<(), chronicle_postgres::Error> {
+    /// use chronicle_postgres::{PgAuditSink, PgOptions};
+    ///
+    /// let options = PgOptions::from_url("postgres://app@pooler:6432/app?statement_cache=off")?;
+    /// let audit = PgAuditSink::new(pool).statement_cache(options.statement_cache());
+    /// # let _ = audit; Ok(()) }
+    /// ```
+    pub fn statement_cache(self, on: bool) -> Self {
+        PgAuditSink {
+            statement_cache: on,
+            ..self
+        }
     }
 
     async fn client(&self) -> chronicle_crypto::Result<deadpool_postgres::Object> {
@@ -1281,14 +1308,45 @@ fn shredded_subject(e: &chronicle_core::Error) -> Option<SubjectId> {
 
 #[async_trait]
 impl AuditSink for PgAuditSink {
-    async fn append(&self, entries: Vec<AuditEntry>) -> chronicle_crypto::Result<()> {
+    async fn append(&self, mut entries: Vec<AuditEntry>) -> chronicle_crypto::Result<()> {
+        if entries.len() == 1 {
+            // One record, a lone decrypting read's: a plain insert.
+            let e = entries.remove(0);
+            let subject = e.subject.map(|s| s.as_str().to_owned());
+            let key_id = e.key_id.map(|k| k.as_uuid());
+            let kek_id = e.kek_id.map(|k| k.as_str().to_owned());
+            let client = self.client().await?;
+            crate::Statements::new(self.statement_cache)
+                .execute(
+                    &client,
+                    "INSERT INTO chronicle_audit_log (at, operation, outcome, subject, key_id, \
+                       kek_id, event_ids, fields, actor, purpose) \
+                     VALUES ($1, $2, $3, $4, $5, $6, nullif($7, '{}'), nullif($8, '{}'), $9, $10)",
+                    &[
+                        (&e.at, Type::TIMESTAMPTZ),
+                        (&e.operation.as_str(), Type::TEXT),
+                        (&e.outcome.as_str(), Type::TEXT),
+                        (&subject, Type::TEXT),
+                        (&key_id, Type::UUID),
+                        (&kek_id, Type::TEXT),
+                        (&e.event_ids, Type::UUID_ARRAY),
+                        (&e.fields, Type::TEXT_ARRAY),
+                        (&e.actor, Type::TEXT),
+                        (&e.purpose, Type::TEXT),
+                    ],
+                )
+                .await
+                .map_err(|e| failed("append a record", e))?;
+            return Ok(());
+        }
         let columns = AuditColumns::new(entries);
         if columns.is_empty() {
             return Ok(());
         }
         let client = self.client().await?;
-        client
-            .query_typed(
+        crate::Statements::new(self.statement_cache)
+            .query_one(
+                &client,
                 "SELECT chronicle_audit_append(\
                    $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 &columns.params(),

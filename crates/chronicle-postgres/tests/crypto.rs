@@ -88,7 +88,8 @@ impl Kit {
         let inner = db.store_on(pool.clone());
         let keys =
             Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(inner.caches_statements()));
-        let audit = Arc::new(PgAuditSink::new(pool.clone()));
+        let audit =
+            Arc::new(PgAuditSink::new(pool.clone()).statement_cache(inner.caches_statements()));
         let encryptor = encryptor(&keyring, &keys, &audit);
         let store = inner.encrypted(
             encryptor,
