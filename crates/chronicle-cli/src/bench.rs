@@ -170,6 +170,11 @@ pub struct CryptoBenchArgs {
     /// Run only the `synchronous_commit` setting given (default: both).
     #[arg(long)]
     synchronous_commit: Option<bool>,
+    /// Plain JSON added to every event (a `details` object of about this
+    /// many bytes), on both sides: the default event is ~110 bytes with
+    /// half its fields encrypted, a small event's worst case.
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
     /// Seconds between the background sealer's rounds (it derives the
     /// `encrypt` records and links every record into the chain; the run
     /// ends with a full seal and a verification either way).
@@ -180,6 +185,86 @@ pub struct CryptoBenchArgs {
     /// audit sink without group commit.
     #[arg(long)]
     profile: bool,
+}
+
+/// CPU time spent, from Linux's `/proc` (zeros elsewhere): the machine's
+/// (every core, the database's share included) and this process's, in
+/// microseconds, and the operations it was spent on. For `--profile`: a
+/// ratio can fall because the database works harder or because the
+/// client does.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuUse {
+    machine_us: u64,
+    process_us: u64,
+    ops: usize,
+}
+
+impl CpuUse {
+    /// The counters now (`ops` 0).
+    fn now() -> Self {
+        // The machine: busy time of every core, in USER_HZ (1/100 s) ticks.
+        let machine_us = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let ticks: Vec<u64> = stat
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|t| t.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal …
+                let idle = ticks.get(3)? + ticks.get(4)?;
+                Some((ticks.iter().take(8).sum::<u64>() - idle) * 10_000)
+            })
+            .unwrap_or(0);
+        // This process: every thread's time on a CPU, in nanoseconds.
+        let process_us = std::fs::read_dir("/proc/self/task")
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                    .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                    .sum::<u64>()
+                    / 1000
+            })
+            .unwrap_or(0);
+        CpuUse {
+            machine_us,
+            process_us,
+            ops: 0,
+        }
+    }
+
+    /// What was spent since `self` on `ops` operations.
+    fn since(self, ops: usize) -> Self {
+        let now = CpuUse::now();
+        CpuUse {
+            machine_us: now.machine_us.saturating_sub(self.machine_us),
+            process_us: now.process_us.saturating_sub(self.process_us),
+            ops,
+        }
+    }
+}
+
+impl std::ops::AddAssign for CpuUse {
+    fn add_assign(&mut self, other: Self) {
+        self.machine_us += other.machine_us;
+        self.process_us += other.process_us;
+        self.ops += other.ops;
+    }
+}
+
+impl std::fmt::Display for CpuUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ops = self.ops.max(1) as f64;
+        let machine = self.machine_us as f64 / ops;
+        let process = self.process_us as f64 / ops;
+        write!(
+            f,
+            "{machine:.0} µs on the machine, {process:.0} µs of them in this process"
+        )
+    }
 }
 
 /// An audit sink that drops everything: for `--profile` only.
@@ -321,7 +406,8 @@ async fn crypto_cases(
         let encrypted = with_sink(Arc::new(GroupCommitAuditSink::with_max_in_flight(
             sink, writers,
         )));
-        let plain: Arc<dyn chronicle_core::EventStore> = Arc::new(PgEventStore::new(plain_pool));
+        let plain: Arc<dyn chronicle_core::EventStore> =
+            Arc::new(PgEventStore::new(plain_pool.clone()));
         let aggregates = args.events.div_ceil(args.per_aggregate.max(1));
 
         // Appends: sides alternate, each keeps its best of two runs (new
@@ -331,16 +417,27 @@ async fn crypto_cases(
         let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
         let mut secret_ids = Vec::new();
         let mut plain_ids = Vec::new();
+        let (mut secret_cpu, mut plain_cpu) = (CpuUse::default(), CpuUse::default());
         for _ in 0..2 {
             secret_ids = (0..aggregates).map(|_| Uuid::now_v7()).collect();
             plain_ids = (0..aggregates).map(|_| Uuid::now_v7()).collect();
             counter.reset();
+            let cpu = CpuUse::now();
             let (rate, calls) = user_appends(&encrypted, &secret_ids, args, SECRET_TYPE).await?;
+            secret_cpu += cpu.since(calls);
             if rate > ours {
                 ours = rate;
                 trips = counter.round_trips() as f64 / calls as f64;
             }
-            theirs = theirs.max(user_appends(&plain, &plain_ids, args, PLAIN_TYPE).await?.0);
+            let cpu = CpuUse::now();
+            let (rate, calls) = user_appends(&plain, &plain_ids, args, PLAIN_TYPE).await?;
+            plain_cpu += cpu.since(calls);
+            theirs = theirs.max(rate);
+        }
+        if args.profile {
+            progress.suspend(|| {
+                eprintln!("{name}: CPU per append, encrypted {secret_cpu}; plain {plain_cpu}")
+            });
         }
         cases.push(Case::new(name, ours, theirs, Some(trips)));
 
@@ -350,6 +447,22 @@ async fn crypto_cases(
             .await?
             .batch_execute("VACUUM ANALYZE events")
             .await?;
+        // What the server and the wire alone pay for the larger rows: the
+        // store's stream read as raw SQL on both sides, rows not decoded.
+        // No reader that returns the fields can beat this ratio.
+        let name = format!(
+            "floor: read {}-event streams as raw SQL, rows not decoded, {writers} readers, {tag}",
+            args.per_aggregate
+        );
+        progress.set_message(name.clone());
+        let (mut ours, mut theirs) = (0f64, 0f64);
+        for _ in 0..2 {
+            let rate = raw_stream_reads(&plain_pool, &secret_ids, writers, args.read_passes);
+            ours = ours.max(rate.await?);
+            let rate = raw_stream_reads(&plain_pool, &plain_ids, writers, args.read_passes);
+            theirs = theirs.max(rate.await?);
+        }
+        cases.push(Case::new(name, ours, theirs, None));
         for readers in [writers, many] {
             let name = format!(
                 "read {}-event streams + decrypt + audit, {readers} readers, {tag}",
@@ -357,22 +470,30 @@ async fn crypto_cases(
             );
             progress.set_message(name.clone());
             let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
+            let (mut secret_cpu, mut plain_cpu) = (CpuUse::default(), CpuUse::default());
             for _ in 0..2 {
                 counter.reset();
+                let cpu = CpuUse::now();
                 let (rate, calls) =
                     user_reads(&encrypted, &secret_ids, readers, args.read_passes, true).await?;
+                secret_cpu += cpu.since(calls);
                 if rate > ours {
                     ours = rate;
                     trips = counter.round_trips() as f64 / calls as f64;
                 }
-                theirs = theirs.max(
-                    user_reads(&plain, &plain_ids, readers, args.read_passes, true)
-                        .await?
-                        .0,
-                );
+                let cpu = CpuUse::now();
+                let (rate, calls) =
+                    user_reads(&plain, &plain_ids, readers, args.read_passes, true).await?;
+                plain_cpu += cpu.since(calls);
+                theirs = theirs.max(rate);
             }
             if args.profile {
-                progress.suspend(|| eprintln!("{name}: {}", timed.report()));
+                progress.suspend(|| {
+                    eprintln!(
+                        "{name}: {}; CPU per read, encrypted {secret_cpu}; plain {plain_cpu}",
+                        timed.report()
+                    )
+                });
             }
             cases.push(Case::new(name, ours, theirs, Some(trips)));
         }
@@ -434,21 +555,37 @@ async fn crypto_cases(
                     with_sink(Arc::new(GroupCommitAuditSink::new(timed.clone()))),
                 ),
             ];
+            // The audit append alone, as a 20-event read's record, from
+            // as many tasks as there are readers: what one record costs.
+            for tasks in [writers, many] {
+                let name = format!("profile: audit appends alone, {tasks} tasks, {tag}");
+                progress.set_message(name.clone());
+                let cpu = CpuUse::now();
+                let calls =
+                    audit_appends(&audit, tasks, secret_ids.len() * args.read_passes).await?;
+                let cpu = cpu.since(calls);
+                progress.suspend(|| eprintln!("{name}: CPU per append {cpu}"));
+            }
             for (what, store) in variants {
                 for readers in [writers, many] {
                     let name = format!("profile: read + {what}, {readers} readers, {tag}");
                     progress.set_message(name.clone());
                     counter.reset();
                     let check = !what.starts_with("ciphertext");
+                    let cpu = CpuUse::now();
                     let (ours, calls) =
                         user_reads(&store, &secret_ids, readers, args.read_passes, check).await?;
+                    let cpu = cpu.since(calls);
                     let trips = counter.round_trips() as f64 / calls as f64;
                     let theirs = user_reads(&plain, &plain_ids, readers, args.read_passes, true)
                         .await?
                         .0;
-                    if what.contains("audit without") || what.contains("in flight") {
-                        progress.suspend(|| eprintln!("{name}: {}", timed.report()));
-                    }
+                    let audited = if what.contains("audit without") || what.contains("in flight") {
+                        format!("{}; ", timed.report())
+                    } else {
+                        String::new()
+                    };
+                    progress.suspend(|| eprintln!("{name}: {audited}CPU per read {cpu}"));
                     cases.push(Case::new(name, ours, theirs, Some(trips)));
                 }
             }
@@ -495,6 +632,80 @@ async fn bulk_reads(
     read_rate(started, tasks).await
 }
 
+/// Reads every aggregate's stream `passes` times, spread over the readers,
+/// with the store's statement as raw SQL (prepared), counting the rows
+/// without decoding them: what the server and the wire pay. Returns
+/// events/s.
+async fn raw_stream_reads(
+    pool: &PgPool,
+    ids: &[Uuid],
+    readers: usize,
+    passes: usize,
+) -> Result<f64> {
+    const READ: &str = "SELECT event_id, aggregate_id, aggregate_type, event_type, event_data, \
+                        metadata, version, timestamp, encrypted_fields, transaction_id, global_position \
+                        FROM events WHERE aggregate_id = $1 AND version BETWEEN $2 AND $3 ORDER BY version";
+    let started = Instant::now();
+    let mut tasks: Vec<JoinHandle<Result<(usize, usize)>>> = Vec::new();
+    for r in 0..readers {
+        let pool = pool.clone();
+        let mine: Vec<Uuid> = ids.iter().skip(r).step_by(readers).copied().collect();
+        tasks.push(tokio::spawn(async move {
+            let client = pool.get().await?;
+            let read = client
+                .prepare_typed_cached(READ, &[Type::UUID, Type::INT4, Type::INT4])
+                .await?;
+            let (mut events, mut calls) = (0, 0);
+            for _ in 0..passes.max(1) {
+                for id in &mine {
+                    events += client.query(&read, &[id, &1i32, &i32::MAX]).await?.len();
+                    calls += 1;
+                }
+            }
+            Ok((events, calls))
+        }));
+    }
+    Ok(read_rate(started, tasks).await?.0)
+}
+
+/// `calls` appends of one record like a 20-event read's (20 events, two
+/// fields), spread over `tasks`: for `--profile`. Returns `calls`.
+async fn audit_appends(
+    audit: &Arc<chronicle_postgres::PgAuditSink>,
+    tasks: usize,
+    calls: usize,
+) -> Result<usize> {
+    use chronicle_crypto::{
+        AccessContext, AuditEntry, AuditOperation, AuditOutcome, AuditSink, DataKeyId, SubjectId,
+    };
+    let handles: Vec<JoinHandle<Result<()>>> = (0..tasks)
+        .map(|t| {
+            let audit = audit.clone();
+            let mine = calls / tasks + usize::from(t < calls % tasks);
+            tokio::spawn(async move {
+                let context = AccessContext::new("bench", "benchmark");
+                for _ in 0..mine {
+                    let mut entry =
+                        AuditEntry::new(AuditOperation::Decrypt, AuditOutcome::Success, &context)
+                            .with_subject(&SubjectId::new(format!("user-{t}")))
+                            .with_key(DataKeyId::from_uuid(Uuid::now_v7()));
+                    for _ in 0..20 {
+                        let event = Uuid::now_v7();
+                        entry.add(event, "/email");
+                        entry.add(event, "/address/street");
+                    }
+                    audit.append(vec![entry]).await?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await??;
+    }
+    Ok(calls)
+}
+
 /// Waits for reader tasks that return (events, reads): events per second
 /// since `started`, and the number of reads.
 async fn read_rate(
@@ -516,16 +727,23 @@ async fn read_rate(
 const SECRET_TYPE: &str = "UserRegistered";
 const PLAIN_TYPE: &str = "UserRegisteredPlain";
 
-fn user_event(n: usize, event_type: &str) -> NewEvent {
-    NewEvent::new(
-        event_type,
-        json!({
-            "email": format!("user{n}@example.com"),
-            "name": "A. Person",
-            "address": { "street": format!("{n} Long Road"), "city": "Leeds" },
-            "plan": "pro",
-        }),
-    )
+/// The benchmark's event: two of its fields are encrypted on the
+/// encrypted side; `payload_bytes` of plain `details` (in ~30-byte
+/// entries) make it larger.
+fn user_event(n: usize, event_type: &str, payload_bytes: usize) -> NewEvent {
+    let mut data = json!({
+        "email": format!("user{n}@example.com"),
+        "name": "A. Person",
+        "address": { "street": format!("{n} Long Road"), "city": "Leeds" },
+        "plan": "pro",
+    });
+    if payload_bytes > 0 {
+        let details: serde_json::Map<String, serde_json::Value> = (0..payload_bytes.div_ceil(30))
+            .map(|i| (format!("d{i:03}"), json!(format!("value {n:>8} of {i:>4}"))))
+            .collect();
+        data["details"] = serde_json::Value::Object(details);
+    }
+    NewEvent::new(event_type, data)
 }
 
 /// Appends `per_aggregate` single-event appends to each aggregate, the
@@ -544,6 +762,7 @@ async fn user_appends(
         let store = store.clone();
         let mine: Vec<Uuid> = ids.iter().skip(w).step_by(writers).copied().collect();
         let per = args.per_aggregate.max(1);
+        let payload_bytes = args.payload_bytes;
         tasks.push(tokio::spawn(async move {
             let mut n = 0;
             for id in mine {
@@ -554,7 +773,12 @@ async fn user_appends(
                         ExpectedVersion::Exact(v as u32)
                     };
                     store
-                        .append(id, "user", expected, vec![user_event(n, event_type)])
+                        .append(
+                            id,
+                            "user",
+                            expected,
+                            vec![user_event(n, event_type, payload_bytes)],
+                        )
                         .await?;
                     n += 1;
                 }
