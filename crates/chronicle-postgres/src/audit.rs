@@ -268,8 +268,11 @@ impl PgAuditSink {
             .transaction()
             .await
             .map_err(|e| failed("begin sealing", e))?;
+        // Without JIT: the derivation's estimate of a backlog crosses
+        // jit_above_cost, and compiling costs ~12 ms a round for queries
+        // that run in tens of milliseconds.
         tx.execute_typed(
-            "SELECT pg_advisory_xact_lock($1)",
+            "SELECT pg_advisory_xact_lock($1), set_config('jit', 'off', true)",
             &[(&SEAL_LOCK, Type::INT8)],
         )
         .await
@@ -924,10 +927,14 @@ async fn derive_encrypt_records(
     // One row for the last event read (kind 0), then one per encrypted
     // field of the marked events (kind 1), in feed order. A pointer
     // without escapes is split inline; chronicle_pointer_path unescapes.
+    // Only marked events keep their data in the scan (most events of a
+    // store are not encrypted, and carrying every event's data spilled
+    // the scan to disk).
     let rows = tx
         .query_typed(
             "WITH scanned AS (
-                 SELECT transaction_id, global_position, event_id, \"timestamp\", event_data,
+                 SELECT transaction_id, global_position, event_id, \"timestamp\",
+                        CASE WHEN metadata ? '$encrypted_by' THEN event_data END AS event_data,
                         encrypted_fields, metadata -> '$encrypted_by' AS mark
                    FROM events
                   WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
