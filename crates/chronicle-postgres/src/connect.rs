@@ -20,7 +20,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Connect, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Connect, Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime,
+};
 use futures_util::future::BoxFuture;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -203,6 +205,7 @@ impl PgOptions {
         );
         Pool::builder(manager)
             .max_size(self.max_connections)
+            .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| Error::Config(e.to_string()))
