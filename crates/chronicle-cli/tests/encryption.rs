@@ -482,3 +482,63 @@ async fn upcast_run_and_verify_encrypted_fields_with_the_keyring() {
     )));
     assert!(after.iter().all(|r| r["ok"] == true), "{after:?}");
 }
+
+/// `chronicle bench crypto`, small, with `--profile`: every case runs, its
+/// JSON has the append benchmark's shape with positive rates, and the run's
+/// audit log verifies (the benchmark fails otherwise).
+#[test]
+fn the_crypto_benchmark_runs_every_case_and_prints_json() {
+    let url = fresh_database();
+    let home = tempfile::tempdir().unwrap();
+    let out = ok(&chronicle(
+        &url,
+        home.path(),
+        &[
+            "--output",
+            "json",
+            "bench",
+            "crypto",
+            "--events",
+            "500",
+            "--read-passes",
+            "1",
+            "--synchronous-commit",
+            "false",
+            "--payload-bytes",
+            "100",
+            "--profile",
+        ],
+    ));
+    let report: Value = serde_json::from_str(out.trim()).expect("one JSON document");
+    assert_eq!(report["benchmark"], "crypto");
+    let cases = report["cases"].as_array().expect("cases");
+    let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
+    for prefix in [
+        "append 1 event",
+        "floor: read 20-event streams as raw SQL",
+        "read 20-event streams + decrypt + audit, 4 readers",
+        "read 20-event streams + decrypt + audit, 16 readers",
+        "read 1,000 events by type",
+        "profile: read + ciphertext through the wrapper",
+        "profile: read + decrypt + audit, group commit, 1 in flight",
+    ] {
+        assert!(
+            names.iter().any(|n| n.starts_with(prefix)),
+            "no case {prefix:?} in {names:?}"
+        );
+    }
+    for case in cases {
+        for field in ["events_per_sec", "raw_events_per_sec", "ratio"] {
+            let value = case[field].as_f64().unwrap_or(0.0);
+            assert!(value > 0.0 && value.is_finite(), "{field} of {case}");
+        }
+    }
+    // The scratch schema is gone: nothing of the run stays behind.
+    assert_eq!(
+        support::psql_value(
+            &url,
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'chronicle_bench%'"
+        ),
+        "0"
+    );
+}
