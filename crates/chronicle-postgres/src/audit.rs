@@ -99,7 +99,8 @@ impl Default for AuditQuery {
 ///
 /// [`AuditSink::append`] is one statement in its own transaction (an
 /// `INSERT` for one record, `chronicle_audit_append` for several; prepared
-/// unless [`PgAuditSink::statement_cache`] is off): it stores the records
+/// unless [`PgAuditSink::statement_cache`] is off), committed durably even
+/// in a session with `synchronous_commit = off`: it stores the records
 /// unlinked (no lock, no head row)
 /// and returns only after the commit, so a caller never releases plaintext
 /// whose audit record could still be lost. An audited append stores its
@@ -1313,6 +1314,18 @@ fn shredded_subject(e: &chronicle_core::Error) -> Option<SubjectId> {
     (db.code().code() == "CH410").then(|| SubjectId::new(db.detail().unwrap_or_default()))
 }
 
+/// A one-row subquery that raises its transaction's `synchronous_commit`
+/// from `off` to `on`: a record appended through the sink (a decrypting
+/// read's above all) is flushed before the read is acknowledged, whatever
+/// the session trades away for its appends. Other settings (`local`,
+/// `remote_write`, `remote_apply`) already flush, and are kept.
+macro_rules! durable {
+    () => {
+        "(SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
+                      THEN set_config('synchronous_commit', 'on', true) END) AS durable"
+    };
+}
+
 #[async_trait]
 impl AuditSink for PgAuditSink {
     async fn append(&self, mut entries: Vec<AuditEntry>) -> chronicle_crypto::Result<()> {
@@ -1326,9 +1339,13 @@ impl AuditSink for PgAuditSink {
             crate::Statements::new(self.statement_cache)
                 .execute(
                     &client,
-                    "INSERT INTO chronicle_audit_log (at, operation, outcome, subject, key_id, \
-                       kek_id, event_ids, fields, actor, purpose) \
-                     VALUES ($1, $2, $3, $4, $5, $6, nullif($7, '{}'), nullif($8, '{}'), $9, $10)",
+                    concat!(
+                        "INSERT INTO chronicle_audit_log (at, operation, outcome, subject, key_id, \
+                           kek_id, event_ids, fields, actor, purpose) \
+                         SELECT $1, $2, $3, $4, $5, $6, nullif($7, '{}'), nullif($8, '{}'), $9, $10 \
+                           FROM ",
+                        durable!()
+                    ),
                     &[
                         (&e.at, Type::TIMESTAMPTZ),
                         (&e.operation.as_str(), Type::TEXT),
@@ -1354,8 +1371,11 @@ impl AuditSink for PgAuditSink {
         crate::Statements::new(self.statement_cache)
             .query_one(
                 &client,
-                "SELECT chronicle_audit_append(\
-                   $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                concat!(
+                    "SELECT chronicle_audit_append(\
+                       $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) FROM ",
+                    durable!()
+                ),
                 &columns.params(),
             )
             .await

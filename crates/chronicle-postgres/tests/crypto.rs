@@ -1938,3 +1938,69 @@ async fn records_are_sealed_after_commit_and_planted_rows_are_caught() {
             .contains("outside the audit sink")
     );
 }
+
+/// A read is acknowledged only once its audit record is flushed: in a
+/// session with `synchronous_commit = off` the sink's statements raise it
+/// for their own transaction, in both shapes (one record, several), and
+/// the session keeps its setting. A trigger notes the setting each insert
+/// of the log runs under; an insert outside the sink is the control.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_commit_durably_in_a_session_that_does_not() {
+    let db = fresh_db().await;
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE seen (n BIGSERIAL, setting TEXT NOT NULL);
+             CREATE FUNCTION note_setting() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO seen (setting) VALUES (current_setting('synchronous_commit'));
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER note_setting AFTER INSERT ON chronicle_audit_log
+                 FOR EACH ROW EXECUTE FUNCTION note_setting();",
+        )
+        .await
+        .unwrap();
+    let mut options = PgOptions::from_url(&db.url).unwrap();
+    options.config_mut().options("-c synchronous_commit=off");
+    options.max_connections(1);
+    let pool = options.pool().unwrap();
+    let ctx = AccessContext::new("reader", "test");
+    let entry = |subject: &str| {
+        AuditEntry::new(AuditOperation::Decrypt, AuditOutcome::Success, &ctx)
+            .with_subject(&SubjectId::new(subject))
+    };
+    for cache in [true, false] {
+        let audit = PgAuditSink::new(pool.clone()).statement_cache(cache);
+        chronicle_crypto::AuditSink::append(&audit, vec![entry("a")])
+            .await
+            .unwrap();
+        chronicle_crypto::AuditSink::append(&audit, vec![entry("b"), entry("c")])
+            .await
+            .unwrap();
+    }
+    let conn = pool.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO chronicle_audit_log (at, operation, outcome, actor, purpose)
+         VALUES (now(), 'decrypt', 'success', 'control', 'test')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let seen: Vec<String> = conn
+        .query("SELECT setting FROM seen ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(seen, ["on", "on", "on", "on", "on", "on", "off"]);
+    let session: String = conn
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(session, "off", "the session's own setting is untouched");
+}
