@@ -520,7 +520,7 @@ fn the_crypto_benchmark_runs_every_case_and_prints_json() {
         "read 20-event streams + decrypt + audit, 16 readers",
         "read 1,000 events by type",
         "profile: read + ciphertext through the wrapper",
-        "profile: read + decrypt + audit, group commit, 1 in flight",
+        "profile: read + decrypt + audit, group commit, 4 in flight",
     ] {
         assert!(
             names.iter().any(|n| n.starts_with(prefix)),
