@@ -1330,7 +1330,8 @@ macro_rules! durable {
 impl AuditSink for PgAuditSink {
     async fn append(&self, mut entries: Vec<AuditEntry>) -> chronicle_crypto::Result<()> {
         if entries.len() == 1 {
-            // One record, a lone decrypting read's: a plain insert.
+            // One record (a lone decrypting read's, a key operation's):
+            // a plain insert.
             let e = entries.remove(0);
             let subject = e.subject.map(|s| s.as_str().to_owned());
             let key_id = e.key_id.map(|k| k.as_uuid());
