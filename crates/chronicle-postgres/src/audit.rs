@@ -1186,6 +1186,27 @@ impl AuditColumns {
         self.at.is_empty()
     }
 
+    /// The columns of its record when it holds exactly one, typed: at,
+    /// operation, outcome, subject, key id, KEK id, event ids, fields,
+    /// actor, purpose (what a one-record `INSERT` binds).
+    pub(crate) fn single(&self) -> Option<[(&(dyn ToSql + Sync), Type); 10]> {
+        if self.at.len() != 1 {
+            return None;
+        }
+        Some([
+            (&self.at[0], Type::TIMESTAMPTZ),
+            (&self.operation[0], Type::TEXT),
+            (&self.outcome[0], Type::TEXT),
+            (&self.subject[0], Type::TEXT),
+            (&self.key_id[0], Type::UUID),
+            (&self.kek_id[0], Type::TEXT),
+            (&self.event_ids, Type::UUID_ARRAY),
+            (&self.fields, Type::TEXT_ARRAY),
+            (&self.actor[0], Type::TEXT),
+            (&self.purpose[0], Type::TEXT),
+        ])
+    }
+
     /// The twelve parameters of `chronicle_audit_append`, typed.
     pub(crate) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 12] {
         [
@@ -1245,7 +1266,7 @@ impl AppendAudit {
         if self.subject.len() != 1 {
             return None;
         }
-        let mut params = self.record()?.to_vec();
+        let mut params = self.audit.single()?.to_vec();
         params.extend([
             (&self.subject[0] as &(dyn ToSql + Sync), Type::TEXT),
             (&self.key_id[0], Type::UUID),
@@ -1262,25 +1283,6 @@ impl AppendAudit {
             [one] => Some(*one),
             _ => None,
         }
-    }
-
-    fn record(&self) -> Option<[(&(dyn ToSql + Sync), Type); 10]> {
-        let a = &self.audit;
-        if a.at.len() != 1 {
-            return None;
-        }
-        Some([
-            (&a.at[0], Type::TIMESTAMPTZ),
-            (&a.operation[0], Type::TEXT),
-            (&a.outcome[0], Type::TEXT),
-            (&a.subject[0], Type::TEXT),
-            (&a.key_id[0], Type::UUID),
-            (&a.kek_id[0], Type::TEXT),
-            (&a.event_ids, Type::UUID_ARRAY),
-            (&a.fields, Type::TEXT_ARRAY),
-            (&a.actor[0], Type::TEXT),
-            (&a.purpose[0], Type::TEXT),
-        ])
     }
 
     /// The seventeen parameters, typed.
@@ -1328,16 +1330,17 @@ macro_rules! durable {
 
 #[async_trait]
 impl AuditSink for PgAuditSink {
-    async fn append(&self, mut entries: Vec<AuditEntry>) -> chronicle_crypto::Result<()> {
-        if entries.len() == 1 {
-            // One record (a lone decrypting read's, a key operation's):
-            // a plain insert.
-            let e = entries.remove(0);
-            let subject = e.subject.map(|s| s.as_str().to_owned());
-            let key_id = e.key_id.map(|k| k.as_uuid());
-            let kek_id = e.kek_id.map(|k| k.as_str().to_owned());
-            let client = self.client().await?;
-            crate::Statements::new(self.statement_cache)
+    async fn append(&self, entries: Vec<AuditEntry>) -> chronicle_crypto::Result<()> {
+        let columns = AuditColumns::new(entries);
+        if columns.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let statements = crate::Statements::new(self.statement_cache);
+        if let Some(record) = columns.single() {
+            // One record (a lone decrypting read's, a key operation's): a
+            // plain insert.
+            statements
                 .execute(
                     &client,
                     concat!(
@@ -1347,29 +1350,13 @@ impl AuditSink for PgAuditSink {
                            FROM ",
                         durable!()
                     ),
-                    &[
-                        (&e.at, Type::TIMESTAMPTZ),
-                        (&e.operation.as_str(), Type::TEXT),
-                        (&e.outcome.as_str(), Type::TEXT),
-                        (&subject, Type::TEXT),
-                        (&key_id, Type::UUID),
-                        (&kek_id, Type::TEXT),
-                        (&e.event_ids, Type::UUID_ARRAY),
-                        (&e.fields, Type::TEXT_ARRAY),
-                        (&e.actor, Type::TEXT),
-                        (&e.purpose, Type::TEXT),
-                    ],
+                    &record,
                 )
                 .await
                 .map_err(|e| failed("append a record", e))?;
             return Ok(());
         }
-        let columns = AuditColumns::new(entries);
-        if columns.is_empty() {
-            return Ok(());
-        }
-        let client = self.client().await?;
-        crate::Statements::new(self.statement_cache)
+        statements
             .query_one(
                 &client,
                 concat!(
