@@ -153,8 +153,8 @@ pub async fn append(db: &Database, args: AppendBenchArgs, format: OutputFormat) 
 /// `chronicle bench crypto` arguments.
 #[derive(Debug, Args)]
 pub struct CryptoBenchArgs {
-    /// Events appended per side and run (fewer make the append ratio move
-    /// by ±0.1 from run to run).
+    /// Events appended per side and run, at least 500 (fewer make the
+    /// append ratio move by ±0.1 from run to run).
     #[arg(long, default_value_t = 8000)]
     events: usize,
     /// Events per aggregate (each aggregate is one data subject with one
@@ -335,6 +335,14 @@ impl chronicle_crypto::AuditSink for TimedAudit {
 /// read's `decrypt` record through a group-commit sink before the read
 /// returns), against the same without encryption, in the same run.
 pub async fn crypto(db: &Database, args: CryptoBenchArgs, format: OutputFormat) -> Result<()> {
+    // Each side appends --events twice before the bulk-read case reads
+    // 1,000 of its events back.
+    anyhow::ensure!(
+        args.events >= 500,
+        "--events {} is too few: the bulk-read case reads 1,000 events of each side, \
+         and each side appends --events twice first; pass --events 500 or more",
+        args.events
+    );
     let scratch = Scratch::create(db).await?;
     let result = crypto_cases(&scratch, &args, format).await;
     scratch.drop_schema().await?;

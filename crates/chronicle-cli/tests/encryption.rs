@@ -541,4 +541,9 @@ fn the_crypto_benchmark_runs_every_case_and_prints_json() {
         ),
         "0"
     );
+    // Too few events for the bulk reads: refused up front, with the fix.
+    let few = chronicle(&url, home.path(), &["bench", "crypto", "--events", "100"]);
+    assert_eq!(code(&few), Some(1));
+    let stderr = String::from_utf8_lossy(&few.stderr);
+    assert!(stderr.contains("--events 500 or more"), "{stderr}");
 }
