@@ -18,7 +18,7 @@ use chronicle_crypto::{
     LocalKeyring, SubjectId,
 };
 use chronicle_embedded::EmbeddedPostgres;
-use chronicle_postgres::{PgAuditSink, PgDataKeyStore, PgPool, PgReencryptor};
+use chronicle_postgres::{PgDataKeyStore, PgEventStore, PgPool, PgReencryptor};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
@@ -193,13 +193,13 @@ fn load_keyring(db: &Database, flag: Option<&Path>) -> Result<Keyring> {
     )))
 }
 
-fn encryptor(pool: &PgPool, cache: bool, provider: Arc<dyn KeyProvider>) -> Arc<FieldEncryptor> {
+fn encryptor(store: &PgEventStore, provider: Arc<dyn KeyProvider>) -> Arc<FieldEncryptor> {
     Arc::new(
         FieldEncryptorBuilder::new(
             EncryptionConfig::new(),
             provider,
-            Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(cache)),
-            Arc::new(PgAuditSink::new(pool.clone()).statement_cache(cache)),
+            Arc::new(store.data_key_store()),
+            Arc::new(store.audit_sink()),
         )
         .build(),
     )
@@ -232,9 +232,8 @@ async fn require_subject(keys: &PgDataKeyStore, subject: &SubjectId) -> Result<(
 /// Runs `chronicle keys`.
 pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<()> {
     let store = db.store().await?;
-    let cache = store.caches_statements();
     let pool = store.pool().clone();
-    let keys = PgDataKeyStore::new(pool.clone()).statement_cache(cache);
+    let keys = store.data_key_store();
     match &args.action {
         KeysCommand::List {
             subject,
@@ -302,7 +301,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let crypto = encryptor(&pool, cache, ring.keyring.clone());
+            let crypto = encryptor(&store, ring.keyring.clone());
             let ctx = context(&args, "rotate-kek");
             let done = crypto
                 .rewrap_all(&ctx, (*batch_size).max(1), |p| bar.set_position(p.scanned))
@@ -348,7 +347,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
             let subject = SubjectId::new(subject.clone());
             require_subject(&keys, &subject).await?;
             let ring = load_keyring(db, args.keyring.as_deref())?;
-            let crypto = encryptor(&pool, cache, ring.keyring.clone());
+            let crypto = encryptor(&store, ring.keyring.clone());
             let ctx = context(&args, "rotate");
             let id = crypto.rotate_data_key(&ctx, &subject).await?;
             let mut record = json!({ "subject": subject.as_str(), "key_id": id.to_string() });
@@ -389,7 +388,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                 }
             }
             // Shredding needs no key-encryption key; any provider will do.
-            let crypto = encryptor(&pool, cache, Arc::new(LocalKeyring::generate()?));
+            let crypto = encryptor(&store, Arc::new(LocalKeyring::generate()?));
             let destroyed = crypto.shred(&context(&args, "shred"), &subject).await?;
             print_record(
                 &json!({
@@ -476,12 +475,12 @@ pub async fn demo(store: &chronicle_postgres::PgEventStore, n: u32) -> Result<()
 
     let pool = store.pool().clone();
     let (keyring, path) = dev_keyring()?;
-    let audit = Arc::new(PgAuditSink::new(pool.clone()).statement_cache(store.caches_statements()));
+    let audit = Arc::new(store.audit_sink());
     let crypto = Arc::new(
         FieldEncryptorBuilder::new(
             EncryptionConfig::from_yaml(DEMO_CONFIG)?,
             keyring,
-            Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(store.caches_statements())),
+            Arc::new(store.data_key_store()),
             Arc::new(GroupCommitAuditSink::new(audit.clone())),
         )
         .build(),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use chronicle_postgres::{PgAuditSink, PgDataKeyStore, PgEventStore, PgPool};
+use chronicle_postgres::PgEventStore;
 use chronicle_upcast::{
     CryptoFieldCipher, DEFAULT_BATCH_SIZE, Mode, PgUpcaster, PlanEntry, RunError, RunInfo,
     RunStatus, UpcastConfig, UpcasterChain, VerifyReport,
@@ -110,7 +110,6 @@ pub async fn run(
     format: OutputFormat,
 ) -> Result<()> {
     let store = db.store().await?;
-    let cache = store.caches_statements();
     let pool = store.pool().clone();
     match args.action {
         UpcastCommand::Plan { config } => {
@@ -125,7 +124,7 @@ pub async fn run(
         } => {
             let chain = load_chain(&config, registry)?;
             let mut upcaster = PgUpcaster::new(pool.clone(), chain);
-            let cipher = cipher(&pool, cache, keyring.as_deref(), "upcast run")?;
+            let cipher = cipher(&store, keyring.as_deref(), "upcast run")?;
             let has_keyring = cipher.is_some();
             if let Some(cipher) = cipher {
                 upcaster.cipher(Arc::new(cipher));
@@ -138,7 +137,7 @@ pub async fn run(
             keyring,
         } => {
             let mut upcaster = PgUpcaster::new(pool.clone(), load_chain(&config, registry)?);
-            if let Some(cipher) = cipher(&pool, cache, keyring.as_deref(), "upcast verify")? {
+            if let Some(cipher) = cipher(&store, keyring.as_deref(), "upcast verify")? {
                 upcaster.cipher(Arc::new(cipher));
             }
             verify(&upcaster, run_ids, format).await
@@ -212,8 +211,7 @@ fn load_chain(arg: &ConfigArg, registry: &Registry) -> Result<UpcasterChain> {
 /// The cipher over the keyring named by `--keyring` or $CHRONICLE_KEYRING,
 /// if any; its decryptions and encryptions are audited as `command`'s.
 fn cipher(
-    pool: &PgPool,
-    cache: bool,
+    store: &PgEventStore,
     keyring: Option<&std::path::Path>,
     command: &str,
 ) -> Result<Option<CryptoFieldCipher>> {
@@ -228,8 +226,8 @@ fn cipher(
     };
     Ok(Some(CryptoFieldCipher::new(
         keyring.keyring,
-        Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(cache)),
-        Arc::new(PgAuditSink::new(pool.clone()).statement_cache(cache)),
+        Arc::new(store.data_key_store()),
+        Arc::new(store.audit_sink()),
         chronicle_crypto::AccessContext::new(
             format!("chronicle-upcast@{}", whoami()),
             format!("schema migration (chronicle {command})"),

@@ -175,6 +175,25 @@ impl PgEventStore {
         self.statement_cache
     }
 
+    /// A data-key store on this store's pool, preparing statements as this
+    /// store does ([`crate::PgDataKeyStore::statement_cache`]).
+    ///
+    /// ```no_run
+    /// # fn demo(store: chronicle_postgres::PgEventStore) {
+    /// let keys = store.data_key_store();
+    /// let audit = store.audit_sink();
+    /// # let _ = (keys, audit); }
+    /// ```
+    pub fn data_key_store(&self) -> crate::PgDataKeyStore {
+        crate::PgDataKeyStore::new(self.pool.clone()).statement_cache(self.statement_cache)
+    }
+
+    /// An audit sink on this store's pool, preparing statements as this
+    /// store does ([`crate::PgAuditSink::statement_cache`]).
+    pub fn audit_sink(&self) -> crate::PgAuditSink {
+        crate::PgAuditSink::new(self.pool.clone()).statement_cache(self.statement_cache)
+    }
+
     /// The largest serialized `event_data` plus `metadata` of one event,
     /// in bytes (default [`DEFAULT_MAX_PAYLOAD_BYTES`], 1 MiB). Larger
     /// events are refused before anything is sent.

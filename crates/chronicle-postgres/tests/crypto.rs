@@ -86,10 +86,8 @@ impl Kit {
     fn over(db: TestDb, pool: PgPool) -> Kit {
         let keyring = Arc::new(LocalKeyring::generate().unwrap());
         let inner = db.store_on(pool.clone());
-        let keys =
-            Arc::new(PgDataKeyStore::new(pool.clone()).statement_cache(inner.caches_statements()));
-        let audit =
-            Arc::new(PgAuditSink::new(pool.clone()).statement_cache(inner.caches_statements()));
+        let keys = Arc::new(inner.data_key_store());
+        let audit = Arc::new(inner.audit_sink());
         let encryptor = encryptor(&keyring, &keys, &audit);
         let store = inner.encrypted(
             encryptor,
