@@ -189,7 +189,7 @@ pub struct CryptoBenchArgs {
     profile: bool,
 }
 
-/// CPU time spent, from Linux's `/proc` (zeros elsewhere): the machine's
+/// CPU time spent, from Linux's `/proc` (zeros, shown as not measured, elsewhere): the machine's
 /// (every core, the database's share included) and this process's, in
 /// microseconds, and the operations it was spent on. For `--profile`: a
 /// ratio can fall because the database works harder or because the
@@ -259,6 +259,9 @@ impl std::ops::AddAssign for CpuUse {
 
 impl std::fmt::Display for CpuUse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.machine_us == 0 && self.process_us == 0 {
+            return write!(f, "not measured (it reads Linux's /proc)");
+        }
         let ops = self.ops.max(1) as f64;
         let machine = self.machine_us as f64 / ops;
         let process = self.process_us as f64 / ops;
