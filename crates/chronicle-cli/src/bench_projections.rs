@@ -1,7 +1,8 @@
 //! `chronicle bench projections`: catch-up of the projection runtime against
-//! a raw read and a raw upsert of the same rows, and the lag of a tailing
-//! projection under a steady append load, in one run on one server (a
-//! scratch schema, dropped afterwards).
+//! a raw read and a raw upsert of the same rows, catch-up of projections
+//! subscribed to a tenth of the store against one subscribed to all of it,
+//! and the lag of a tailing projection under a steady append load, in one
+//! run on one server (a scratch schema, dropped afterwards).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use chronicle_core::{
     EventAppender, EventEnvelope, ExpectedVersion, NewEvent, ProjectionHandler, ProjectionResult,
+    Subscription,
 };
 use chronicle_postgres::{EVENTS_CHANNEL, PgEventStore, PgOptions, PgPool};
 use chronicle_projections::{
@@ -41,12 +43,28 @@ pub struct ProjectionsBenchArgs {
 }
 
 /// Does nothing: the runtime's own cost.
-struct NoOp(String);
+struct NoOp {
+    name: String,
+    subscription: Subscription,
+}
+
+impl NoOp {
+    fn new(name: String) -> Self {
+        NoOp {
+            name,
+            subscription: Subscription::all(),
+        }
+    }
+}
 
 #[async_trait]
 impl ProjectionHandler<PgContext> for NoOp {
     fn name(&self) -> &str {
-        &self.0
+        &self.name
+    }
+
+    fn subscription(&self) -> Subscription {
+        self.subscription.clone()
     }
 
     async fn handle(&self, _: &EventEnvelope, _: &mut PgContext) -> ProjectionResult {
@@ -168,11 +186,15 @@ async fn run(
     let n = args.events as i64;
     progress.set_message(format!("loading {n} events"));
     let client = pool.get().await?;
+    // A tenth of the aggregates are loans, a tenth of each aggregate's
+    // events (its fifth) are audits: what the subscribed cases take.
     client
         .execute_typed(
             "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version)
-             SELECT gen_random_uuid(), a.id, 'account', 'Deposited', jsonb_build_object('amount', v), '{}', v
-               FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, $1)) a,
+             SELECT gen_random_uuid(), a.id, CASE WHEN a.n % 10 = 0 THEN 'loan' ELSE 'account' END,
+                    CASE WHEN v = 5 THEN 'Audited' ELSE 'Deposited' END,
+                    jsonb_build_object('amount', v), '{}', v
+               FROM (SELECT gen_random_uuid() AS id, n FROM generate_series(1, $1) AS n) a,
                     generate_series(1, 10) AS v
               ORDER BY v",
             &[(&(n / 10), Type::INT8)],
@@ -215,34 +237,74 @@ async fn run(
     let raw_upsert = events as f64 / started.elapsed().as_secs_f64();
 
     let mut cases = Vec::new();
+    let mut everything = 0.0;
     for partitions in [1, 4] {
         progress.set_message(format!("no-op catch-up, {partitions} partition(s)"));
-        let rate = catch_up(
+        let secs = catch_up(
             &pool,
-            NoOp(format!("noop-{partitions}")),
+            NoOp::new(format!("noop-{partitions}")),
             partitions,
             args.batch_size,
             events,
         )
         .await?;
+        everything = events as f64 / secs;
         cases.push(Case::new(
             format!("no-op catch-up, {partitions} partition(s), vs COPY TO STDOUT"),
-            rate,
+            everything,
             raw_read,
+            None,
+        ));
+    }
+    // The store's events caught up per second by a projection taking a
+    // tenth of them, against the 4-partition one above taking all.
+    for (what, subscription) in [
+        (
+            "aggregate type",
+            Subscription::all().with_aggregate_types(["loan"]),
+        ),
+        (
+            "event type",
+            Subscription::all().with_event_types(["Audited"]),
+        ),
+    ] {
+        progress.set_message(format!("catch-up subscribed to one {what}"));
+        let name = format!("subscribed-{}", what.replace(' ', "-"));
+        let taken: i64 = client
+            .query_one(
+                "SELECT count(*) FROM events WHERE aggregate_type = ANY($1) OR event_type = ANY($2)",
+                &[
+                    &subscription.aggregate_types(),
+                    &subscription.event_types(),
+                ],
+            )
+            .await?
+            .get(0);
+        let handler = NoOp { name, subscription };
+        let secs = catch_up(&pool, handler, 4, args.batch_size, taken as u64).await?;
+        cases.push(Case::new(
+            format!(
+                "no-op catch-up subscribed to one {what} ({:.0}% of the store), 4 partitions, \
+                 vs subscribed to every event",
+                100.0 * taken as f64 / events as f64
+            ),
+            events as f64 / secs,
+            everything,
             None,
         ));
     }
     for partitions in [1, 4] {
         progress.set_message(format!("upsert catch-up, {partitions} partition(s)"));
         client.batch_execute("TRUNCATE balances").await?;
-        let rate = catch_up(
-            &pool,
-            Upsert(format!("upsert-{partitions}")),
-            partitions,
-            args.batch_size,
-            events,
-        )
-        .await?;
+        let rate = events as f64
+            / catch_up(
+                &pool,
+                Upsert(format!("upsert-{partitions}")),
+                partitions,
+                args.batch_size,
+                events,
+            )
+            .await?;
         let same: bool = client
             .query_one(
                 "SELECT NOT EXISTS (SELECT account, balance FROM balances
@@ -267,7 +329,8 @@ async fn run(
     Ok((cases, lag))
 }
 
-/// Events per second of a catch-up of the whole table.
+/// Seconds a projection takes from its start until it has handled
+/// `events` events (of the whole table: the ones it subscribes to).
 async fn catch_up(
     pool: &PgPool,
     handler: impl ProjectionHandler<PgContext> + 'static,
@@ -304,7 +367,7 @@ async fn catch_up(
     }
     let secs = started.elapsed().as_secs_f64();
     runner.stop().await;
-    Ok(events as f64 / secs)
+    Ok(secs)
 }
 
 /// Measures the append capacity (16 writers, one event per append), then

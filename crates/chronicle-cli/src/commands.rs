@@ -209,6 +209,11 @@ pub enum ProjectionsCommand {
         /// with its own schema.
         #[arg(long)]
         blue_green: bool,
+        /// The deployment YAML the projection runs with: its settings and
+        /// `subscribe:` apply to the rebuild (and a changed subscription is
+        /// recorded by it).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -463,17 +468,12 @@ async fn rebuild_blue_green(
     store: &PgEventStore,
     registry: &Registry,
     name: &str,
+    options: chronicle_projections::ProjectionOptions,
     from: Position,
     format: OutputFormat,
 ) -> Result<()> {
     let pool = store.pool();
-    let projection = open_projection(
-        store,
-        registry,
-        name,
-        chronicle_projections::ProjectionOptions::default(),
-    )
-    .await?;
+    let projection = open_projection(store, registry, name, options).await?;
     if projection.read_model_schema().is_none() {
         bail!(UsageError(format!(
             "`{name}` keeps its read model in the shared schema; a blue/green rebuild needs it in a schema \
@@ -507,6 +507,48 @@ async fn rebuild_blue_green(
     Ok(())
 }
 
+/// Every projection of the deployment YAML at `path` that resolves to a
+/// registered handler: the handler's name and the options it deploys with.
+fn read_deployment(
+    registry: &Registry,
+    path: &std::path::Path,
+) -> Result<Vec<(String, chronicle_projections::ProjectionOptions)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let origin = path.display().to_string();
+    let deployment = chronicle_projections::DeploymentConfig::from_yaml(&origin, &text)
+        .map_err(|e| UsageError(e.to_string()))?;
+    Ok(deployment
+        .resolve(&origin, registry.handlers())
+        .map_err(|e| UsageError(e.to_string()))?
+        .into_iter()
+        .map(|(p, _)| (p.handler_name().to_owned(), p.options()))
+        .collect())
+}
+
+/// The options `name` is deployed with in the YAML at `config` (the
+/// defaults without one).
+fn deployed_options(
+    registry: &Registry,
+    config: Option<&std::path::Path>,
+    name: &str,
+) -> Result<chronicle_projections::ProjectionOptions> {
+    let Some(path) = config else {
+        return Ok(chronicle_projections::ProjectionOptions::default());
+    };
+    read_deployment(registry, path)?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, options)| options)
+        .ok_or_else(|| {
+            UsageError(format!(
+                "{} does not deploy a projection named `{name}`",
+                path.display()
+            ))
+            .into()
+        })
+}
+
 async fn run_projections(
     store: &PgEventStore,
     registry: &Registry,
@@ -514,22 +556,14 @@ async fn run_projections(
     config: Option<PathBuf>,
     listen_url: &str,
 ) -> Result<()> {
-    use chronicle_projections::{DeploymentConfig, ProjectionOptions, Runner, RunnerOptions};
+    use chronicle_projections::{ProjectionOptions, Runner, RunnerOptions};
     let mut selected: Vec<(String, ProjectionOptions)> = Vec::new();
     if let Some(path) = config {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let origin = path.display().to_string();
-        let deployment =
-            DeploymentConfig::from_yaml(&origin, &text).map_err(|e| UsageError(e.to_string()))?;
-        for (projection, _) in deployment
-            .resolve(&origin, registry.handlers())
-            .map_err(|e| UsageError(e.to_string()))?
-        {
-            if names.is_empty() || names.contains(&projection.name) {
-                selected.push((projection.handler_name().to_owned(), projection.options()));
-            }
-        }
+        selected.extend(
+            read_deployment(registry, &path)?
+                .into_iter()
+                .filter(|(name, _)| names.is_empty() || names.contains(name)),
+        );
     } else {
         let all: Vec<String> = if names.is_empty() {
             registry.handlers().names().map(str::to_owned).collect()
@@ -579,13 +613,13 @@ async fn rebuild_projection(
     store: &PgEventStore,
     registry: &Registry,
     name: &str,
+    options: chronicle_projections::ProjectionOptions,
     from: Position,
     format: OutputFormat,
 ) -> Result<()> {
     use chronicle_core::ProjectionStatus;
-    use chronicle_projections::{ProjectionOptions, Runner, RunnerOptions};
-    let projection = open_projection(store, registry, name, ProjectionOptions::default()).await?;
-    projection.register().await?;
+    use chronicle_projections::{Runner, RunnerOptions};
+    let projection = open_projection(store, registry, name, options).await?;
     projection.rebuild(from).await?;
     let runner = Runner::start(projection.clone(), RunnerOptions::default()).await?;
     let bar = rebuild_bar(format, "rebuilding", name, 0);
@@ -666,12 +700,15 @@ async fn projections(
         ProjectionsCommand::Rebuild {
             name,
             from,
-            blue_green: true,
+            blue_green,
+            config,
         } => {
-            return rebuild_blue_green(&store, registry, &name, from, format).await;
-        }
-        ProjectionsCommand::Rebuild { name, from, .. } => {
-            return rebuild_projection(&store, registry, &name, from, format).await;
+            let options = deployed_options(registry, config.as_deref(), &name)?;
+            return if blue_green {
+                rebuild_blue_green(&store, registry, &name, options, from, format).await
+            } else {
+                rebuild_projection(&store, registry, &name, options, from, format).await
+            };
         }
     };
     let states = chronicle_projections::load_state(&pool, name.as_deref()).await?;

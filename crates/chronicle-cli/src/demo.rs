@@ -20,6 +20,14 @@ fn step(n: u32, title: &str) {
     println!("\n== {n}. {title}");
 }
 
+/// Prints commands to try next, one a line under `Try:` (a test runs each).
+pub(crate) fn print_try(commands: &[String]) {
+    println!("Try:");
+    for command in commands {
+        println!("  {command}");
+    }
+}
+
 /// Runs the walkthrough.
 pub async fn run(database_url: Option<&str>) -> Result<()> {
     let db = Database::resolve(database_url)?;
@@ -173,10 +181,16 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
     projections(&store, user).await?;
     crate::upcast::demo(&store, 13).await?;
     crate::keys::demo(&store, 14).await?;
-    println!(
-        "\nTry: chronicle read stream {user}    chronicle state {user} --as-of 1    chronicle status    \
-         chronicle projections status    chronicle dlq list user-profile"
-    );
+    println!();
+    print_try(&[
+        format!("chronicle read stream {user}"),
+        format!("chronicle state {user} --as-of 1"),
+        "chronicle read all --limit 5".to_owned(),
+        "chronicle status".to_owned(),
+        "chronicle projections run user-profile".to_owned(),
+        "chronicle projections status".to_owned(),
+        "chronicle dlq list user-profile".to_owned(),
+    ]);
     Ok(())
 }
 

@@ -638,8 +638,10 @@ pub async fn demo(store: &chronicle_postgres::PgEventStore, n: u32) -> Result<()
             "NOT INTACT"
         }
     );
-    println!(
-        "Try: chronicle keys list --subject {customer}    chronicle audit list --subject {customer}    chronicle audit verify"
-    );
+    crate::demo::print_try(&[
+        format!("chronicle keys list --subject {customer}"),
+        format!("chronicle audit list --subject {customer}"),
+        "chronicle audit verify".to_owned(),
+    ]);
     Ok(())
 }

@@ -29,6 +29,7 @@ mod projection;
 mod queue;
 mod repository;
 mod store;
+mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod version;
@@ -44,6 +45,7 @@ pub use projection::{
 pub use queue::{Delivery, MemoryQueue, Message, MessageQueue, QueueDepth, Receipt};
 pub use repository::{CommandError, Repository};
 pub use store::{AppendOutcome, EventAppender, EventReader, EventStore, FeedBatch, TimeRange};
+pub use subscription::{Subscription, SubscriptionError};
 pub use version::ExpectedVersion;
 
 /// The aggregate identifier type. Aggregates are identified by UUID, as in the

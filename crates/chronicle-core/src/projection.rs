@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{EventEnvelope, Position};
+use crate::{EventEnvelope, Position, Subscription};
 
 /// A boxed error a handler or adapter may return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -98,6 +98,40 @@ pub trait ProjectionHandler<C: Send + ?Sized>: Send + Sync {
     /// Stable across deployments.
     fn name(&self) -> &str;
 
+    /// The events this projection consumes (default: every event).
+    ///
+    /// The runtime hands [`ProjectionHandler::handle`] only events that
+    /// match, filtering where the events are stored, and still moves the
+    /// checkpoint past the others. The runtime records the subscription a
+    /// read model was built with; changing it later needs a rebuild (the
+    /// read model would otherwise miss, or keep, the events the change
+    /// adds or removes), and a deployment may override it.
+    ///
+    /// ```
+    /// # use async_trait::async_trait;
+    /// # use chronicle_core::{EventEnvelope, ProjectionHandler, ProjectionResult, Subscription};
+    /// struct Orders;
+    ///
+    /// #[async_trait]
+    /// impl ProjectionHandler<()> for Orders {
+    ///     fn name(&self) -> &str {
+    ///         "orders"
+    ///     }
+    ///
+    ///     fn subscription(&self) -> Subscription {
+    ///         Subscription::all().with_aggregate_types(["order"])
+    ///     }
+    ///
+    ///     async fn handle(&self, _: &EventEnvelope, _: &mut ()) -> ProjectionResult {
+    ///         ProjectionResult::Done
+    ///     }
+    /// }
+    /// assert!(!Orders.subscription().matches("UserRegistered", "user"));
+    /// ```
+    fn subscription(&self) -> Subscription {
+        Subscription::all()
+    }
+
     /// Applies one event.
     async fn handle(&self, event: &EventEnvelope, ctx: &mut C) -> ProjectionResult;
 
@@ -137,6 +171,10 @@ pub trait ProjectionHandler<C: Send + ?Sized>: Send + Sync {
 impl<C: Send + ?Sized, H: ProjectionHandler<C> + ?Sized> ProjectionHandler<C> for Arc<H> {
     fn name(&self) -> &str {
         (**self).name()
+    }
+
+    fn subscription(&self) -> Subscription {
+        (**self).subscription()
     }
 
     async fn handle(&self, event: &EventEnvelope, ctx: &mut C) -> ProjectionResult {
@@ -209,6 +247,9 @@ pub struct ProjectionState {
     pub partition: u32,
     /// How many partitions the projection has.
     pub partitions: u32,
+    /// The events its read model is built from.
+    #[serde(default)]
+    pub subscription: Subscription,
     /// Every event of this partition at or before this position is handled.
     pub checkpoint: Position,
     /// The partition's status.

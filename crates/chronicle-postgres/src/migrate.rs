@@ -88,6 +88,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "audit_encrypt_records_derived",
         sql: include_str!("../migrations/0012_audit_encrypt_records_derived.sql"),
     },
+    Migration {
+        version: 13,
+        name: "projection_subscriptions",
+        sql: include_str!("../migrations/0013_projection_subscriptions.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

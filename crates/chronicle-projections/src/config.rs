@@ -10,19 +10,26 @@
 //!       memory: '128MB'
 //!       timeout: '30s'
 //!       concurrency: 10
+//!     subscribe:             # optional: in place of the handler's own
+//!       aggregate_types: [user]
+//!       event_types: [UserRegistered, EmailChanged]
 //! ```
 //!
 //! `handler` names a handler registered in the binary
 //! ([`HandlerRegistry`]); a path is matched by its last segment, so the
 //! spec's `./src/projections/user-profile` finds `user-profile`.
 //! `concurrency` is the partition count; `timeout` bounds one handler call.
+//! `subscribe` overrides the handler's
+//! [`ProjectionHandler::subscription`]: the events it lists are the ones
+//! the projection reads (either list may be left out; one of them is
+//! needed). Changing it later needs a rebuild.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronicle_core::ProjectionHandler;
+use chronicle_core::{ProjectionHandler, Subscription};
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
@@ -101,6 +108,9 @@ pub struct ProjectionConfig {
     pub retries: u32,
     /// Events per step (default 500).
     pub batch_size: u32,
+    /// The events it consumes, in place of the handler's own (`None`: the
+    /// handler's).
+    pub subscription: Option<Subscription>,
     /// The line where the projection is defined.
     pub line: u64,
 }
@@ -116,6 +126,7 @@ impl ProjectionConfig {
                 max_retries: self.retries,
                 ..RetryPolicy::default()
             },
+            subscription: self.subscription.clone(),
             ..ProjectionOptions::default()
         }
     }
@@ -190,6 +201,17 @@ struct RawProjection {
     provider: Option<Spanned<String>>,
     #[serde(default)]
     config: Option<Spanned<RawSettings>>,
+    #[serde(default)]
+    subscribe: Option<Spanned<RawSubscription>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubscription {
+    #[serde(default)]
+    event_types: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    aggregate_types: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -288,8 +310,13 @@ impl DeploymentConfig {
                 concurrency: 4,
                 retries: 3,
                 batch_size: 500,
+                subscription: None,
                 line: spanned.referenced.line(),
             };
+            if let Some(subscribe) = p.subscribe {
+                projection.subscription =
+                    Some(subscription(subscribe, &|loc, k, m| at(loc, &key(k), m))?);
+            }
             if let Some(settings) = p.config.map(|c| c.value) {
                 if let Some(m) = settings.memory {
                     projection.memory_bytes = Some(
@@ -369,6 +396,56 @@ impl DeploymentConfig {
             })
             .collect()
     }
+}
+
+/// A `subscribe:` block: at least one list, no empty list, every name one
+/// an event can carry.
+fn subscription(
+    raw: Spanned<RawSubscription>,
+    at: &dyn Fn(&Location, &str, String) -> ConfigError,
+) -> Result<Subscription, ConfigError> {
+    let RawSubscription {
+        event_types,
+        aggregate_types,
+    } = raw.value;
+    if event_types.is_none() && aggregate_types.is_none() {
+        return Err(at(
+            &raw.referenced,
+            ".subscribe",
+            "lists nothing; give event_types, aggregate_types or both (leave `subscribe` out to \
+             take the handler's own subscription)"
+                .to_owned(),
+        ));
+    }
+    let mut subscription = Subscription::all();
+    for (list, name, events) in [
+        (event_types, "event_types", true),
+        (aggregate_types, "aggregate_types", false),
+    ] {
+        let Some(list) = list else { continue };
+        let k = format!(".subscribe.{name}");
+        if list.value.is_empty() {
+            return Err(at(
+                &list.referenced,
+                &k,
+                "is empty, which would match no event; list at least one type or leave the key out"
+                    .to_owned(),
+            ));
+        }
+        let add = |s: Subscription| {
+            let types = list.value.iter().cloned();
+            if events {
+                s.with_event_types(types)
+            } else {
+                s.with_aggregate_types(types)
+            }
+        };
+        add(Subscription::all())
+            .validate()
+            .map_err(|e| at(&list.referenced, &k, e.to_string()))?;
+        subscription = add(subscription);
+    }
+    Ok(subscription)
 }
 
 /// `30s`, `500ms`, `2m`, `1h`: more than zero, at most an hour.
@@ -530,6 +607,57 @@ projections:
         assert_eq!(e.key, "projections", "{e}");
         let e = err("projections:\n  a:\n    provider: local\n");
         assert!(e.message.contains("handler"), "{e}");
+    }
+
+    #[test]
+    fn a_subscription_overrides_the_handlers() {
+        let yaml = "projections:\n  a:\n    handler: a\n    subscribe:\n      event_types: [B, A]\n      aggregate_types: [user]\n";
+        let config = DeploymentConfig::from_yaml("x", yaml).unwrap();
+        let expected = Subscription::all()
+            .with_event_types(["A", "B"])
+            .with_aggregate_types(["user"]);
+        let p = &config.projections["a"];
+        assert_eq!(p.subscription.as_ref(), Some(&expected));
+        assert_eq!(p.options().subscription, Some(expected));
+        let only = DeploymentConfig::from_yaml(
+            "x",
+            "projections:\n  a:\n    handler: a\n    subscribe: { aggregate_types: [order] }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            only.projections["a"].subscription,
+            Some(Subscription::all().with_aggregate_types(["order"]))
+        );
+        let none =
+            DeploymentConfig::from_yaml("x", "projections:\n  a:\n    handler: a\n").unwrap();
+        assert_eq!(
+            none.projections["a"].subscription, None,
+            "the handler's own"
+        );
+    }
+
+    #[test]
+    fn an_impossible_subscription_is_refused_where_it_is_written() {
+        let base = "projections:\n  a:\n    handler: a\n    subscribe:\n";
+        let e = err(&format!("{base}      event_types: []\n"));
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (5, "projections.a.subscribe.event_types"),
+            "{e}"
+        );
+        assert!(e.message.contains("match no event"), "{e}");
+        let e = err(&format!(
+            "{base}      aggregate_types: [\"{}\"]\n",
+            "x".repeat(60)
+        ));
+        assert_eq!(e.key, "projections.a.subscribe.aggregate_types", "{e}");
+        assert!(e.message.contains("50 characters"), "{e}");
+        let e = err(&format!("{base}      types: [A]\n"));
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("types"), "{e}");
+        let e = err("projections:\n  a:\n    handler: a\n    subscribe: {}\n");
+        assert_eq!(e.key, "projections.a.subscribe", "{e}");
+        assert!(e.message.contains("lists nothing"), "{e}");
     }
 
     struct Named(&'static str);

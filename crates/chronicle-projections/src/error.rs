@@ -28,6 +28,22 @@ pub enum Error {
         /// The partition count asked for.
         requested: u32,
     },
+    /// The projection's read model was built from other events than its
+    /// handler (or deployment) now subscribes to.
+    #[error(
+        "projection `{projection}` was built from {stored}, but its handler now subscribes to \
+         {requested}; the read model would miss or keep the events that differ. Rebuild it to \
+         take the new subscription: chronicle projections rebuild {projection} (with the --config \
+         that sets it, if one does; add --blue-green to keep serving the old model meanwhile)"
+    )]
+    SubscriptionChanged {
+        /// The projection.
+        projection: String,
+        /// The subscription its read model was built with.
+        stored: chronicle_core::Subscription,
+        /// The subscription of the handler starting now.
+        requested: chronicle_core::Subscription,
+    },
     /// A setting is impossible.
     #[error("invalid projection option {option}: {reason}")]
     Config {

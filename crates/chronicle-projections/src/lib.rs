@@ -63,6 +63,7 @@ mod config;
 mod context;
 pub mod dlq;
 mod error;
+mod feed;
 mod metrics;
 mod projection;
 mod queue;

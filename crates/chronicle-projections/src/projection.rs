@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chronicle_core::{
     Alert, AlertSink, EventEnvelope, HealthStatus, Position, ProjectionHandler, ProjectionResult,
-    ProjectionState, ProjectionStatus,
+    ProjectionState, ProjectionStatus, Subscription,
 };
 use chronicle_postgres::{PgPool, Statements};
 use futures_util::{FutureExt, TryStreamExt};
@@ -15,6 +15,7 @@ use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::alert::LogAlertSink;
+use crate::feed::{EVENT, FIRST, Feed, LAST, WINDOW_KIND};
 use crate::sql::{Xid8, envelope};
 use crate::{Error, PgContext, Result, RetryPolicy};
 
@@ -65,6 +66,11 @@ pub struct ProjectionOptions {
     /// back and catch up again. Waiting for a disk flush on every step
     /// bounds catch-up at small batches.
     pub synchronous_commit: bool,
+    /// The events the projection consumes, in place of its handler's
+    /// [`ProjectionHandler::subscription`] (default `None`: the handler's).
+    /// A deployment's `subscribe:` sets it. Like the handler's own, it is
+    /// recorded at registration, and changing it needs a rebuild.
+    pub subscription: Option<Subscription>,
 }
 
 impl Default for ProjectionOptions {
@@ -78,6 +84,7 @@ impl Default for ProjectionOptions {
             lag_alert_after: Duration::from_secs(300),
             statement_cache: true,
             synchronous_commit: false,
+            subscription: None,
         }
     }
 }
@@ -101,6 +108,9 @@ impl ProjectionOptions {
         }
         if self.handler_timeout.is_zero() {
             return bad("handler_timeout", "must be more than zero");
+        }
+        if let Some(Err(e)) = self.subscription.as_ref().map(Subscription::validate) {
+            return bad("subscription", &e.to_string());
         }
         self.retry.validate()
     }
@@ -196,6 +206,7 @@ pub struct PgProjection {
     options: ProjectionOptions,
     alerts: Arc<dyn AlertSink>,
     schema: Option<Arc<str>>,
+    feed: Arc<Feed>,
     seen: Mutex<HashMap<u32, SeenVersions>>,
 }
 
@@ -238,53 +249,8 @@ UPDATE projection_state s
  WHERE s.projection = c.projection AND s.partition = c.partition
 RETURNING s.checkpoint_xid, s.checkpoint_position, s.status, s.partitions,
           pg_snapshot_xmin(pg_current_snapshot()), s.lag_seconds,
-          s.lag_counted_at IS NULL OR s.lag_counted_at < now() - make_interval(secs => $5)";
-
-/// A step's window of the feed with one partition: every row is the
-/// partition's event (`kind` [`EVENT`]).
-const WINDOW_WHOLE: &str = "\
-SELECT event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version, timestamp,
-       encrypted_fields, transaction_id, global_position, 0 AS kind,
-       aggregate_id IN (SELECT d.aggregate_id FROM projection_dead_letters d WHERE d.projection = $7)
-  FROM events
- WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
- ORDER BY transaction_id, global_position
- LIMIT $6";
-
-/// A step's window of the feed with several partitions: the partition's
-/// events among the window's `$6` rows ([`EVENT`]), then the window's first
-/// row ([`FIRST`], if it has any) and its last when it is full ([`LAST`]),
-/// read from the index alone. Other partitions' rows are not sent.
-const WINDOW_PARTITION: &str = "\
-(SELECT event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version, timestamp,
-        encrypted_fields, transaction_id, global_position, 0 AS kind,
-        aggregate_id IN (SELECT d.aggregate_id FROM projection_dead_letters d WHERE d.projection = $7)
-   FROM (SELECT event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version,
-                timestamp, encrypted_fields, transaction_id, global_position
-           FROM events
-          WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
-          ORDER BY transaction_id, global_position
-          LIMIT $6) AS w
-  WHERE chronicle_partition(aggregate_id, $4) = $5
-  ORDER BY transaction_id, global_position)
-UNION ALL
-(SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, transaction_id, global_position, 1, FALSE
-   FROM events
-  WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
-  ORDER BY transaction_id, global_position
-  LIMIT 1)
-UNION ALL
-(SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, transaction_id, global_position, 2, FALSE
-   FROM events
-  WHERE (transaction_id, global_position) > ($1, $2) AND transaction_id < $3
-  ORDER BY transaction_id, global_position
-  OFFSET $6 - 1 LIMIT 1)";
-
-/// The `kind` column of a window row, and its values.
-const WINDOW_KIND: usize = 11;
-const EVENT: i32 = 0;
-const FIRST: i32 = 1;
-const LAST: i32 = 2;
+          s.lag_counted_at IS NULL OR s.lag_counted_at < now() - make_interval(secs => $5),
+          s.subscription IS NOT DISTINCT FROM $6, s.subscription";
 
 /// What a step learned of its window besides the events.
 #[derive(Debug, Default, Clone, Copy)]
@@ -322,6 +288,18 @@ impl PgProjection {
                 reason: "the handler's name is empty".to_owned(),
             });
         }
+        let subscription = match &options.subscription {
+            Some(subscription) => subscription.clone(),
+            None => {
+                let own = handler.subscription();
+                own.validate().map_err(|e| Error::Config {
+                    option: "subscription",
+                    reason: format!("the handler `{name}` declares an impossible {e}"),
+                })?;
+                own
+            }
+        };
+        let feed = Arc::new(Feed::new(subscription, options.partitions));
         Ok(PgProjection {
             pool,
             handler: Arc::new(handler),
@@ -329,6 +307,7 @@ impl PgProjection {
             options,
             alerts: Arc::new(LogAlertSink),
             schema: None,
+            feed,
             seen: Mutex::new(HashMap::new()),
         })
     }
@@ -395,19 +374,34 @@ impl PgProjection {
         &self.options
     }
 
+    /// The events this projection consumes: the options' subscription, else
+    /// the handler's.
+    pub fn subscription(&self) -> &Subscription {
+        self.feed.subscription()
+    }
+
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    /// Creates the projection's partition rows if missing (idempotent).
-    /// Fails when the projection exists with another partition count.
+    /// Creates the projection's partition rows if missing (idempotent),
+    /// recording its subscription. Fails when the projection exists with
+    /// another partition count ([`Error::PartitionMismatch`]) or was built
+    /// from another subscription ([`Error::SubscriptionChanged`]: rebuild
+    /// it).
     pub async fn register(&self) -> Result<()> {
+        self.register_rows(true).await
+    }
+
+    /// [`PgProjection::register`], checking the stored subscription when
+    /// `check_subscription`.
+    async fn register_rows(&self, check_subscription: bool) -> Result<()> {
         let client = self.pool.get().await?;
         let n = self.options.partitions as i32;
         let existing = client
             .query_typed(
-                "SELECT DISTINCT partitions FROM projection_state WHERE projection = $1",
+                "SELECT DISTINCT partitions, subscription FROM projection_state WHERE projection = $1",
                 &[(&&*self.name, Type::TEXT)],
             )
             .await?;
@@ -418,15 +412,38 @@ impl PgProjection {
                 requested: self.options.partitions,
             });
         }
+        if check_subscription {
+            for row in &existing {
+                self.check_subscription(row.get(1))?;
+            }
+        }
         client
             .execute_typed(
-                "INSERT INTO projection_state (projection, partition, partitions)
-                 SELECT $1, g, $2 FROM generate_series(0, $2 - 1) AS g
+                "INSERT INTO projection_state (projection, partition, partitions, subscription)
+                 SELECT $1, g, $2, $3 FROM generate_series(0, $2 - 1) AS g
                  ON CONFLICT (projection, partition) DO NOTHING",
-                &[(&&*self.name, Type::TEXT), (&n, Type::INT4)],
+                &[
+                    (&&*self.name, Type::TEXT),
+                    (&n, Type::INT4),
+                    (self.feed.stored(), Type::JSONB),
+                ],
             )
             .await?;
         Ok(())
+    }
+
+    /// Fails unless `stored` (a partition row's subscription) is this
+    /// projection's.
+    fn check_subscription(&self, stored: Option<serde_json::Value>) -> Result<()> {
+        let stored = Feed::read_stored(&self.name, stored)?;
+        if &stored == self.subscription() {
+            return Ok(());
+        }
+        Err(Error::SubscriptionChanged {
+            projection: self.name.to_string(),
+            stored,
+            requested: self.subscription().clone(),
+        })
     }
 
     /// Runs one step on `partition` as `worker`: claims (or extends) the
@@ -476,12 +493,13 @@ impl PgProjection {
         let owner: &str = worker;
         let ttl = self.options.lease_ttl.as_secs_f64();
         let lag_interval = LAG_COUNT_INTERVAL.as_secs_f64();
-        let claim_params: [(&(dyn ToSql + Sync), Type); 5] = [
+        let claim_params: [(&(dyn ToSql + Sync), Type); 6] = [
             (&name, Type::TEXT),
             (&slot, Type::INT4),
             (&owner, Type::TEXT),
             (&ttl, Type::FLOAT8),
             (&lag_interval, Type::FLOAT8),
+            (self.feed.stored(), Type::JSONB),
         ];
         // BEGIN, the read model's search path and the claim in one round
         // trip (requests on a connection go out in the order they are first
@@ -516,6 +534,17 @@ impl PgProjection {
         let horizon: Xid8 = row.get(4);
         let previous_lag: f64 = row.get(5);
         let count_lag: bool = row.get(6);
+        if !row.get::<_, bool>(7) {
+            // Rebuilt with another subscription since this process
+            // registered: its handler would build the model from other
+            // events.
+            ctx.rollback().await;
+            return Err(Error::SubscriptionChanged {
+                projection: self.name.to_string(),
+                stored: Feed::read_stored(&self.name, row.get(8))?,
+                requested: self.subscription().clone(),
+            });
+        }
         if partitions as u32 != self.options.partitions {
             ctx.rollback().await;
             return Err(Error::PartitionMismatch {
@@ -620,30 +649,28 @@ impl PgProjection {
         } = *batch;
         let n = self.options.partitions as i32;
         let p = partition as i32;
-        // Read a window of the feed in index order and keep this
-        // partition's events. (Filtering the whole feed by partition lets
-        // the planner, which cannot estimate the hash filter, scan and sort
-        // the table.) One pass, no materialization; each event says whether
-        // its aggregate has dead letters (a subplan on the dead letters'
-        // index).
+        // Read a window of the (subscribed) feed in index order and keep
+        // this partition's events. (Filtering the whole feed by partition
+        // lets the planner, which cannot estimate the hash filter, scan and
+        // sort the table.) Each event says whether its aggregate has dead
+        // letters (a subplan on the dead letters' index).
         let window = self.window();
-        let params: [(&(dyn ToSql + Sync), Type); 7] = [
-            (&Xid8(checkpoint.transaction_id), Type::XID8),
+        let checkpoint_xid = Xid8(checkpoint.transaction_id);
+        let horizon = Xid8(horizon);
+        let name: &str = &self.name;
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&checkpoint_xid, Type::XID8),
             (&checkpoint.global_position, Type::INT8),
-            (&Xid8(horizon), Type::XID8),
+            (&horizon, Type::XID8),
             (&n, Type::INT4),
             (&p, Type::INT4),
             (&window, Type::INT8),
-            (&&*self.name, Type::TEXT),
+            (&name, Type::TEXT),
         ];
-        let sql = if n == 1 {
-            WINDOW_WHOLE
-        } else {
-            WINDOW_PARTITION
-        };
+        params.extend(self.feed.type_params());
         let rows = self
             .statements()
-            .query_raw(ctx.conn(), sql, &params)
+            .query_raw(ctx.conn(), self.feed.window_sql(), &params)
             .await?;
         futures_util::pin_mut!(rows);
         let mut events = Vec::new();
@@ -670,7 +697,7 @@ impl PgProjection {
                 kind => unreachable!("the window statement has no row kind {kind}"),
             }
         }
-        if n == 1 {
+        if self.feed.window_is_whole(self.options.partitions) {
             // Every row of the window is the partition's.
             seen_window.saw_feed = !events.is_empty();
             if events.len() as i64 == window {
@@ -811,58 +838,26 @@ impl PgProjection {
         let ttl = self.options.lease_ttl.as_secs_f64();
         // One statement: the lag figures are subqueries of the update (the
         // count's only runs when asked for).
+        let checkpoint_xid = Xid8(outcome.checkpoint.transaction_id);
+        let name: &str = &self.name;
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&name, Type::TEXT),
+            (&p, Type::INT4),
+            (&checkpoint_xid, Type::XID8),
+            (&outcome.checkpoint.global_position, Type::INT8),
+            (&count_lag, Type::BOOL),
+            (&handled, Type::INT8),
+            (&failures, Type::INT8),
+            (&last_error, Type::TEXT),
+            (&outcome.caught_up, Type::BOOL),
+            (&ttl, Type::FLOAT8),
+            (&n, Type::INT4),
+            (&LAG_COUNT_CAP, Type::INT8),
+        ];
+        params.extend(self.feed.type_params());
         let updated = self
             .statements()
-            .query_one(
-                ctx.conn(),
-                "UPDATE projection_state
-                    SET checkpoint_xid = $3, checkpoint_position = $4,
-                        lag_events = CASE WHEN NOT $5 THEN lag_events
-                                          WHEN $9 AND $11 > 1 THEN (
-                            SELECT count(*) FILTER (WHERE chronicle_partition(aggregate_id, $11) = $2)
-                              FROM (SELECT aggregate_id FROM events
-                                     WHERE (transaction_id, global_position) > ($3, $4)
-                                     ORDER BY transaction_id, global_position
-                                     LIMIT $12) AS backlog)
-                                          ELSE (
-                            SELECT count(*) / $11
-                              FROM (SELECT FROM events
-                                     WHERE (transaction_id, global_position) > ($3, $4)
-                                     ORDER BY transaction_id, global_position
-                                     LIMIT $12) AS backlog) END,
-                        lag_seconds = coalesce((
-                            SELECT greatest(extract(epoch FROM clock_timestamp() - timestamp), 0)::float8
-                              FROM (SELECT aggregate_id, timestamp FROM events
-                                     WHERE (transaction_id, global_position) > ($3, $4)
-                                     ORDER BY transaction_id, global_position
-                                     LIMIT $12) AS backlog
-                             WHERE chronicle_partition(aggregate_id, $11) = $2
-                             LIMIT 1), 0),
-                        lag_counted_at = CASE WHEN $5 THEN clock_timestamp() ELSE lag_counted_at END,
-                        events_processed = events_processed + $6,
-                        failure_count = failure_count + $7,
-                        last_error = coalesce($8, last_error),
-                        status = CASE WHEN status = 'rebuilding' AND $9 THEN 'running' ELSE status END,
-                        heartbeat = clock_timestamp(),
-                        lease_expires_at = clock_timestamp() + make_interval(secs => $10),
-                        updated_at = clock_timestamp()
-                  WHERE projection = $1 AND partition = $2
-              RETURNING lag_events, lag_seconds",
-                &[
-                    (&&*self.name, Type::TEXT),
-                    (&p, Type::INT4),
-                    (&Xid8(outcome.checkpoint.transaction_id), Type::XID8),
-                    (&outcome.checkpoint.global_position, Type::INT8),
-                    (&count_lag, Type::BOOL),
-                    (&handled, Type::INT8),
-                    (&failures, Type::INT8),
-                    (&last_error, Type::TEXT),
-                    (&outcome.caught_up, Type::BOOL),
-                    (&ttl, Type::FLOAT8),
-                    (&n, Type::INT4),
-                    (&LAG_COUNT_CAP, Type::INT8),
-                ],
-            )
+            .query_one(ctx.conn(), self.feed.finish_sql(), &params)
             .await?;
         outcome.lag_events = updated.get::<_, i64>(0) as u64;
         outcome.lag_seconds = updated.get(1);
@@ -891,7 +886,8 @@ impl PgProjection {
             version,
             missing,
         };
-        let order = batch_order(events, seen);
+        let gaps = !self.feed.takes_all();
+        let order = batch_order(events, seen, gaps);
         let in_batch = order
             .in_batch
             .map(|(aggregate_id, version, missing)| violation(aggregate_id, version, missing));
@@ -910,12 +906,16 @@ impl PgProjection {
                 "SELECT f.a, f.v FROM unnest($1::uuid[], $2::int4[]) AS f(a, v)
                    JOIN events e ON e.aggregate_id = f.a AND e.version = f.v
                   WHERE (e.transaction_id, e.global_position) > ($3, $4)
+                    AND (NOT $5 OR (e.transaction_id, e.global_position) >
+                         (SELECT n.transaction_id, n.global_position FROM events n
+                           WHERE n.aggregate_id = f.a AND n.version = f.v + 1))
                   LIMIT 1",
                 &[
                     (&ids, Type::UUID_ARRAY),
                     (&previous, Type::INT4_ARRAY),
                     (&Xid8(checkpoint.transaction_id), Type::XID8),
                     (&checkpoint.global_position, Type::INT8),
+                    (&gaps, Type::BOOL),
                 ],
             )
             .await?;
@@ -1164,7 +1164,12 @@ impl PgProjection {
     /// a failure during the replay stops it (status `failed`) instead of
     /// dead-lettering, and each partition returns to `running` when caught
     /// up.
+    ///
+    /// The projection is registered first if it is not, and the rebuild
+    /// records its subscription: this is how a changed subscription is
+    /// taken ([`Error::SubscriptionChanged`]).
     pub async fn rebuild(&self, from: Position) -> Result<()> {
+        self.register_rows(false).await?;
         let mut ctx = self.context(None, "rebuild").await?;
         let result = self.rebuild_in(&mut ctx, from).await;
         match result {
@@ -1198,12 +1203,13 @@ impl PgProjection {
             .execute_typed(
                 "UPDATE projection_state
                     SET checkpoint_xid = $2, checkpoint_position = $3, status = 'rebuilding',
-                        last_error = NULL, updated_at = now()
+                        subscription = $4, last_error = NULL, updated_at = now()
                   WHERE projection = $1",
                 &[
                     (&&*self.name, Type::TEXT),
                     (&Xid8(from.transaction_id), Type::XID8),
                     (&from.global_position, Type::INT8),
+                    (self.feed.stored(), Type::JSONB),
                 ],
             )
             .await?;
@@ -1258,7 +1264,8 @@ impl PgProjection {
                 ),
             });
         };
-        self.register().await?;
+        // The live model keeps its subscription until the swap.
+        self.register_rows(false).await?;
         let started = std::time::Instant::now();
         let next = format!("{schema}__next");
         let shadow = PgProjection {
@@ -1268,6 +1275,7 @@ impl PgProjection {
             options: self.options.clone(),
             alerts: self.alerts.clone(),
             schema: Some(Arc::from(next.as_str())),
+            feed: self.feed.clone(),
             seen: Mutex::new(HashMap::new()),
         };
 
@@ -1289,13 +1297,15 @@ impl PgProjection {
             ctx.client()
                 .execute_typed(
                     "INSERT INTO projection_state
-                            (projection, partition, partitions, checkpoint_xid, checkpoint_position, status)
-                     SELECT $1, g, $2, $3, $4, 'rebuilding' FROM generate_series(0, $2 - 1) AS g",
+                            (projection, partition, partitions, checkpoint_xid, checkpoint_position, status,
+                             subscription)
+                     SELECT $1, g, $2, $3, $4, 'rebuilding', $5 FROM generate_series(0, $2 - 1) AS g",
                     &[
                         (&&*shadow.name, Type::TEXT),
                         (&(self.options.partitions as i32), Type::INT4),
                         (&Xid8(from.transaction_id), Type::XID8),
                         (&from.global_position, Type::INT8),
+                        (self.feed.stored(), Type::JSONB),
                     ],
                 )
                 .await?;
@@ -1415,6 +1425,7 @@ impl PgProjection {
             .execute_typed(
                 "UPDATE projection_state l
                     SET checkpoint_xid = s.checkpoint_xid, checkpoint_position = s.checkpoint_position,
+                        subscription = s.subscription,
                         status = 'running', lag_events = s.lag_events, lag_seconds = s.lag_seconds,
                         lag_counted_at = s.lag_counted_at, last_error = NULL, updated_at = now()
                    FROM projection_state s
@@ -1500,11 +1511,17 @@ struct BatchOrder {
     in_batch: Option<(Uuid, u32, u32)>,
     /// For each aggregate's first event in the batch with a version above
     /// 1 and not met in an earlier batch: the aggregate and the version
-    /// that must already be handled.
+    /// that must already be handled. With `gaps`, also each event whose
+    /// predecessor is not the event met before it: the version that must
+    /// come before it in the feed.
     predecessors: Vec<(Uuid, u32)>,
 }
 
-fn batch_order(events: &[EventEnvelope], seen: &AggregateMap<u32>) -> BatchOrder {
+/// Checks each aggregate's versions in `events` against each other and
+/// against the versions `seen` before. With `gaps` (a subscription that
+/// takes some of an aggregate's events), versions may skip, and a skipped
+/// predecessor is looked up instead of being a violation.
+fn batch_order(events: &[EventEnvelope], seen: &AggregateMap<u32>, gaps: bool) -> BatchOrder {
     let mut last = AggregateMap::with_capacity_and_hasher(events.len(), Default::default());
     let mut order = BatchOrder::default();
     for e in events {
@@ -1512,6 +1529,11 @@ fn batch_order(events: &[EventEnvelope], seen: &AggregateMap<u32>) -> BatchOrder
             .get(&e.aggregate_id)
             .or_else(|| seen.get(&e.aggregate_id))
         {
+            // Events the subscription does not take lie between: the
+            // one before must come before this one.
+            Some(&v) if gaps && e.version > v + 1 => {
+                order.predecessors.push((e.aggregate_id, e.version - 1));
+            }
             // A gap: the missing version comes later.
             Some(&v) if e.version > v + 1 => {
                 order
@@ -1564,7 +1586,11 @@ mod tests {
     fn consecutive_versions_pass_and_name_their_predecessors() {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let none = AggregateMap::default();
-        let order = batch_order(&[event(a, 1), event(b, 4), event(a, 2), event(b, 5)], &none);
+        let order = batch_order(
+            &[event(a, 1), event(b, 4), event(a, 2), event(b, 5)],
+            &none,
+            false,
+        );
         assert_eq!(order.in_batch, None);
         assert_eq!(
             order.predecessors,
@@ -1577,12 +1603,12 @@ mod tests {
     fn a_gap_or_a_step_back_is_a_violation() {
         let a = Uuid::now_v7();
         let none = AggregateMap::default();
-        let gap = batch_order(&[event(a, 1), event(a, 3)], &none);
+        let gap = batch_order(&[event(a, 1), event(a, 3)], &none, false);
         assert_eq!(gap.in_batch, Some((a, 3, 2)));
-        let back = batch_order(&[event(a, 2), event(a, 1)], &none);
+        let back = batch_order(&[event(a, 2), event(a, 1)], &none, false);
         assert_eq!(back.in_batch, Some((a, 2, 1)));
         assert_eq!(back.predecessors, [(a, 1)]);
-        let repeat = batch_order(&[event(a, 1), event(a, 1)], &none);
+        let repeat = batch_order(&[event(a, 1), event(a, 1)], &none, false);
         assert_eq!(repeat.in_batch, Some((a, 1, 1)));
     }
 
@@ -1590,17 +1616,36 @@ mod tests {
     fn versions_met_in_earlier_batches_need_no_lookup() {
         let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let seen: AggregateMap<u32> = [(a, 3), (b, 7)].into_iter().collect();
-        let order = batch_order(&[event(a, 4), event(b, 8), event(c, 2), event(a, 5)], &seen);
+        let order = batch_order(
+            &[event(a, 4), event(b, 8), event(c, 2), event(a, 5)],
+            &seen,
+            false,
+        );
         assert_eq!(order.in_batch, None);
         assert_eq!(order.predecessors, [(c, 1)], "only c was never met");
-        let skipped = batch_order(&[event(b, 9)], &seen);
+        let skipped = batch_order(&[event(b, 9)], &seen, false);
         assert_eq!(
             skipped.in_batch,
             Some((b, 9, 8)),
             "b's version 8 never came"
         );
-        let again = batch_order(&[event(a, 3)], &seen);
+        let again = batch_order(&[event(a, 3)], &seen, false);
         assert_eq!(again.in_batch, Some((a, 3, 3)), "a's version 3 came before");
+    }
+
+    #[test]
+    fn a_subscription_skips_versions_and_looks_the_skipped_one_up() {
+        let a = Uuid::now_v7();
+        let seen: AggregateMap<u32> = [(a, 2)].into_iter().collect();
+        let order = batch_order(&[event(a, 5), event(a, 6), event(a, 9)], &seen, true);
+        assert_eq!(order.in_batch, None);
+        assert_eq!(
+            order.predecessors,
+            [(a, 4), (a, 8)],
+            "versions 4 and 8 must come before 5 and 9"
+        );
+        let back = batch_order(&[event(a, 2)], &seen, true);
+        assert_eq!(back.in_batch, Some((a, 2, 2)), "still never a step back");
     }
 
     #[test]

@@ -237,6 +237,20 @@ impl PartitionTask {
                     self.held.fetch_sub(1, Ordering::SeqCst);
                     self.pause(self.options.poll_interval).await;
                 }
+                Err(e @ crate::Error::SubscriptionChanged { .. }) => {
+                    // Rebuilt from other events by another process: this
+                    // handler must not write into that model.
+                    tracing::error!(
+                        projection = self.projection.name(),
+                        partition = self.partition,
+                        error = %e,
+                        "projection worker stopped"
+                    );
+                    if !holding {
+                        self.held.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(
                         projection = self.projection.name(),

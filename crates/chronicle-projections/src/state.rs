@@ -5,6 +5,7 @@ use chronicle_postgres::PgPool;
 use tokio_postgres::types::Type;
 
 use crate::Result;
+use crate::feed::Feed;
 use crate::sql::Xid8;
 
 /// The state of every partition of `projection` (`None`: of every
@@ -23,30 +24,33 @@ pub async fn load(pool: &PgPool, projection: Option<&str>) -> Result<Vec<Project
         .query_typed(
             "SELECT projection, partition, partitions, checkpoint_xid, checkpoint_position, status,
                     lag_events, lag_seconds, events_processed, last_error, failure_count, owner,
-                    heartbeat, lease_expires_at, updated_at
+                    heartbeat, lease_expires_at, updated_at, subscription
                FROM projection_state
               WHERE $1::text IS NULL OR projection = $1
               ORDER BY projection, partition",
             &[(&projection, Type::TEXT)],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| ProjectionState {
-            projection: r.get(0),
-            partition: r.get::<_, i32>(1) as u32,
-            partitions: r.get::<_, i32>(2) as u32,
-            checkpoint: Position::new(r.get::<_, Xid8>(3).0, r.get(4)),
-            status: ProjectionStatus::parse(r.get(5)).unwrap_or(ProjectionStatus::Failed),
-            lag_events: r.get::<_, i64>(6) as u64,
-            lag_seconds: r.get(7),
-            events_processed: r.get::<_, i64>(8) as u64,
-            last_error: r.get(9),
-            failure_count: r.get::<_, i64>(10) as u64,
-            owner: r.get(11),
-            heartbeat: r.get(12),
-            lease_expires_at: r.get(13),
-            updated_at: r.get(14),
+    rows.iter()
+        .map(|r| {
+            let projection: String = r.get(0);
+            Ok(ProjectionState {
+                subscription: Feed::read_stored(&projection, r.get(15))?,
+                projection,
+                partition: r.get::<_, i32>(1) as u32,
+                partitions: r.get::<_, i32>(2) as u32,
+                checkpoint: Position::new(r.get::<_, Xid8>(3).0, r.get(4)),
+                status: ProjectionStatus::parse(r.get(5)).unwrap_or(ProjectionStatus::Failed),
+                lag_events: r.get::<_, i64>(6) as u64,
+                lag_seconds: r.get(7),
+                events_processed: r.get::<_, i64>(8) as u64,
+                last_error: r.get(9),
+                failure_count: r.get::<_, i64>(10) as u64,
+                owner: r.get(11),
+                heartbeat: r.get(12),
+                lease_expires_at: r.get(13),
+                updated_at: r.get(14),
+            })
         })
-        .collect())
+        .collect()
 }

@@ -13,5 +13,6 @@ mod leases;
 mod metrics;
 mod queue;
 mod retries;
+mod subscriptions;
 mod upcasting;
 mod webhook;

@@ -460,6 +460,35 @@ impl UpcasterChain {
         self.latest.get(event_type)
     }
 
+    /// The event types stored events may carry that reach `event_type` at
+    /// the end of the chain: `event_type` itself and every older name a
+    /// `rename_event` step turns into it, sorted. What a projection that
+    /// subscribes to `event_type` after upcasting must read from the store.
+    ///
+    /// ```
+    /// use chronicle_upcast::{UpcastConfig, UpcasterChain};
+    ///
+    /// let yaml = "upcasters:\n  - event_type: UserSignedUp\n    from: 1\n    steps:\n      - rename_event: UserRegistered\n";
+    /// let chain = UpcasterChain::builder()
+    ///     .config(UpcastConfig::from_yaml("upcasters.yaml", yaml).unwrap())
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(chain.stored_types_of("UserRegistered"), ["UserRegistered", "UserSignedUp"]);
+    /// assert_eq!(chain.stored_types_of("Other"), ["Other"]);
+    /// ```
+    pub fn stored_types_of(&self, event_type: &str) -> Vec<String> {
+        let mut types: Vec<String> = self
+            .latest
+            .iter()
+            .filter(|(_, latest)| latest.event_type == event_type)
+            .map(|(stored, _)| stored.clone())
+            .chain(std::iter::once(event_type.to_owned()))
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        types
+    }
+
     /// The newest schema version `event_type` reaches (under its final
     /// name, see [`UpcasterChain::latest`]); `None` when no upcaster knows
     /// the type.

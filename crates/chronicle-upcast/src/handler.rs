@@ -4,7 +4,9 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chronicle_core::{BoxError, EventEnvelope, Position, ProjectionHandler, ProjectionResult};
+use chronicle_core::{
+    BoxError, EventEnvelope, Position, ProjectionHandler, ProjectionResult, Subscription,
+};
 
 use crate::UpcasterChain;
 
@@ -98,6 +100,22 @@ where
         self.inner.name()
     }
 
+    /// The inner handler's subscription, with every older event type the
+    /// chain renames into a subscribed one: the store keeps events under
+    /// the name they were appended with.
+    fn subscription(&self) -> Subscription {
+        let inner = self.inner.subscription();
+        if inner.event_types().is_empty() {
+            return inner;
+        }
+        let stored: Vec<String> = inner
+            .event_types()
+            .iter()
+            .flat_map(|t| self.chain.stored_types_of(t))
+            .collect();
+        inner.with_event_types(stored)
+    }
+
     async fn handle(&self, event: &EventEnvelope, ctx: &mut C) -> ProjectionResult {
         match self.upcast(event) {
             Ok(event) => self.inner.handle(&event, ctx).await,
@@ -138,5 +156,59 @@ where
 
     async fn rebuild(&self, ctx: &mut C, from: Position) -> Result<(), BoxError> {
         self.inner.rebuild(ctx, from).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::UpcastConfig;
+
+    struct Subscribed(Subscription);
+
+    #[async_trait]
+    impl ProjectionHandler<()> for Subscribed {
+        fn name(&self) -> &str {
+            "subscribed"
+        }
+
+        fn subscription(&self) -> Subscription {
+            self.0.clone()
+        }
+
+        async fn handle(&self, _: &EventEnvelope, _: &mut ()) -> ProjectionResult {
+            ProjectionResult::Done
+        }
+    }
+
+    fn chain() -> UpcasterChain {
+        let yaml = "upcasters:\n  - event_type: UserSignedUp\n    from: 1\n    steps:\n      - rename_event: UserRegistered\n";
+        UpcasterChain::builder()
+            .config(UpcastConfig::from_yaml("upcasters.yaml", yaml).unwrap())
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_subscription_also_reads_the_names_renamed_into_it() {
+        let inner = Subscription::all()
+            .with_event_types(["UserRegistered", "EmailChanged"])
+            .with_aggregate_types(["user"]);
+        let handler = UpcastingHandler::new(Subscribed(inner), chain());
+        let widened = handler.subscription();
+        assert_eq!(
+            widened.event_types(),
+            ["EmailChanged", "UserRegistered", "UserSignedUp"]
+        );
+        assert_eq!(widened.aggregate_types(), ["user"]);
+    }
+
+    #[test]
+    fn a_subscription_without_event_types_is_kept() {
+        let inner = Subscription::all().with_aggregate_types(["user"]);
+        let handler = UpcastingHandler::new(Subscribed(inner.clone()), chain());
+        assert_eq!(handler.subscription(), inner);
+        let all = UpcastingHandler::new(Subscribed(Subscription::all()), chain());
+        assert!(all.subscription().is_all());
     }
 }

@@ -47,6 +47,17 @@ pub enum ProfileEvent {
 
 impl DomainEvent for ProfileEvent {}
 
+impl ProfileEvent {
+    /// The stored event type of every variant: what the profile
+    /// projection subscribes to.
+    pub const TYPES: [&'static str; 4] = [
+        "UserRegistered",
+        "EmailChanged",
+        "NameChanged",
+        "AccountClosed",
+    ];
+}
+
 /// What a user can ask of their profile.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProfileCommand {

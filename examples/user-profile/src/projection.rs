@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use chronicle_core::{DomainEvent, EventEnvelope, ProjectionHandler, ProjectionResult};
+use chronicle_core::{
+    Aggregate, DomainEvent, EventEnvelope, ProjectionHandler, ProjectionResult, Subscription,
+};
 use chronicle_projections::PgContext;
 use tokio_postgres::types::Type;
 
-use crate::ProfileEvent;
+use crate::{ProfileEvent, UserProfile};
 
 /// The read model's own schema: the handler writes unqualified names, the
 /// runtime puts this schema first on the search path, and readers query
@@ -28,11 +30,17 @@ pub const READ_MODEL_DDL: &str = "CREATE TABLE IF NOT EXISTS user_profiles (
 
 /// Projects [`ProfileEvent`]s into `user_profiles`.
 ///
-/// Events that do not decode (a producer bug, say a `NameChanged` whose
-/// name is not a string) fail permanently and go to the dead-letter queue,
-/// with that user's later events parked behind them, unless the projection
-/// is [`UserProfileProjection::lenient`], which stands in for the fixed
-/// handler an operator deploys before `dlq retry`.
+/// It subscribes to the profile's event types on `user` aggregates, so the
+/// runtime reads nothing else of the store. An event type it does not know
+/// (a newer producer's, or one a deployment's `subscribe:` adds) is
+/// skipped; [`UserProfileProjection::strict`] makes it a permanent failure
+/// instead, for a model that must not miss anything.
+///
+/// Events of a known type that do not decode (a producer bug, say a
+/// `NameChanged` whose name is not a string) fail permanently and go to the
+/// dead-letter queue, with that user's later events parked behind them,
+/// unless the projection is [`UserProfileProjection::lenient`], which
+/// stands in for the fixed handler an operator deploys before `dlq retry`.
 ///
 /// ```no_run
 /// # async fn demo(pool: chronicle_postgres::PgPool) -> Result<(), Box<dyn std::error::Error>> {
@@ -54,9 +62,35 @@ pub const READ_MODEL_DDL: &str = "CREATE TABLE IF NOT EXISTS user_profiles (
 #[derive(Debug, Default, Clone)]
 pub struct UserProfileProjection {
     lenient: Arc<AtomicBool>,
+    strict: bool,
 }
 
 impl UserProfileProjection {
+    /// A projection that dead-letters an event of a type it does not know
+    /// instead of skipping it.
+    ///
+    /// ```
+    /// use user_profile::projection::UserProfileProjection;
+    ///
+    /// let strict = UserProfileProjection::strict();
+    /// // `handle` needs a database transaction; what it would decide is
+    /// // visible without one:
+    /// assert!(strict.refuses_unknown_types());
+    /// assert!(!UserProfileProjection::default().refuses_unknown_types());
+    /// ```
+    pub fn strict() -> Self {
+        UserProfileProjection {
+            strict: true,
+            ..UserProfileProjection::default()
+        }
+    }
+
+    /// Whether an unknown event type is a failure ([`Self::strict`]) rather
+    /// than skipped.
+    pub fn refuses_unknown_types(&self) -> bool {
+        self.strict
+    }
+
     /// From now on, events that do not decode are skipped instead of
     /// failing (the "fixed" handler), in this value and all its clones.
     pub fn lenient(&self) {
@@ -70,7 +104,23 @@ impl ProjectionHandler<PgContext> for UserProfileProjection {
         "user-profile"
     }
 
+    fn subscription(&self) -> Subscription {
+        Subscription::all()
+            .with_aggregate_types([UserProfile::TYPE])
+            .with_event_types(ProfileEvent::TYPES)
+    }
+
     async fn handle(&self, event: &EventEnvelope, ctx: &mut PgContext) -> ProjectionResult {
+        if !ProfileEvent::TYPES.contains(&event.event_type.as_str()) {
+            return if self.strict {
+                ProjectionResult::fail(format!(
+                    "the user-profile projection does not know the event type `{}`",
+                    event.event_type
+                ))
+            } else {
+                ProjectionResult::Skipped
+            };
+        }
         let decoded = match ProfileEvent::from_stored(&event.event_type, &event.event_data) {
             Ok(e) => e,
             Err(_) if self.lenient.load(Ordering::SeqCst) => return ProjectionResult::Skipped,
