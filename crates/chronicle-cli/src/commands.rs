@@ -15,7 +15,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::output::{OutputFormat, event_json, print_events, print_record};
+use crate::output::{
+    OutputFormat, event_json, write_events, write_json_lines, write_record, write_table,
+};
+use crate::ui::{note, notice};
 use crate::{Cli, Database, Registry};
 
 /// A command line that parsed but makes no sense (exit code 2).
@@ -27,6 +30,15 @@ pub struct UsageError(pub String);
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct NotFound(pub String);
+
+/// A count of at least 1 (`--batch-size`, `--page`): a clap value parser.
+pub(crate) fn at_least_one(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
@@ -40,7 +52,7 @@ pub enum Command {
     },
     /// Append one event from flags, or JSON lines from --file or stdin.
     Append(AppendArgs),
-    /// Read events.
+    /// Read events: one aggregate's stream, the global feed, or one type.
     Read {
         /// Which events.
         #[command(subcommand)]
@@ -58,15 +70,16 @@ pub enum Command {
     /// Schema version, event count, head position and what holds the feed back.
     Status,
     /// A guided walkthrough of the event store (uses the embedded default
-    /// unless --database-url is given).
+    /// unless --database-url is given); for people, so it has no JSON output.
     Demo,
-    /// Projections: where each partition stands.
+    /// Projections: the handlers this binary carries, where each partition
+    /// stands, running workers and rebuilding read models.
     Projections {
         /// What to show.
         #[command(subcommand)]
         action: ProjectionsCommand,
     },
-    /// The projections' dead-letter queue.
+    /// The projections' dead-letter queue: list, show, retry, discard.
     Dlq {
         /// What to do.
         #[command(subcommand)]
@@ -84,13 +97,27 @@ pub enum Command {
     /// Field encryption keys: list, rotate the key-encryption key, rotate
     /// or shred a subject's data keys.
     Keys(crate::keys::KeysArgs),
-    /// The hash-chained audit log of field encryption: list, verify.
+    /// The hash-chained audit log of field encryption: list, seal, verify.
     Audit(crate::audit::AuditArgs),
     /// Benchmarks that print figures and ratios against raw PostgreSQL.
     Bench {
         /// Which benchmark.
         #[command(subcommand)]
         what: BenchCommand,
+    },
+    /// A shell completion script, on standard output (needs no database).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page, on standard output; with --out-dir, one page per
+    /// subcommand written there (needs no database).
+    Man {
+        /// Write chronicle.1 and a page per subcommand (chronicle-read-all.1
+        /// and so on) to this folder instead, created if missing.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -140,7 +167,8 @@ pub enum ReadCommand {
         #[arg(long)]
         to: Option<u32>,
     },
-    /// The global feed, resumable from a checkpoint.
+    /// The global feed, resumable from a checkpoint (the next one is printed
+    /// on standard error).
     All {
         /// Read after this checkpoint (as printed by a previous read).
         #[arg(long, default_value = "0-0")]
@@ -285,10 +313,20 @@ pub enum BenchCommand {
 pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
     let format = cli.output;
     match cli.command {
+        Command::Completions { shell } => return crate::generate::completions(shell, format),
+        Command::Man { out_dir } => return crate::generate::man(out_dir.as_deref(), format),
         Command::Dev { action } => return dev(action, format),
+        Command::Demo if format == OutputFormat::Json => {
+            bail!(UsageError(
+                "the demo is a narrated walkthrough for people and prints no JSON: run it without \
+                 --output json"
+                    .into()
+            ));
+        }
         Command::Demo => return crate::demo::run(cli.database_url.as_deref()).await,
         Command::Bench { what } => {
             let db = Database::resolve(cli.database_url.as_deref())?;
+            tracing::info!("database: {}", db.describe());
             return match what {
                 BenchCommand::Append(args) => crate::bench::append(&db, args, format).await,
                 BenchCommand::Crypto(args) => crate::bench::crypto(&db, args, format).await,
@@ -301,14 +339,15 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         _ => {}
     }
     let db = Database::resolve(cli.database_url.as_deref())?;
+    tracing::info!("database: {}", db.describe());
     match cli.command {
         Command::Migrate { partitions } => {
             let pool = db.pool().await?;
             let report = migrate(&pool, MigrateOptions { partitions }).await?;
-            print_record(
+            write_record(
                 &json!({ "schema_version": report.version, "applied": report.applied }),
                 format,
-            );
+            )?;
         }
         Command::Append(args) => append(&db, args, format).await?,
         Command::Read { what } => read(&db, what, format).await?,
@@ -327,7 +366,7 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
             } else {
                 "DATABASE_URL"
             });
-            print_record(&value, format);
+            write_record(&value, format)?;
         }
         Command::Projections { action } => projections(&db, registry, action, format).await?,
         Command::Dlq { action } => dlq(&db, registry, action, format).await?,
@@ -340,7 +379,11 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
             crate::upcast::run(&db, registry, args, format).await?;
             crate::audit::seal_written(&db).await;
         }
-        Command::Dev { .. } | Command::Demo | Command::Bench { .. } => {
+        Command::Dev { .. }
+        | Command::Demo
+        | Command::Bench { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
             unreachable!("handled above")
         }
     }
@@ -352,22 +395,22 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
     match action {
         DevCommand::Start => {
             let pg = EmbeddedPostgres::start(&dir)?;
-            print_record(
+            write_record(
                 &json!({ "running": true, "dir": dir, "url": pg.url() }),
                 format,
-            );
+            )?;
         }
         DevCommand::Stop => {
             let was = EmbeddedPostgres::stop(&dir)?;
-            print_record(&json!({ "stopped": was, "dir": dir }), format);
+            write_record(&json!({ "stopped": was, "dir": dir }), format)?;
         }
         DevCommand::Reset => {
             EmbeddedPostgres::reset(&dir)?;
-            print_record(&json!({ "reset": true, "dir": dir }), format);
+            write_record(&json!({ "reset": true, "dir": dir }), format)?;
         }
         DevCommand::Status => {
             let status = EmbeddedPostgres::status(&dir);
-            print_record(
+            write_record(
                 &json!({
                     "running": EmbeddedPostgres::is_running(&dir),
                     "dir": status.cluster_dir,
@@ -376,7 +419,7 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
                     "url": status.url,
                 }),
                 format,
-            );
+            )?;
         }
     }
     Ok(())
@@ -442,18 +485,12 @@ async fn open_projection(
     Ok(std::sync::Arc::new(projection))
 }
 
-/// A rebuild's progress bar in events (hidden for JSON output).
+/// A rebuild's progress bar in events (see [`crate::ui::progress`]).
 fn rebuild_bar(format: OutputFormat, doing: &str, name: &str, len: u64) -> indicatif::ProgressBar {
-    let bar = match format {
-        OutputFormat::Table => indicatif::ProgressBar::new(len),
-        OutputFormat::Json => indicatif::ProgressBar::hidden(),
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{{spinner}} {doing} {{msg}} [{{bar:30}}] {{pos}}/{{len}} events"
-        ))
-        .expect("a valid template")
-        .progress_chars("=> "),
+    let bar = crate::ui::progress(
+        format,
+        Some(len),
+        &format!("{{spinner}} {doing} {{msg}} [{{bar:30}}] {{pos}}/{{len}} events"),
     );
     bar.set_message(name.to_owned());
     bar
@@ -494,7 +531,7 @@ async fn rebuild_blue_green(
         .await;
     bar.finish_and_clear();
     let report = report?;
-    print_record(
+    write_record(
         &json!({
             "projection": name,
             "rebuilt_from": from.to_string(),
@@ -503,7 +540,7 @@ async fn rebuild_blue_green(
             "swapped": true,
         }),
         format,
-    );
+    )?;
     Ok(())
 }
 
@@ -549,7 +586,7 @@ async fn run_projections(
     {
         Ok(listener) => Some(listener),
         Err(e) => {
-            eprintln!("warning: {e}; the workers poll instead");
+            notice!("warning: {e}; the workers poll instead");
             None
         }
     };
@@ -561,9 +598,9 @@ async fn run_projections(
             ..RunnerOptions::default()
         };
         runners.push(Runner::start(projection, runner).await?);
-        eprintln!("running `{name}`");
+        note!("running `{name}`");
     }
-    eprintln!(
+    note!(
         "Ctrl-C stops the workers and releases their partitions; `chronicle projections status` shows progress"
     );
     tokio::signal::ctrl_c()
@@ -618,10 +655,10 @@ async fn rebuild_projection(
     runner.stop().await;
     bar.finish_and_clear();
     let health = result?;
-    print_record(
+    write_record(
         &json!({ "projection": name, "rebuilt_from": from.to_string(), "partitions": health.partitions.len(), "lag_events": health.lag_events }),
         format,
-    );
+    )?;
     Ok(())
 }
 
@@ -635,12 +672,7 @@ async fn projections(
     let pool = store.pool().clone();
     let name = match action {
         ProjectionsCommand::Status { name } => name,
-        ProjectionsCommand::List => {
-            for name in registry.handlers().names() {
-                println!("{name}");
-            }
-            return Ok(());
-        }
+        ProjectionsCommand::List => return list_projections(registry, format),
         ProjectionsCommand::Run {
             names,
             config,
@@ -653,7 +685,7 @@ async fn projections(
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot serve metrics on {addr}"))?;
-                eprintln!("metrics on http://{addr}/metrics");
+                note!("metrics on http://{addr}/metrics");
                 let pool = pool.clone();
                 tokio::spawn(async move {
                     if let Err(e) = chronicle_projections::serve_metrics(listener, pool).await {
@@ -683,9 +715,11 @@ async fn projections(
     }
     match format {
         OutputFormat::Json => {
-            for s in &states {
-                println!("{}", serde_json::to_value(s)?);
-            }
+            let rows = states
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<serde_json::Result<Vec<_>>>()?;
+            write_json_lines(rows)?;
         }
         OutputFormat::Table => {
             let mut table = comfy_table::Table::new();
@@ -721,7 +755,38 @@ async fn projections(
                     s.last_error.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
-            println!("{table}");
+            write_table(&table)?;
+        }
+    }
+    Ok(())
+}
+
+/// `chronicle projections list`: the registered handlers, by name, and
+/// where each keeps its read model.
+fn list_projections(registry: &Registry, format: OutputFormat) -> Result<()> {
+    let names: Vec<&str> = registry.handlers().names().collect();
+    match format {
+        OutputFormat::Json => write_json_lines(names.iter().map(|name| {
+            json!({
+                "name": name,
+                "read_model_schema": registry.read_model_schema(name),
+            })
+        }))?,
+        OutputFormat::Table => {
+            let mut table = comfy_table::Table::new();
+            table
+                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+                .set_header(vec!["projection", "read model schema"]);
+            for name in &names {
+                table.add_row(vec![
+                    (*name).to_owned(),
+                    registry
+                        .read_model_schema(name)
+                        .unwrap_or("(shared)")
+                        .to_owned(),
+                ]);
+            }
+            write_table(&table)?;
         }
     }
     Ok(())
@@ -760,7 +825,7 @@ async fn dlq(
             } else {
                 p.dlq_retry(aggregate_id).await?
             };
-            print_record(&serde_json::to_value(&report)?, format);
+            write_record(&serde_json::to_value(&report)?, format)?;
             if let Some(error) = report.error {
                 bail!(
                     "the replay stopped at a new failure: {error}; the event is dead-lettered again and the rest stay parked"
@@ -772,9 +837,11 @@ async fn dlq(
     let letters = chronicle_projections::dlq::list(&pool, &projection, aggregate_id).await?;
     match format {
         OutputFormat::Json => {
-            for l in &letters {
-                println!("{}", serde_json::to_value(l)?);
-            }
+            let rows = letters
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<serde_json::Result<Vec<_>>>()?;
+            write_json_lines(rows)?;
         }
         OutputFormat::Table => {
             let mut table = comfy_table::Table::new();
@@ -800,8 +867,8 @@ async fn dlq(
                     l.error.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
-            println!("{table}");
-            eprintln!(
+            write_table(&table)?;
+            note!(
                 "{} dead-lettered or parked event(s) for `{projection}`",
                 letters.len()
             );
@@ -947,7 +1014,7 @@ async fn append(db: &Database, args: AppendArgs, format: OutputFormat) -> Result
             .append(aggregate_id, &aggregate_type, expected, vec![event])
             .await
             .with_context(|| format!("{what}: append to aggregate {aggregate_id} failed"))?;
-        print_record(
+        write_record(
             &json!({
                 "aggregate_id": aggregate_id,
                 "event_id": event_id,
@@ -955,7 +1022,7 @@ async fn append(db: &Database, args: AppendArgs, format: OutputFormat) -> Result
                 "appended": outcome.appended,
             }),
             format,
-        );
+        )?;
     }
     Ok(())
 }
@@ -972,14 +1039,15 @@ async fn read(db: &Database, what: ReadCommand, format: OutputFormat) -> Result<
             if events.is_empty() && from <= 1 {
                 bail!(NotFound(format!("aggregate {aggregate_id} has no events")));
             }
-            print_events(&events, format);
+            write_events(&events, format)?;
         }
         ReadCommand::All { after, limit } => {
             let batch = store.read_all(after, limit).await?;
-            print_events(&batch.events, format);
-            eprintln!(
+            write_events(&batch.events, format)?;
+            note!(
                 "next checkpoint: {}  (resume with --after {})",
-                batch.next, batch.next
+                batch.next,
+                batch.next
             );
         }
         ReadCommand::Type {
@@ -991,7 +1059,7 @@ async fn read(db: &Database, what: ReadCommand, format: OutputFormat) -> Result<
             let events = store
                 .read_by_type(&event_type, TimeRange { from, to }, limit)
                 .await?;
-            print_events(&events, format);
+            write_events(&events, format)?;
         }
     }
     Ok(())
@@ -1047,7 +1115,7 @@ async fn state(db: &Database, id: Uuid, as_of: Option<String>, format: OutputFor
         "as_of": last.timestamp,
         "state": state,
     });
-    print_record(&record, format);
+    write_record(&record, format)?;
     Ok(())
 }
 
