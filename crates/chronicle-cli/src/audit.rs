@@ -29,6 +29,9 @@ pub struct AuditArgs {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Audit records, oldest first; every filter given must match.
+    #[command(after_help = "Examples:
+  chronicle audit list --subject 0193a1b2-0000-7000-8000-000000000001
+  chronicle audit list --operation decrypt --from 2026-01-01T00:00:00Z --output json")]
     List {
         /// Only this subject's records.
         #[arg(long)]
@@ -63,10 +66,15 @@ pub enum AuditCommand {
     /// store records unlinked; a sealer links them after commit, and
     /// `list` and `verify` seal first), after deriving the `encrypt`
     /// records of newly committed encrypted events.
+    #[command(after_help = "Examples:
+  chronicle audit seal")]
     Seal,
     /// Seal, then check every hash chain of the log: edited, deleted,
     /// inserted and re-linked rows, rows cut from the end, unlinked rows
     /// planted below the sealer's horizon; exits 1 if anything is wrong.
+    #[command(after_help = "Examples:
+  chronicle audit verify
+  chronicle audit verify --anchor audit-anchor.json --save-anchor audit-anchor.json")]
     Verify {
         /// Also check against chain heads saved earlier outside the
         /// database (a file written by --save-anchor): catches a log

@@ -44,6 +44,9 @@ pub(crate) fn at_least_one(text: &str) -> std::result::Result<usize, String> {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create or upgrade the schema (idempotent; safe to run concurrently).
+    #[command(after_help = "Examples:
+  chronicle migrate
+  chronicle migrate --partitions 16 --database-url postgres://app@db/app")]
     Migrate {
         /// Hash-partition `events` by aggregate_id into N partitions (only
         /// when the table is first created).
@@ -51,8 +54,18 @@ pub enum Command {
         partitions: Option<u16>,
     },
     /// Append one event from flags, or JSON lines from --file or stdin.
+    #[command(after_help = r#"Examples:
+  chronicle append --aggregate-id 0193a1b2-0000-7000-8000-000000000001 \
+      --aggregate-type user --event-type UserRegistered --data '{"name":"Ada"}' \
+      --expected-version no-stream
+  chronicle append --file events.jsonl
+  chronicle append --output json < events.jsonl"#)]
     Append(AppendArgs),
     /// Read events: one aggregate's stream, the global feed, or one type.
+    #[command(after_help = "Examples:
+  chronicle read stream 0193a1b2-0000-7000-8000-000000000001
+  chronicle read all --after 0-0 --limit 500 --output json
+  chronicle read type UserRegistered --from 2026-01-01T00:00:00Z")]
     Read {
         /// Which events.
         #[command(subcommand)]
@@ -60,6 +73,10 @@ pub enum Command {
     },
     /// An aggregate's state (its events' data merged in order, RFC 7396),
     /// now or as of a version or a time.
+    #[command(after_help = "Examples:
+  chronicle state 0193a1b2-0000-7000-8000-000000000001
+  chronicle state 0193a1b2-0000-7000-8000-000000000001 --as-of 3
+  chronicle state 0193a1b2-0000-7000-8000-000000000001 --as-of 2026-11-27T08:00:00Z --output json")]
     State {
         /// The aggregate.
         aggregate_id: Uuid,
@@ -68,24 +85,42 @@ pub enum Command {
         as_of: Option<String>,
     },
     /// Schema version, event count, head position and what holds the feed back.
+    #[command(after_help = "Examples:
+  chronicle status
+  chronicle status --output json --database-url postgres://app@db/app")]
     Status,
     /// A guided walkthrough of the event store (uses the embedded default
     /// unless --database-url is given); for people, so it has no JSON output.
+    #[command(after_help = "Examples:
+  chronicle demo
+  chronicle demo --database-url postgres://localhost/scratch")]
     Demo,
     /// Projections: the handlers this binary carries, where each partition
     /// stands, running workers and rebuilding read models.
+    #[command(after_help = "Examples:
+  chronicle projections list
+  chronicle projections status user-profile
+  chronicle projections run user-profile
+  chronicle projections rebuild user-profile --blue-green")]
     Projections {
         /// What to show.
         #[command(subcommand)]
         action: ProjectionsCommand,
     },
     /// The projections' dead-letter queue: list, show, retry, discard.
+    #[command(after_help = "Examples:
+  chronicle dlq list user-profile
+  chronicle dlq retry user-profile 0193a1b2-0000-7000-8000-000000000001")]
     Dlq {
         /// What to do.
         #[command(subcommand)]
         action: DlqCommand,
     },
     /// Manage the embedded development cluster.
+    #[command(after_help = "Examples:
+  chronicle dev status
+  chronicle dev stop
+  CHRONICLE_HOME=/tmp/chronicle chronicle dev start")]
     Dev {
         /// What to do with it.
         #[command(subcommand)]
@@ -93,19 +128,36 @@ pub enum Command {
     },
     /// Schema evolution: plan, run, verify, roll back eager upcasts of
     /// stored events (definitions: --config, default ./upcasters.yaml).
+    #[command(after_help = "Examples:
+  chronicle upcast plan --config upcasters.yaml
+  chronicle upcast run --check
+  chronicle upcast rollback --all")]
     Upcast(crate::upcast::UpcastArgs),
     /// Field encryption keys: list, rotate the key-encryption key, rotate
     /// or shred a subject's data keys.
+    #[command(after_help = "Examples:
+  chronicle keys list --subject 0193a1b2-0000-7000-8000-000000000001
+  chronicle keys --keyring keyring.yaml rotate-kek")]
     Keys(crate::keys::KeysArgs),
     /// The hash-chained audit log of field encryption: list, seal, verify.
+    #[command(after_help = "Examples:
+  chronicle audit list --operation shred
+  chronicle audit verify --save-anchor audit-anchor.json")]
     Audit(crate::audit::AuditArgs),
     /// Benchmarks that print figures and ratios against raw PostgreSQL.
+    #[command(after_help = "Examples:
+  chronicle bench append --output json
+  chronicle bench upcast --events 100000")]
     Bench {
         /// Which benchmark.
         #[command(subcommand)]
         what: BenchCommand,
     },
     /// A shell completion script, on standard output (needs no database).
+    #[command(after_help = "Examples:
+  chronicle completions bash > ~/.local/share/bash-completion/completions/chronicle
+  chronicle completions zsh > ~/.zfunc/_chronicle     # with fpath+=~/.zfunc
+  chronicle completions fish > ~/.config/fish/completions/chronicle.fish")]
     Completions {
         /// The shell.
         #[arg(value_enum)]
@@ -113,6 +165,9 @@ pub enum Command {
     },
     /// The manual page, on standard output; with --out-dir, one page per
     /// subcommand written there (needs no database).
+    #[command(after_help = "Examples:
+  chronicle man | man -l -
+  chronicle man --out-dir ~/.local/share/man/man1")]
     Man {
         /// Write chronicle.1 and a page per subcommand (chronicle-read-all.1
         /// and so on) to this folder instead, created if missing.
@@ -157,6 +212,9 @@ pub struct AppendArgs {
 #[derive(Debug, Subcommand)]
 pub enum ReadCommand {
     /// One aggregate's events, by version range.
+    #[command(after_help = "Examples:
+  chronicle read stream 0193a1b2-0000-7000-8000-000000000001
+  chronicle read stream 0193a1b2-0000-7000-8000-000000000001 --from 2 --to 5 --output json")]
     Stream {
         /// The aggregate.
         aggregate_id: Uuid,
@@ -169,6 +227,9 @@ pub enum ReadCommand {
     },
     /// The global feed, resumable from a checkpoint (the next one is printed
     /// on standard error).
+    #[command(after_help = "Examples:
+  chronicle read all --limit 1000 --output json > feed.jsonl
+  chronicle read all --after 1234-567 --limit 100")]
     All {
         /// Read after this checkpoint (as printed by a previous read).
         #[arg(long, default_value = "0-0")]
@@ -178,6 +239,9 @@ pub enum ReadCommand {
         limit: usize,
     },
     /// Events of one type in a time range.
+    #[command(after_help = "Examples:
+  chronicle read type UserRegistered
+  chronicle read type UserRegistered --from 2026-01-01T00:00:00Z --to 2026-02-01T00:00:00Z")]
     Type {
         /// The event type.
         event_type: String,
@@ -197,14 +261,23 @@ pub enum ReadCommand {
 #[derive(Debug, Subcommand)]
 pub enum ProjectionsCommand {
     /// Checkpoint, status, lag, failures, owner and heartbeat per partition.
+    #[command(after_help = "Examples:
+  chronicle projections status
+  chronicle projections status user-profile --output json")]
     Status {
         /// Only this projection.
         name: Option<String>,
     },
     /// The projection handlers this binary carries.
+    #[command(after_help = "Examples:
+  chronicle projections list
+  chronicle projections list --output json")]
     List,
     /// Run projections in this process until Ctrl-C: workers share
     /// partitions through leases with any other running process.
+    #[command(after_help = "Examples:
+  chronicle projections run user-profile
+  chronicle projections run --config chronicle.yaml --metrics-addr 127.0.0.1:9464")]
     Run {
         /// The projections to run (default: every one in --config, or every
         /// registered handler).
@@ -226,6 +299,9 @@ pub enum ProjectionsCommand {
     },
     /// Replay a projection's history from a checkpoint (default: the start),
     /// with a progress bar; a failure stops the rebuild.
+    #[command(after_help = "Examples:
+  chronicle projections rebuild user-profile
+  chronicle projections rebuild user-profile --from 1234-567 --blue-green")]
     Rebuild {
         /// The projection.
         name: String,
@@ -245,6 +321,9 @@ pub enum ProjectionsCommand {
 pub enum DlqCommand {
     /// Dead-lettered and parked events of a projection, each aggregate's in
     /// version order.
+    #[command(after_help = "Examples:
+  chronicle dlq list user-profile
+  chronicle dlq list user-profile --aggregate-id 0193a1b2-0000-7000-8000-000000000001 --output json")]
     List {
         /// The projection.
         projection: String,
@@ -255,6 +334,8 @@ pub enum DlqCommand {
     /// One dead letter in full: queue state, attempts, error, timestamps,
     /// the event as stored (encrypted fields stay envelopes) and the events
     /// parked behind it. Exits 4 when the event is not in the queue.
+    #[command(after_help = "Examples:
+  chronicle dlq show user-profile 0193a1b2-0000-7000-8000-0000000000e1")]
     Show {
         /// The projection.
         projection: String,
@@ -263,6 +344,8 @@ pub enum DlqCommand {
     },
     /// Replay an aggregate's dead-lettered event and the events parked
     /// behind it, in order, through the (fixed) handler.
+    #[command(after_help = "Examples:
+  chronicle dlq retry user-profile 0193a1b2-0000-7000-8000-000000000001")]
     Retry {
         /// The projection.
         projection: String,
@@ -271,6 +354,8 @@ pub enum DlqCommand {
     },
     /// Drop an aggregate's failed event without delivering it, then replay
     /// the events parked behind it.
+    #[command(after_help = "Examples:
+  chronicle dlq discard user-profile 0193a1b2-0000-7000-8000-000000000001")]
     Discard {
         /// The projection.
         projection: String,
@@ -283,12 +368,23 @@ pub enum DlqCommand {
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Start the embedded cluster (it also starts on demand).
+    #[command(after_help = "Examples:
+  chronicle dev start
+  export DATABASE_URL=$(chronicle dev start --output json | jq -r .url)")]
     Start,
     /// Stop the embedded cluster; its data stays.
+    #[command(after_help = "Examples:
+  chronicle dev stop")]
     Stop,
     /// Stop the embedded cluster and delete its data.
+    #[command(after_help = "Examples:
+  chronicle dev reset
+  CHRONICLE_HOME=/tmp/chronicle chronicle dev reset")]
     Reset,
     /// Whether it runs, where, and its URL.
+    #[command(after_help = "Examples:
+  chronicle dev status
+  chronicle dev status --output json")]
     Status,
 }
 
@@ -296,16 +392,26 @@ pub enum DevCommand {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Appends against plain INSERTs, stream loads, feed reads against COPY.
+    #[command(after_help = "Examples:
+  chronicle bench append
+  chronicle bench append --events 4000 --synchronous-commit false --output json")]
     Append(crate::bench::AppendBenchArgs),
     /// Appends and reads with two encrypted fields per event against the
     /// same without encryption.
+    #[command(after_help = "Examples:
+  chronicle bench crypto
+  chronicle bench crypto --events 2000 --profile")]
     Crypto(crate::bench::CryptoBenchArgs),
     /// Eager upcast with backup against a raw `UPDATE ... jsonb_set`, and
     /// lazy upcasting on read against plain reads.
+    #[command(after_help = "Examples:
+  chronicle bench upcast --events 100000 --output json")]
     Upcast(crate::bench_upcast::UpcastBenchArgs),
     /// Projection catch-up (no-op and upsert read model, 1 and 4
     /// partitions) against a raw COPY read and a raw batched upsert, and
     /// the lag of a tailing projection at half the append capacity.
+    #[command(after_help = "Examples:
+  chronicle bench projections --events 100000")]
     Projections(crate::bench_projections::ProjectionsBenchArgs),
 }
 

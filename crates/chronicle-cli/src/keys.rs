@@ -54,6 +54,9 @@ pub struct KeysArgs {
 pub enum KeysCommand {
     /// Data keys: subject, key-encryption key, current, created, re-wrapped,
     /// shredded (never key material).
+    #[command(after_help = "Examples:
+  chronicle keys list
+  chronicle keys list --subject 0193a1b2-0000-7000-8000-000000000001 --output json")]
     List {
         /// Only this subject's keys.
         #[arg(long)]
@@ -68,6 +71,9 @@ pub enum KeysCommand {
     /// Add a new key-encryption key to the keyring file and re-wrap every
     /// data key under it (no event is rewritten). Resumable: run it again
     /// with --resume after an interruption.
+    #[command(after_help = "Examples:
+  chronicle keys --keyring keyring.yaml rotate-kek
+  chronicle keys --keyring keyring.yaml rotate-kek --resume")]
     RotateKek {
         /// Do not add a key: finish re-wrapping under the current one.
         #[arg(long)]
@@ -78,6 +84,9 @@ pub enum KeysCommand {
     },
     /// Give a subject a new data key for new events; old events stay
     /// readable under their keys.
+    #[command(after_help = "Examples:
+  chronicle keys --keyring keyring.yaml rotate 0193a1b2-0000-7000-8000-000000000001
+  chronicle keys --keyring keyring.yaml rotate 0193a1b2-0000-7000-8000-000000000001 --reencrypt")]
     Rotate {
         /// The subject (by default the aggregate id).
         subject: String,
@@ -87,6 +96,9 @@ pub enum KeysCommand {
     },
     /// Destroy every data key of a subject: its fields become permanently
     /// unreadable everywhere; its events stay and replay.
+    #[command(after_help = "Examples:
+  chronicle keys shred 0193a1b2-0000-7000-8000-000000000001
+  chronicle keys shred 0193a1b2-0000-7000-8000-000000000001 --yes --actor dpo --purpose erasure-17")]
     Shred {
         /// The subject (by default the aggregate id).
         subject: String,

@@ -53,6 +53,9 @@ struct ConfigArg {
 enum UpcastCommand {
     /// Per migration: how many stored events it touches and one event
     /// before and after (a dry run: writes nothing).
+    #[command(after_help = "Examples:
+  chronicle upcast plan
+  chronicle upcast plan --config migrations/upcasters.yaml --output json")]
     Plan {
         #[command(flatten)]
         config: ConfigArg,
@@ -60,6 +63,9 @@ enum UpcastCommand {
     /// Rewrite every event of every eager migration to the newest version
     /// of its type, in batches, backing up each original. Resumable: after
     /// Ctrl-C or a crash, run it again and it continues where it stopped.
+    #[command(after_help = "Examples:
+  chronicle upcast run --check
+  chronicle upcast run --batch-size 500 --keyring keyring.yaml")]
     Run {
         #[command(flatten)]
         config: ConfigArg,
@@ -79,6 +85,9 @@ enum UpcastCommand {
         keyring: Option<PathBuf>,
     },
     /// Compare runs' backups with the store: counts and checksums.
+    #[command(after_help = "Examples:
+  chronicle upcast verify
+  chronicle upcast verify 0193a1b2-0000-7000-8000-0000000000c1 --keyring keyring.yaml")]
     Verify {
         /// The runs (default: every run).
         run_ids: Vec<Uuid>,
@@ -92,6 +101,9 @@ enum UpcastCommand {
         keyring: Option<PathBuf>,
     },
     /// Restore runs' original events from the backup, byte for byte.
+    #[command(after_help = "Examples:
+  chronicle upcast rollback 0193a1b2-0000-7000-8000-0000000000c1
+  chronicle upcast rollback --all")]
     Rollback {
         /// The runs to roll back, in the order given.
         run_ids: Vec<Uuid>,
@@ -100,6 +112,9 @@ enum UpcastCommand {
         all: bool,
     },
     /// Every run: status, progress, who is running it now.
+    #[command(after_help = "Examples:
+  chronicle upcast status
+  chronicle upcast status --output json")]
     Status,
 }
 
