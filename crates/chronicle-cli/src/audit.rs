@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use crate::Database;
 use crate::commands::UsageError;
-use crate::output::{OutputFormat, print_record};
+use crate::output::{OutputFormat, write_json_lines, write_record, write_table};
+use crate::ui::{note, notice};
 
 /// `chronicle audit` arguments.
 #[derive(Debug, Args)]
@@ -28,6 +29,9 @@ pub struct AuditArgs {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Audit records, oldest first; every filter given must match.
+    #[command(after_help = "Examples:
+  chronicle audit list --subject 0193a1b2-0000-7000-8000-000000000001
+  chronicle audit list --operation decrypt --from 2026-01-01T00:00:00Z --output json")]
     List {
         /// Only this subject's records.
         #[arg(long)]
@@ -62,10 +66,15 @@ pub enum AuditCommand {
     /// store records unlinked; a sealer links them after commit, and
     /// `list` and `verify` seal first), after deriving the `encrypt`
     /// records of newly committed encrypted events.
+    #[command(after_help = "Examples:
+  chronicle audit seal")]
     Seal,
     /// Seal, then check every hash chain of the log: edited, deleted,
     /// inserted and re-linked rows, rows cut from the end, unlinked rows
     /// planted below the sealer's horizon; exits 1 if anything is wrong.
+    #[command(after_help = "Examples:
+  chronicle audit verify
+  chronicle audit verify --anchor audit-anchor.json --save-anchor audit-anchor.json")]
     Verify {
         /// Also check against chain heads saved earlier outside the
         /// database (a file written by --save-anchor): catches a log
@@ -102,8 +111,9 @@ pub async fn seal_written(db: &Database) {
         anyhow::Ok(PgAuditSink::new(pool).seal().await?)
     };
     if let Err(e) = sealed.await {
-        eprintln!(
-            "warning: the audit records just written are not sealed yet ({e:#});              `chronicle audit seal` links them"
+        notice!(
+            "warning: the audit records just written are not sealed yet ({e:#}); \
+             `chronicle audit seal` links them"
         );
     }
 }
@@ -142,19 +152,19 @@ pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result
             };
             audit.seal_all(SEAL_WAIT).await?;
             let records = audit.list(&query).await?;
-            print_records(&records, format);
+            write_records(&records, format)?;
             if format == OutputFormat::Table {
-                eprintln!("{} record(s)", records.len());
+                note!("{} record(s)", records.len());
                 if records.len() == limit
                     && let Some(last) = records.last()
                 {
-                    eprintln!("more: --after {}", last.id);
+                    note!("more: --after {}", last.id);
                 }
             }
         }
         AuditCommand::Seal => {
             let (sealed, unsealed) = audit.seal_all(SEAL_WAIT).await?;
-            print_record(&json!({ "sealed": sealed, "unsealed": unsealed }), format);
+            write_record(&json!({ "sealed": sealed, "unsealed": unsealed }), format)?;
         }
         AuditCommand::Verify {
             anchor,
@@ -183,7 +193,7 @@ pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result
                 .map(|c| (c.chain.to_string(), c.rows))
                 .collect();
             let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
-            print_record(
+            write_record(
                 &json!({
                     "intact": report.is_intact(),
                     "rows_checked": report.checked,
@@ -194,13 +204,13 @@ pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result
                     "problems": problems,
                 }),
                 format,
-            );
+            )?;
             if format == OutputFormat::Table {
                 for p in &problems {
-                    eprintln!("problem: {p}");
+                    notice!("problem: {p}");
                 }
                 if report.unsealed > 0 {
-                    eprintln!(
+                    note!(
                         "{} record(s) are not sealed yet, so not checked: an open transaction \
                          older than them holds the sealer back (`chronicle status` shows the \
                          oldest); run `chronicle audit verify` again once it has ended",
@@ -215,7 +225,7 @@ pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result
                 let text = serde_json::to_string_pretty(&report.heads())?;
                 std::fs::write(&path, text)
                     .with_context(|| format!("cannot write {}", path.display()))?;
-                eprintln!(
+                note!(
                     "chain heads saved to {}; verify against them later with --anchor",
                     path.display()
                 );
@@ -225,15 +235,14 @@ pub async fn run(db: &Database, args: AuditArgs, format: OutputFormat) -> Result
     Ok(())
 }
 
-fn print_records(records: &[AuditRecord], format: OutputFormat) {
+fn write_records(records: &[AuditRecord], format: OutputFormat) -> Result<()> {
     match format {
         OutputFormat::Json => {
-            for r in records {
-                println!(
-                    "{}",
-                    serde_json::to_value(r).unwrap_or_else(|e| json!({ "error": e.to_string() }))
-                );
-            }
+            let rows = records
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<serde_json::Result<Vec<_>>>()?;
+            write_json_lines(rows)?;
         }
         OutputFormat::Table => {
             let mut table = comfy_table::Table::new();
@@ -284,9 +293,10 @@ fn print_records(records: &[AuditRecord], format: OutputFormat) {
                     e.purpose.clone(),
                 ]);
             }
-            println!("{table}");
+            write_table(&table)?;
         }
     }
+    Ok(())
 }
 
 /// The last 12 characters of a UUID: enough to tell keys apart in a table.

@@ -28,7 +28,8 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::Database;
-use crate::output::OutputFormat;
+use crate::output::{OutputFormat, write_record, write_table};
+use crate::ui::notice;
 
 /// `chronicle bench append` arguments.
 #[derive(Debug, Args)]
@@ -144,8 +145,10 @@ pub async fn append(db: &Database, args: AppendBenchArgs, format: OutputFormat) 
     scratch.drop_schema().await?;
     let cases = result?;
     match format {
-        OutputFormat::Json => println!("{}", json!({ "benchmark": "append", "cases": cases })),
-        OutputFormat::Table => print_cases(&cases),
+        OutputFormat::Json => {
+            write_record(&json!({ "benchmark": "append", "cases": cases }), format)?
+        }
+        OutputFormat::Table => write_cases(&cases)?,
     }
     Ok(())
 }
@@ -179,14 +182,26 @@ pub struct CryptoBenchArgs {
     payload_bytes: usize,
     /// Seconds between the background sealer's rounds (it derives the
     /// `encrypt` records and links every record into the chain; the run
-    /// ends with a full seal and a verification either way).
-    #[arg(long, default_value_t = 1.0)]
+    /// ends with a full seal and a verification either way), 0.01 to 3600.
+    #[arg(long, default_value_t = 1.0, value_parser = seal_interval)]
     seal_every: f64,
     /// Also break the read cost down: ciphertext reads through the
     /// wrapper, decryption with the audit records thrown away, and the
     /// audit sink without group commit.
     #[arg(long)]
     profile: bool,
+}
+
+/// `--seal-every`: a number of seconds from 0.01 to 3600.
+fn seal_interval(text: &str) -> std::result::Result<f64, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if (0.01..=3600.0).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err(format!("{text} is out of range: give 0.01 to 3600 seconds"))
+    }
 }
 
 /// CPU time spent, from Linux's `/proc` (zeros, shown as not measured, elsewhere): the machine's
@@ -351,8 +366,10 @@ pub async fn crypto(db: &Database, args: CryptoBenchArgs, format: OutputFormat) 
     scratch.drop_schema().await?;
     let cases = result?;
     match format {
-        OutputFormat::Json => println!("{}", json!({ "benchmark": "crypto", "cases": cases })),
-        OutputFormat::Table => print_cases(&cases),
+        OutputFormat::Json => {
+            write_record(&json!({ "benchmark": "crypto", "cases": cases }), format)?
+        }
+        OutputFormat::Table => write_cases(&cases)?,
     }
     Ok(())
 }
@@ -367,10 +384,7 @@ async fn crypto_cases(
     };
     use chronicle_postgres::{PgAuditSink, PgDataKeyStore};
 
-    let progress = match format {
-        OutputFormat::Table => indicatif::ProgressBar::new_spinner(),
-        OutputFormat::Json => indicatif::ProgressBar::hidden(),
-    };
+    let progress = crate::ui::spinner(format);
     progress.enable_steady_tick(Duration::from_millis(200));
     let writers = args.writers.max(1);
     let many = writers * 4;
@@ -450,7 +464,7 @@ async fn crypto_cases(
         }
         if args.profile {
             progress.suspend(|| {
-                eprintln!("{name}: CPU per append, encrypted {secret_cpu}; plain {plain_cpu}")
+                notice!("{name}: CPU per append, encrypted {secret_cpu}; plain {plain_cpu}")
             });
         }
         cases.push(Case::new(name, ours, theirs, Some(trips)));
@@ -503,7 +517,7 @@ async fn crypto_cases(
             }
             if args.profile {
                 progress.suspend(|| {
-                    eprintln!(
+                    notice!(
                         "{name}: {}; CPU per read, encrypted {secret_cpu}; plain {plain_cpu}",
                         timed.report()
                     )
@@ -531,7 +545,7 @@ async fn crypto_cases(
             );
         }
         if args.profile {
-            progress.suspend(|| eprintln!("{name}: {}", timed.report()));
+            progress.suspend(|| notice!("{name}: {}", timed.report()));
         }
         cases.push(Case::new(name, ours, theirs, Some(trips)));
 
@@ -582,7 +596,7 @@ async fn crypto_cases(
                 let calls =
                     audit_appends(&audit, tasks, secret_ids.len() * args.read_passes).await?;
                 let cpu = cpu.since(calls);
-                progress.suspend(|| eprintln!("{name}: CPU per append {cpu}"));
+                progress.suspend(|| notice!("{name}: CPU per append {cpu}"));
             }
             for (what, store) in variants {
                 for readers in [writers, many] {
@@ -603,7 +617,7 @@ async fn crypto_cases(
                     } else {
                         String::new()
                     };
-                    progress.suspend(|| eprintln!("{name}: {audited}CPU per read {cpu}"));
+                    progress.suspend(|| notice!("{name}: {audited}CPU per read {cpu}"));
                     cases.push(Case::new(name, ours, theirs, Some(trips)));
                 }
             }
@@ -845,8 +859,8 @@ async fn user_reads(
     read_rate(started, tasks).await
 }
 
-/// Prints cases as a table with ratios.
-pub fn print_cases(cases: &[Case]) {
+/// Writes cases as a table with ratios.
+pub fn write_cases(cases: &[Case]) -> crate::output::Result {
     let mut table = comfy_table::Table::new();
     table
         .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
@@ -868,7 +882,7 @@ pub fn print_cases(cases: &[Case]) {
                 .unwrap_or_else(|| "-".into()),
         ]);
     }
-    println!("{table}");
+    write_table(&table)
 }
 
 async fn run_cases(
@@ -876,10 +890,7 @@ async fn run_cases(
     args: &AppendBenchArgs,
     format: OutputFormat,
 ) -> Result<Vec<Case>> {
-    let progress = match format {
-        OutputFormat::Table => indicatif::ProgressBar::new_spinner(),
-        OutputFormat::Json => indicatif::ProgressBar::hidden(),
-    };
+    let progress = crate::ui::spinner(format);
     progress.enable_steady_tick(Duration::from_millis(200));
     let mut cases = Vec::new();
     let modes: Vec<bool> = match args.synchronous_commit {

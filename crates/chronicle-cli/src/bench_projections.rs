@@ -25,8 +25,9 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::Database;
-use crate::bench::{Case, Scratch, print_cases};
+use crate::bench::{Case, Scratch, write_cases};
 use crate::output::OutputFormat;
+use crate::output::outln;
 
 /// `chronicle bench projections` arguments.
 #[derive(Debug, Args)]
@@ -35,7 +36,7 @@ pub struct ProjectionsBenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     events: usize,
     /// Events per step and partition.
-    #[arg(long, default_value_t = 2_000)]
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
     batch_size: u32,
     /// Seconds of steady appends in the lag case.
     #[arg(long, default_value_t = 20)]
@@ -147,13 +148,13 @@ pub async fn projections(
     scratch.drop_schema().await?;
     let (cases, lag) = result?;
     match format {
-        OutputFormat::Json => println!(
-            "{}",
-            json!({ "benchmark": "projections", "cases": cases, "lag": lag })
-        ),
+        OutputFormat::Json => crate::output::write_record(
+            &json!({ "benchmark": "projections", "cases": cases, "lag": lag }),
+            format,
+        )?,
         OutputFormat::Table => {
-            print_cases(&cases);
-            println!(
+            write_cases(&cases)?;
+            outln!(
                 "lag while appending {:.0} events/s (half of the {:.0} events/s measured just before; \
                  notifications off, the default, so the runner polls every 250 ms): \
                  p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} events",
@@ -165,7 +166,7 @@ pub async fn projections(
                 lag["p99_ms"].as_f64().unwrap_or(0.0),
                 lag["max_ms"].as_f64().unwrap_or(0.0),
                 lag["events"],
-            );
+            )?;
         }
     }
     Ok(())
@@ -177,11 +178,7 @@ async fn run(
     args: &ProjectionsBenchArgs,
     format: OutputFormat,
 ) -> Result<(Vec<Case>, serde_json::Value)> {
-    let progress = match format {
-        OutputFormat::Table => indicatif::ProgressBar::new_spinner(),
-        OutputFormat::Json => indicatif::ProgressBar::hidden(),
-    };
-    progress.enable_steady_tick(Duration::from_millis(200));
+    let progress = crate::ui::spinner(format);
     let pool = scratch.pool(true, 8, None)?;
     let n = args.events as i64;
     progress.set_message(format!("loading {n} events"));

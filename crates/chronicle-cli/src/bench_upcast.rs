@@ -13,8 +13,9 @@ use clap::Args;
 use serde_json::json;
 
 use crate::Database;
-use crate::bench::{Case, Scratch, print_cases};
-use crate::output::OutputFormat;
+use crate::bench::{Case, Scratch, write_cases};
+use crate::commands::at_least_one;
+use crate::output::{OutputFormat, write_record};
 
 /// `chronicle bench upcast` arguments.
 #[derive(Debug, Args)]
@@ -23,10 +24,10 @@ pub struct UpcastBenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     events: usize,
     /// Events per batch of the eager runner.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 5_000, value_parser = at_least_one)]
     batch_size: usize,
     /// Events per page in the read cases.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 5_000, value_parser = at_least_one)]
     page: usize,
 }
 
@@ -55,8 +56,10 @@ pub async fn upcast(db: &Database, args: UpcastBenchArgs, format: OutputFormat) 
     scratch.drop_schema().await?;
     let cases = result?;
     match format {
-        OutputFormat::Json => println!("{}", json!({ "benchmark": "upcast", "cases": cases })),
-        OutputFormat::Table => print_cases(&cases),
+        OutputFormat::Json => {
+            write_record(&json!({ "benchmark": "upcast", "cases": cases }), format)?
+        }
+        OutputFormat::Table => write_cases(&cases)?,
     }
     Ok(())
 }
@@ -66,10 +69,7 @@ async fn cases(
     args: &UpcastBenchArgs,
     format: OutputFormat,
 ) -> Result<Vec<Case>> {
-    let progress = match format {
-        OutputFormat::Table => indicatif::ProgressBar::new_spinner(),
-        OutputFormat::Json => indicatif::ProgressBar::hidden(),
-    };
+    let progress = crate::ui::spinner(format);
     progress.enable_steady_tick(Duration::from_millis(200));
     let pool = scratch.pool(true, 4, None)?;
     let n = args.events as i64;

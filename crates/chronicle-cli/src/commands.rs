@@ -15,7 +15,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::output::{OutputFormat, event_json, print_events, print_record};
+use crate::output::{
+    OutputFormat, event_json, write_events, write_json_lines, write_record, write_table,
+};
+use crate::ui::{note, notice};
 use crate::{Cli, Database, Registry};
 
 /// A command line that parsed but makes no sense (exit code 2).
@@ -28,10 +31,22 @@ pub struct UsageError(pub String);
 #[error("{0}")]
 pub struct NotFound(pub String);
 
+/// A count of at least 1 (`--batch-size`, `--page`): a clap value parser.
+pub(crate) fn at_least_one(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create or upgrade the schema (idempotent; safe to run concurrently).
+    #[command(after_help = "Examples:
+  chronicle migrate
+  chronicle migrate --partitions 16 --database-url postgres://app@db/app")]
     Migrate {
         /// Hash-partition `events` by aggregate_id into N partitions (only
         /// when the table is first created).
@@ -39,8 +54,18 @@ pub enum Command {
         partitions: Option<u16>,
     },
     /// Append one event from flags, or JSON lines from --file or stdin.
+    #[command(after_help = r#"Examples:
+  chronicle append --aggregate-id 0193a1b2-0000-7000-8000-000000000001 \
+      --aggregate-type user --event-type UserRegistered --data '{"name":"Ada"}' \
+      --expected-version no-stream
+  chronicle append --file events.jsonl
+  chronicle append --output json < events.jsonl"#)]
     Append(AppendArgs),
-    /// Read events.
+    /// Read events: one aggregate's stream, the global feed, or one type.
+    #[command(after_help = "Examples:
+  chronicle read stream 0193a1b2-0000-7000-8000-000000000001
+  chronicle read all --after 0-0 --limit 500 --output json
+  chronicle read type UserRegistered --from 2026-01-01T00:00:00Z")]
     Read {
         /// Which events.
         #[command(subcommand)]
@@ -48,6 +73,10 @@ pub enum Command {
     },
     /// An aggregate's state (its events' data merged in order, RFC 7396),
     /// now or as of a version or a time.
+    #[command(after_help = "Examples:
+  chronicle state 0193a1b2-0000-7000-8000-000000000001
+  chronicle state 0193a1b2-0000-7000-8000-000000000001 --as-of 3
+  chronicle state 0193a1b2-0000-7000-8000-000000000001 --as-of 2026-11-27T08:00:00Z --output json")]
     State {
         /// The aggregate.
         aggregate_id: Uuid,
@@ -56,23 +85,42 @@ pub enum Command {
         as_of: Option<String>,
     },
     /// Schema version, event count, head position and what holds the feed back.
+    #[command(after_help = "Examples:
+  chronicle status
+  chronicle status --output json --database-url postgres://app@db/app")]
     Status,
     /// A guided walkthrough of the event store (uses the embedded default
-    /// unless --database-url is given).
+    /// unless --database-url is given); for people, so it has no JSON output.
+    #[command(after_help = "Examples:
+  chronicle demo
+  chronicle demo --database-url postgres://localhost/scratch")]
     Demo,
-    /// Projections: where each partition stands.
+    /// Projections: the handlers this binary carries, where each partition
+    /// stands, running workers and rebuilding read models.
+    #[command(after_help = "Examples:
+  chronicle projections list
+  chronicle projections status user-profile
+  chronicle projections run user-profile
+  chronicle projections rebuild user-profile --blue-green")]
     Projections {
         /// What to show.
         #[command(subcommand)]
         action: ProjectionsCommand,
     },
-    /// The projections' dead-letter queue.
+    /// The projections' dead-letter queue: list, show, retry, discard.
+    #[command(after_help = "Examples:
+  chronicle dlq list user-profile
+  chronicle dlq retry user-profile 0193a1b2-0000-7000-8000-000000000001")]
     Dlq {
         /// What to do.
         #[command(subcommand)]
         action: DlqCommand,
     },
     /// Manage the embedded development cluster.
+    #[command(after_help = "Examples:
+  chronicle dev status
+  chronicle dev stop
+  CHRONICLE_HOME=/tmp/chronicle chronicle dev start")]
     Dev {
         /// What to do with it.
         #[command(subcommand)]
@@ -80,17 +128,51 @@ pub enum Command {
     },
     /// Schema evolution: plan, run, verify, roll back eager upcasts of
     /// stored events (definitions: --config, default ./upcasters.yaml).
+    #[command(after_help = "Examples:
+  chronicle upcast plan --config upcasters.yaml
+  chronicle upcast run --check
+  chronicle upcast rollback --all")]
     Upcast(crate::upcast::UpcastArgs),
     /// Field encryption keys: list, rotate the key-encryption key, rotate
     /// or shred a subject's data keys.
+    #[command(after_help = "Examples:
+  chronicle keys list --subject 0193a1b2-0000-7000-8000-000000000001
+  chronicle keys --keyring keyring.yaml rotate-kek")]
     Keys(crate::keys::KeysArgs),
-    /// The hash-chained audit log of field encryption: list, verify.
+    /// The hash-chained audit log of field encryption: list, seal, verify.
+    #[command(after_help = "Examples:
+  chronicle audit list --operation shred
+  chronicle audit verify --save-anchor audit-anchor.json")]
     Audit(crate::audit::AuditArgs),
     /// Benchmarks that print figures and ratios against raw PostgreSQL.
+    #[command(after_help = "Examples:
+  chronicle bench append --output json
+  chronicle bench upcast --events 100000")]
     Bench {
         /// Which benchmark.
         #[command(subcommand)]
         what: BenchCommand,
+    },
+    /// A shell completion script, on standard output (needs no database).
+    #[command(after_help = "Examples:
+  chronicle completions bash > ~/.local/share/bash-completion/completions/chronicle
+  chronicle completions zsh > ~/.zfunc/_chronicle     # with fpath+=~/.zfunc
+  chronicle completions fish > ~/.config/fish/completions/chronicle.fish")]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The manual page, on standard output; with --out-dir, one page per
+    /// subcommand written there (needs no database).
+    #[command(after_help = "Examples:
+  chronicle man | man -l -
+  chronicle man --out-dir ~/.local/share/man/man1")]
+    Man {
+        /// Write chronicle.1 and a page per subcommand (chronicle-read-all.1
+        /// and so on) to this folder instead, created if missing.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -130,6 +212,9 @@ pub struct AppendArgs {
 #[derive(Debug, Subcommand)]
 pub enum ReadCommand {
     /// One aggregate's events, by version range.
+    #[command(after_help = "Examples:
+  chronicle read stream 0193a1b2-0000-7000-8000-000000000001
+  chronicle read stream 0193a1b2-0000-7000-8000-000000000001 --from 2 --to 5 --output json")]
     Stream {
         /// The aggregate.
         aggregate_id: Uuid,
@@ -140,7 +225,11 @@ pub enum ReadCommand {
         #[arg(long)]
         to: Option<u32>,
     },
-    /// The global feed, resumable from a checkpoint.
+    /// The global feed, resumable from a checkpoint (the next one is printed
+    /// on standard error).
+    #[command(after_help = "Examples:
+  chronicle read all --limit 1000 --output json > feed.jsonl
+  chronicle read all --after 1234-567 --limit 100")]
     All {
         /// Read after this checkpoint (as printed by a previous read).
         #[arg(long, default_value = "0-0")]
@@ -150,6 +239,9 @@ pub enum ReadCommand {
         limit: usize,
     },
     /// Events of one type in a time range.
+    #[command(after_help = "Examples:
+  chronicle read type UserRegistered
+  chronicle read type UserRegistered --from 2026-01-01T00:00:00Z --to 2026-02-01T00:00:00Z")]
     Type {
         /// The event type.
         event_type: String,
@@ -169,14 +261,23 @@ pub enum ReadCommand {
 #[derive(Debug, Subcommand)]
 pub enum ProjectionsCommand {
     /// Checkpoint, status, lag, failures, owner and heartbeat per partition.
+    #[command(after_help = "Examples:
+  chronicle projections status
+  chronicle projections status user-profile --output json")]
     Status {
         /// Only this projection.
         name: Option<String>,
     },
     /// The projection handlers this binary carries.
+    #[command(after_help = "Examples:
+  chronicle projections list
+  chronicle projections list --output json")]
     List,
     /// Run projections in this process until Ctrl-C: workers share
     /// partitions through leases with any other running process.
+    #[command(after_help = "Examples:
+  chronicle projections run user-profile
+  chronicle projections run --config chronicle.yaml --metrics-addr 127.0.0.1:9464")]
     Run {
         /// The projections to run (default: every one in --config, or every
         /// registered handler).
@@ -198,6 +299,9 @@ pub enum ProjectionsCommand {
     },
     /// Replay a projection's history from a checkpoint (default: the start),
     /// with a progress bar; a failure stops the rebuild.
+    #[command(after_help = "Examples:
+  chronicle projections rebuild user-profile
+  chronicle projections rebuild user-profile --from 1234-567 --blue-green")]
     Rebuild {
         /// The projection.
         name: String,
@@ -222,6 +326,9 @@ pub enum ProjectionsCommand {
 pub enum DlqCommand {
     /// Dead-lettered and parked events of a projection, each aggregate's in
     /// version order.
+    #[command(after_help = "Examples:
+  chronicle dlq list user-profile
+  chronicle dlq list user-profile --aggregate-id 0193a1b2-0000-7000-8000-000000000001 --output json")]
     List {
         /// The projection.
         projection: String,
@@ -232,6 +339,8 @@ pub enum DlqCommand {
     /// One dead letter in full: queue state, attempts, error, timestamps,
     /// the event as stored (encrypted fields stay envelopes) and the events
     /// parked behind it. Exits 4 when the event is not in the queue.
+    #[command(after_help = "Examples:
+  chronicle dlq show user-profile 0193a1b2-0000-7000-8000-0000000000e1")]
     Show {
         /// The projection.
         projection: String,
@@ -240,6 +349,8 @@ pub enum DlqCommand {
     },
     /// Replay an aggregate's dead-lettered event and the events parked
     /// behind it, in order, through the (fixed) handler.
+    #[command(after_help = "Examples:
+  chronicle dlq retry user-profile 0193a1b2-0000-7000-8000-000000000001")]
     Retry {
         /// The projection.
         projection: String,
@@ -248,6 +359,8 @@ pub enum DlqCommand {
     },
     /// Drop an aggregate's failed event without delivering it, then replay
     /// the events parked behind it.
+    #[command(after_help = "Examples:
+  chronicle dlq discard user-profile 0193a1b2-0000-7000-8000-000000000001")]
     Discard {
         /// The projection.
         projection: String,
@@ -260,12 +373,23 @@ pub enum DlqCommand {
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Start the embedded cluster (it also starts on demand).
+    #[command(after_help = "Examples:
+  chronicle dev start
+  export DATABASE_URL=$(chronicle dev start --output json | jq -r .url)")]
     Start,
     /// Stop the embedded cluster; its data stays.
+    #[command(after_help = "Examples:
+  chronicle dev stop")]
     Stop,
     /// Stop the embedded cluster and delete its data.
+    #[command(after_help = "Examples:
+  chronicle dev reset
+  CHRONICLE_HOME=/tmp/chronicle chronicle dev reset")]
     Reset,
     /// Whether it runs, where, and its URL.
+    #[command(after_help = "Examples:
+  chronicle dev status
+  chronicle dev status --output json")]
     Status,
 }
 
@@ -273,16 +397,26 @@ pub enum DevCommand {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Appends against plain INSERTs, stream loads, feed reads against COPY.
+    #[command(after_help = "Examples:
+  chronicle bench append
+  chronicle bench append --events 4000 --synchronous-commit false --output json")]
     Append(crate::bench::AppendBenchArgs),
     /// Appends and reads with two encrypted fields per event against the
     /// same without encryption.
+    #[command(after_help = "Examples:
+  chronicle bench crypto
+  chronicle bench crypto --events 2000 --profile")]
     Crypto(crate::bench::CryptoBenchArgs),
     /// Eager upcast with backup against a raw `UPDATE ... jsonb_set`, and
     /// lazy upcasting on read against plain reads.
+    #[command(after_help = "Examples:
+  chronicle bench upcast --events 100000 --output json")]
     Upcast(crate::bench_upcast::UpcastBenchArgs),
     /// Projection catch-up (no-op and upsert read model, 1 and 4
     /// partitions) against a raw COPY read and a raw batched upsert, and
     /// the lag of a tailing projection at half the append capacity.
+    #[command(after_help = "Examples:
+  chronicle bench projections --events 100000")]
     Projections(crate::bench_projections::ProjectionsBenchArgs),
 }
 
@@ -290,10 +424,20 @@ pub enum BenchCommand {
 pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
     let format = cli.output;
     match cli.command {
+        Command::Completions { shell } => return crate::generate::completions(shell, format),
+        Command::Man { out_dir } => return crate::generate::man(out_dir.as_deref(), format),
         Command::Dev { action } => return dev(action, format),
+        Command::Demo if format == OutputFormat::Json => {
+            bail!(UsageError(
+                "the demo is a narrated walkthrough for people and prints no JSON: run it without \
+                 --output json"
+                    .into()
+            ));
+        }
         Command::Demo => return crate::demo::run(cli.database_url.as_deref()).await,
         Command::Bench { what } => {
             let db = Database::resolve(cli.database_url.as_deref())?;
+            tracing::info!("database: {}", db.describe());
             return match what {
                 BenchCommand::Append(args) => crate::bench::append(&db, args, format).await,
                 BenchCommand::Crypto(args) => crate::bench::crypto(&db, args, format).await,
@@ -306,14 +450,15 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         _ => {}
     }
     let db = Database::resolve(cli.database_url.as_deref())?;
+    tracing::info!("database: {}", db.describe());
     match cli.command {
         Command::Migrate { partitions } => {
             let pool = db.pool().await?;
             let report = migrate(&pool, MigrateOptions { partitions }).await?;
-            print_record(
+            write_record(
                 &json!({ "schema_version": report.version, "applied": report.applied }),
                 format,
-            );
+            )?;
         }
         Command::Append(args) => append(&db, args, format).await?,
         Command::Read { what } => read(&db, what, format).await?,
@@ -332,7 +477,7 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
             } else {
                 "DATABASE_URL"
             });
-            print_record(&value, format);
+            write_record(&value, format)?;
         }
         Command::Projections { action } => projections(&db, registry, action, format).await?,
         Command::Dlq { action } => dlq(&db, registry, action, format).await?,
@@ -345,7 +490,11 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
             crate::upcast::run(&db, registry, args, format).await?;
             crate::audit::seal_written(&db).await;
         }
-        Command::Dev { .. } | Command::Demo | Command::Bench { .. } => {
+        Command::Dev { .. }
+        | Command::Demo
+        | Command::Bench { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
             unreachable!("handled above")
         }
     }
@@ -357,22 +506,22 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
     match action {
         DevCommand::Start => {
             let pg = EmbeddedPostgres::start(&dir)?;
-            print_record(
+            write_record(
                 &json!({ "running": true, "dir": dir, "url": pg.url() }),
                 format,
-            );
+            )?;
         }
         DevCommand::Stop => {
             let was = EmbeddedPostgres::stop(&dir)?;
-            print_record(&json!({ "stopped": was, "dir": dir }), format);
+            write_record(&json!({ "stopped": was, "dir": dir }), format)?;
         }
         DevCommand::Reset => {
             EmbeddedPostgres::reset(&dir)?;
-            print_record(&json!({ "reset": true, "dir": dir }), format);
+            write_record(&json!({ "reset": true, "dir": dir }), format)?;
         }
         DevCommand::Status => {
             let status = EmbeddedPostgres::status(&dir);
-            print_record(
+            write_record(
                 &json!({
                     "running": EmbeddedPostgres::is_running(&dir),
                     "dir": status.cluster_dir,
@@ -381,7 +530,7 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
                     "url": status.url,
                 }),
                 format,
-            );
+            )?;
         }
     }
     Ok(())
@@ -447,18 +596,12 @@ async fn open_projection(
     Ok(std::sync::Arc::new(projection))
 }
 
-/// A rebuild's progress bar in events (hidden for JSON output).
+/// A rebuild's progress bar in events (see [`crate::ui::progress`]).
 fn rebuild_bar(format: OutputFormat, doing: &str, name: &str, len: u64) -> indicatif::ProgressBar {
-    let bar = match format {
-        OutputFormat::Table => indicatif::ProgressBar::new(len),
-        OutputFormat::Json => indicatif::ProgressBar::hidden(),
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{{spinner}} {doing} {{msg}} [{{bar:30}}] {{pos}}/{{len}} events"
-        ))
-        .expect("a valid template")
-        .progress_chars("=> "),
+    let bar = crate::ui::progress(
+        format,
+        Some(len),
+        &format!("{{spinner}} {doing} {{msg}} [{{bar:30}}] {{pos}}/{{len}} events"),
     );
     bar.set_message(name.to_owned());
     bar
@@ -494,7 +637,7 @@ async fn rebuild_blue_green(
         .await;
     bar.finish_and_clear();
     let report = report?;
-    print_record(
+    write_record(
         &json!({
             "projection": name,
             "rebuilt_from": from.to_string(),
@@ -503,7 +646,7 @@ async fn rebuild_blue_green(
             "swapped": true,
         }),
         format,
-    );
+    )?;
     Ok(())
 }
 
@@ -583,7 +726,7 @@ async fn run_projections(
     {
         Ok(listener) => Some(listener),
         Err(e) => {
-            eprintln!("warning: {e}; the workers poll instead");
+            notice!("warning: {e}; the workers poll instead");
             None
         }
     };
@@ -595,9 +738,9 @@ async fn run_projections(
             ..RunnerOptions::default()
         };
         runners.push(Runner::start(projection, runner).await?);
-        eprintln!("running `{name}`");
+        note!("running `{name}`");
     }
-    eprintln!(
+    note!(
         "Ctrl-C stops the workers and releases their partitions; `chronicle projections status` shows progress"
     );
     tokio::signal::ctrl_c()
@@ -652,10 +795,10 @@ async fn rebuild_projection(
     runner.stop().await;
     bar.finish_and_clear();
     let health = result?;
-    print_record(
+    write_record(
         &json!({ "projection": name, "rebuilt_from": from.to_string(), "partitions": health.partitions.len(), "lag_events": health.lag_events }),
         format,
-    );
+    )?;
     Ok(())
 }
 
@@ -669,12 +812,7 @@ async fn projections(
     let pool = store.pool().clone();
     let name = match action {
         ProjectionsCommand::Status { name } => name,
-        ProjectionsCommand::List => {
-            for name in registry.handlers().names() {
-                println!("{name}");
-            }
-            return Ok(());
-        }
+        ProjectionsCommand::List => return list_projections(registry, format),
         ProjectionsCommand::Run {
             names,
             config,
@@ -687,7 +825,7 @@ async fn projections(
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot serve metrics on {addr}"))?;
-                eprintln!("metrics on http://{addr}/metrics");
+                note!("metrics on http://{addr}/metrics");
                 let pool = pool.clone();
                 tokio::spawn(async move {
                     if let Err(e) = chronicle_projections::serve_metrics(listener, pool).await {
@@ -720,9 +858,11 @@ async fn projections(
     }
     match format {
         OutputFormat::Json => {
-            for s in &states {
-                println!("{}", serde_json::to_value(s)?);
-            }
+            let rows = states
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<serde_json::Result<Vec<_>>>()?;
+            write_json_lines(rows)?;
         }
         OutputFormat::Table => {
             let mut table = comfy_table::Table::new();
@@ -758,7 +898,38 @@ async fn projections(
                     s.last_error.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
-            println!("{table}");
+            write_table(&table)?;
+        }
+    }
+    Ok(())
+}
+
+/// `chronicle projections list`: the registered handlers, by name, and
+/// where each keeps its read model.
+fn list_projections(registry: &Registry, format: OutputFormat) -> Result<()> {
+    let names: Vec<&str> = registry.handlers().names().collect();
+    match format {
+        OutputFormat::Json => write_json_lines(names.iter().map(|name| {
+            json!({
+                "name": name,
+                "read_model_schema": registry.read_model_schema(name),
+            })
+        }))?,
+        OutputFormat::Table => {
+            let mut table = comfy_table::Table::new();
+            table
+                .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+                .set_header(vec!["projection", "read model schema"]);
+            for name in &names {
+                table.add_row(vec![
+                    (*name).to_owned(),
+                    registry
+                        .read_model_schema(name)
+                        .unwrap_or("(shared)")
+                        .to_owned(),
+                ]);
+            }
+            write_table(&table)?;
         }
     }
     Ok(())
@@ -797,7 +968,7 @@ async fn dlq(
             } else {
                 p.dlq_retry(aggregate_id).await?
             };
-            print_record(&serde_json::to_value(&report)?, format);
+            write_record(&serde_json::to_value(&report)?, format)?;
             if let Some(error) = report.error {
                 bail!(
                     "the replay stopped at a new failure: {error}; the event is dead-lettered again and the rest stay parked"
@@ -809,9 +980,11 @@ async fn dlq(
     let letters = chronicle_projections::dlq::list(&pool, &projection, aggregate_id).await?;
     match format {
         OutputFormat::Json => {
-            for l in &letters {
-                println!("{}", serde_json::to_value(l)?);
-            }
+            let rows = letters
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<serde_json::Result<Vec<_>>>()?;
+            write_json_lines(rows)?;
         }
         OutputFormat::Table => {
             let mut table = comfy_table::Table::new();
@@ -837,8 +1010,8 @@ async fn dlq(
                     l.error.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
-            println!("{table}");
-            eprintln!(
+            write_table(&table)?;
+            note!(
                 "{} dead-lettered or parked event(s) for `{projection}`",
                 letters.len()
             );
@@ -984,7 +1157,7 @@ async fn append(db: &Database, args: AppendArgs, format: OutputFormat) -> Result
             .append(aggregate_id, &aggregate_type, expected, vec![event])
             .await
             .with_context(|| format!("{what}: append to aggregate {aggregate_id} failed"))?;
-        print_record(
+        write_record(
             &json!({
                 "aggregate_id": aggregate_id,
                 "event_id": event_id,
@@ -992,7 +1165,7 @@ async fn append(db: &Database, args: AppendArgs, format: OutputFormat) -> Result
                 "appended": outcome.appended,
             }),
             format,
-        );
+        )?;
     }
     Ok(())
 }
@@ -1009,14 +1182,15 @@ async fn read(db: &Database, what: ReadCommand, format: OutputFormat) -> Result<
             if events.is_empty() && from <= 1 {
                 bail!(NotFound(format!("aggregate {aggregate_id} has no events")));
             }
-            print_events(&events, format);
+            write_events(&events, format)?;
         }
         ReadCommand::All { after, limit } => {
             let batch = store.read_all(after, limit).await?;
-            print_events(&batch.events, format);
-            eprintln!(
+            write_events(&batch.events, format)?;
+            note!(
                 "next checkpoint: {}  (resume with --after {})",
-                batch.next, batch.next
+                batch.next,
+                batch.next
             );
         }
         ReadCommand::Type {
@@ -1028,7 +1202,7 @@ async fn read(db: &Database, what: ReadCommand, format: OutputFormat) -> Result<
             let events = store
                 .read_by_type(&event_type, TimeRange { from, to }, limit)
                 .await?;
-            print_events(&events, format);
+            write_events(&events, format)?;
         }
     }
     Ok(())
@@ -1084,7 +1258,7 @@ async fn state(db: &Database, id: Uuid, as_of: Option<String>, format: OutputFor
         "as_of": last.timestamp,
         "state": state,
     });
-    print_record(&record, format);
+    write_record(&record, format)?;
     Ok(())
 }
 

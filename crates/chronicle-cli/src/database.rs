@@ -39,6 +39,35 @@ impl Database {
         }
     }
 
+    /// Where the database is, for logs: hosts, ports and database name,
+    /// never the user or password.
+    pub fn describe(&self) -> String {
+        let Ok(options) = PgOptions::from_url(&self.url) else {
+            return "an unparsable URL".to_owned();
+        };
+        let config = options.config();
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(dir) => dir.display().to_string(),
+            })
+            .collect();
+        let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+        format!(
+            "{}{} port {} database {}",
+            if self.embedded {
+                "the embedded cluster at "
+            } else {
+                ""
+            },
+            hosts.join(","),
+            ports.join(","),
+            config.get_dbname().unwrap_or("(default)")
+        )
+    }
+
     /// A connected pool.
     pub async fn pool(&self) -> Result<PgPool> {
         let options = PgOptions::from_url(&self.url)?;

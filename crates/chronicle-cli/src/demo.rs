@@ -14,39 +14,41 @@ use user_profile::{ProfileCommand, UserProfile};
 use uuid::Uuid;
 
 use crate::Database;
-use crate::output::{OutputFormat, print_events, print_record};
+use crate::output::{OutputFormat, outln, write_events, write_record};
 
-fn step(n: u32, title: &str) {
-    println!("\n== {n}. {title}");
+fn step(n: u32, title: &str) -> crate::output::Result {
+    outln!("\n== {n}. {title}")
 }
 
 /// Prints commands to try next, one a line under `Try:` (a test runs each).
-pub(crate) fn print_try(commands: &[String]) {
-    println!("Try:");
+pub(crate) fn print_try(commands: &[String]) -> crate::output::Result {
+    outln!("Try:")?;
     for command in commands {
-        println!("  {command}");
+        outln!("  {command}")?;
     }
+    Ok(())
 }
 
 /// Runs the walkthrough.
 pub async fn run(database_url: Option<&str>) -> Result<()> {
     let db = Database::resolve(database_url)?;
-    println!(
+    outln!(
         "Chronicle demo on {}",
         if db.embedded {
             "the embedded PostgreSQL (./.chronicle/postgres; `chronicle dev stop` stops it)"
         } else {
             "DATABASE_URL"
         }
-    );
+    )?;
     let pool = db.pool().await?;
 
-    step(1, "Migrate the schema (versioned, idempotent)");
+    step(1, "Migrate the schema (versioned, idempotent)")?;
     let report = migrate(&pool, MigrateOptions::default()).await?;
-    println!(
+    outln!(
         "schema at version {}, applied now: {:?}",
-        report.version, report.applied
-    );
+        report.version,
+        report.applied
+    )?;
     let mut store = PgEventStore::new(pool);
     store.statement_cache(db.statement_cache()?);
     let repo = Repository::new(store.clone());
@@ -54,7 +56,7 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
     step(
         2,
         "A user registers and edits their profile (aggregate + repository)",
-    );
+    )?;
     let user = Uuid::now_v7();
     repo.execute::<UserProfile>(
         user,
@@ -79,16 +81,16 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
             },
         )
         .await?;
-    println!("user {user} is at version {version}; its stream:");
-    print_events(
+    outln!("user {user} is at version {version}; its stream:")?;
+    write_events(
         &store.read_stream(user, 1, None).await?,
         OutputFormat::Table,
-    );
+    )?;
 
     step(
         3,
         "Two writers decide on version 3 at once: optimistic concurrency",
-    );
+    )?;
     let a = store.append(
         user,
         UserProfile::TYPE,
@@ -104,17 +106,17 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
     let (a, b) = tokio::join!(a, b);
     for (who, result) in [("writer A", a), ("writer B", b)] {
         match result {
-            Ok(out) => println!("{who}: appended, aggregate now at version {}", out.version),
+            Ok(out) => outln!("{who}: appended, aggregate now at version {}", out.version)?,
             Err(Error::Conflict {
                 expected, actual, ..
-            }) => println!(
+            }) => outln!(
                 "{who}: conflict (expected {expected}, actual {actual}) -> reload, decide again, retry (CLI exit code 3)"
-            ),
+            )?,
             Err(e) => return Err(e.into()),
         }
     }
 
-    step(4, "A retried append with the same event id is idempotent");
+    step(4, "A retried append with the same event id is idempotent")?;
     let event = NewEvent::new("NameChanged", json!({ "name": "Ada" }));
     let first = store
         .append(
@@ -127,23 +129,26 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
     let retry = store
         .append(user, UserProfile::TYPE, ExpectedVersion::Any, vec![event])
         .await?;
-    println!(
+    outln!(
         "first: version {} appended={}; retry: version {} appended={} (nothing written twice)",
-        first.version, first.appended, retry.version, retry.appended
-    );
+        first.version,
+        first.appended,
+        retry.version,
+        retry.appended
+    )?;
 
-    step(5, "Time travel: the profile as of version 1, and now");
+    step(5, "Time travel: the profile as of version 1, and now")?;
     let (then, _) = repo.load_at_version::<UserProfile>(user, 1).await?;
     let (now, v) = repo.load::<UserProfile>(user).await?;
-    print_record(
+    write_record(
         &json!({ "as of version 1": then, format!("now (version {v})"): now }),
         OutputFormat::Table,
-    );
+    )?;
 
     step(
         6,
         "Bad input is refused with the field named, and nothing is stored",
-    );
+    )?;
     let bad = store
         .append(
             user,
@@ -153,10 +158,10 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
         )
         .await;
     if let Err(e) = bad {
-        println!("refused: {e}");
+        outln!("refused: {e}")?;
     }
 
-    step(7, "The global feed: gap-safe order, resumable checkpoint");
+    step(7, "The global feed: gap-safe order, resumable checkpoint")?;
     let mut after = Position::START;
     let mut total = 0;
     loop {
@@ -167,21 +172,21 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
         total += batch.events.len();
         after = batch.next;
     }
-    println!(
+    outln!(
         "{total} events in the feed; resume after checkpoint {after} (`chronicle read all --after {after}`)"
-    );
+    )?;
 
-    step(8, "Status");
+    step(8, "Status")?;
     let status = store.status().await?;
     let mut value = serde_json::to_value(&status)?;
     if let Some(head) = status.head {
         value["head"] = json!(head.to_string());
     }
-    print_record(&value, OutputFormat::Table);
+    write_record(&value, OutputFormat::Table)?;
     projections(&store, user).await?;
     crate::upcast::demo(&store, 13).await?;
     crate::keys::demo(&store, 14).await?;
-    println!();
+    outln!("")?;
     print_try(&[
         format!("chronicle read stream {user}"),
         format!("chronicle state {user} --as-of 1"),
@@ -190,7 +195,7 @@ pub async fn run(database_url: Option<&str>) -> Result<()> {
         "chronicle projections run user-profile".to_owned(),
         "chronicle projections status".to_owned(),
         "chronicle dlq list user-profile".to_owned(),
-    ]);
+    ])?;
     Ok(())
 }
 
@@ -238,7 +243,7 @@ async fn print_read_model(pool: &chronicle_postgres::PgPool) -> Result<()> {
             r.get::<_, i32>(4).to_string(),
         ]);
     }
-    println!("{table}");
+    outln!("{table}")?;
     Ok(())
 }
 
@@ -259,7 +264,7 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     step(
         9,
         "The user-profile projection catches up (2 partitions; writes and checkpoint in one transaction)",
-    );
+    )?;
     let handler = UserProfileProjection::default();
     let fix = handler.clone();
     let options = ProjectionOptions {
@@ -293,18 +298,18 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     )
     .await?;
     let health = projection.health().await?;
-    println!(
+    outln!(
         "caught up: lag {} events / {:.1} s over {} partitions; the newest rows:",
         health.lag_events,
         health.lag_seconds,
         health.partitions.len()
-    );
+    )?;
     print_read_model(&pool).await?;
 
     step(
         10,
         "A malformed event is dead-lettered; that user's later events wait behind it, others flow on",
-    );
+    )?;
     let poison = NewEvent::new("NameChanged", json!({ "name": 42 }));
     store
         .append(user, UserProfile::TYPE, ExpectedVersion::Any, vec![poison])
@@ -336,7 +341,7 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     )
     .await?;
     for l in chronicle_projections::dlq::list(&pool, "user-profile", Some(user)).await? {
-        println!(
+        outln!(
             "  dead-letter queue: v{} {} {:?}: {}",
             l.version,
             l.event_type,
@@ -344,21 +349,21 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
             l.error
                 .as_deref()
                 .unwrap_or("parked behind the failed event")
-        );
+        )?;
     }
-    println!("Grace registered after the poison event and is already in the read model.");
+    outln!("Grace registered after the poison event and is already in the read model.")?;
 
     step(
         11,
         "Deploy the fix, retry the dead letter: the parked events are delivered in order",
-    );
+    )?;
     fix.lenient();
     let report = projection.dlq_retry(user).await?;
-    println!(
+    outln!(
         "delivered {} event(s), {} left in the queue",
         report.delivered.len(),
         report.remaining
-    );
+    )?;
     let email: String = pool
         .get()
         .await?
@@ -368,14 +373,14 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
         )
         .await?
         .get(0);
-    println!(
+    outln!(
         "user {user} now reads {email} in the read model (`chronicle projections status` shows the partitions)"
-    );
+    )?;
 
     step(
         12,
         "Blue/green rebuild: a new model is built beside the live one, then swapped in at once",
-    );
+    )?;
     let report = projection
         .rebuild_blue_green(Position::START, READ_MODEL_DDL, |_| {})
         .await?;
@@ -385,13 +390,13 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
         .query_typed_one("SELECT count(*) FROM user_profile.user_profiles", &[])
         .await?
         .get(0);
-    println!(
+    outln!(
         "replayed {} events into {READ_MODEL_SCHEMA}__next while the live model kept serving, then swapped it in \
          ({:.2} s); readers of {READ_MODEL_SCHEMA}.user_profiles now see the rebuilt model: {rows} users \
          (`chronicle projections rebuild user-profile --blue-green`)",
         report.replayed,
         report.elapsed.as_secs_f64()
-    );
+    )?;
     runner.stop().await;
     Ok(())
 }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::OutputFormat;
 use crate::commands::NotFound;
-use crate::output::event_json;
+use crate::output::{event_json, outln, write_record, write_table};
 
 fn state(letter: &DeadLetter) -> &'static str {
     match letter.state {
@@ -79,7 +79,7 @@ pub(crate) async fn show(
                 "event": event,
                 "parked_behind": detail.parked_behind.iter().map(letter_json).collect::<Vec<_>>(),
             });
-            println!("{value}");
+            write_record(&value, format)?;
         }
         OutputFormat::Table => {
             let mut table = Table::new();
@@ -141,9 +141,9 @@ pub(crate) async fn show(
                     ]);
                 }
             }
-            println!("{table}");
+            write_table(&table)?;
             if detail.parked_behind.is_empty() {
-                println!("nothing is parked behind it");
+                outln!("nothing is parked behind it")?;
             } else {
                 let mut parked = Table::new();
                 parked.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
@@ -162,7 +162,7 @@ pub(crate) async fn show(
                         time(l.created_at),
                     ]);
                 }
-                println!("{parked}");
+                write_table(&parked)?;
             }
         }
     }

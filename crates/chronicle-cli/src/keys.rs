@@ -24,7 +24,8 @@ use serde_json::{Value, json};
 
 use crate::Database;
 use crate::commands::{NotFound, UsageError};
-use crate::output::{OutputFormat, print_record};
+use crate::output::{OutputFormat, outln, write_json_lines, write_record, write_table};
+use crate::ui::note;
 
 /// The environment variable naming the keyring: a document or a path.
 pub const KEYRING_ENV: &str = "CHRONICLE_KEYRING";
@@ -53,6 +54,9 @@ pub struct KeysArgs {
 pub enum KeysCommand {
     /// Data keys: subject, key-encryption key, current, created, re-wrapped,
     /// shredded (never key material).
+    #[command(after_help = "Examples:
+  chronicle keys list
+  chronicle keys list --subject 0193a1b2-0000-7000-8000-000000000001 --output json")]
     List {
         /// Only this subject's keys.
         #[arg(long)]
@@ -67,6 +71,9 @@ pub enum KeysCommand {
     /// Add a new key-encryption key to the keyring file and re-wrap every
     /// data key under it (no event is rewritten). Resumable: run it again
     /// with --resume after an interruption.
+    #[command(after_help = "Examples:
+  chronicle keys --keyring keyring.yaml rotate-kek
+  chronicle keys --keyring keyring.yaml rotate-kek --resume")]
     RotateKek {
         /// Do not add a key: finish re-wrapping under the current one.
         #[arg(long)]
@@ -77,6 +84,9 @@ pub enum KeysCommand {
     },
     /// Give a subject a new data key for new events; old events stay
     /// readable under their keys.
+    #[command(after_help = "Examples:
+  chronicle keys --keyring keyring.yaml rotate 0193a1b2-0000-7000-8000-000000000001
+  chronicle keys --keyring keyring.yaml rotate 0193a1b2-0000-7000-8000-000000000001 --reencrypt")]
     Rotate {
         /// The subject (by default the aggregate id).
         subject: String,
@@ -86,6 +96,9 @@ pub enum KeysCommand {
     },
     /// Destroy every data key of a subject: its fields become permanently
     /// unreadable everywhere; its events stay and replay.
+    #[command(after_help = "Examples:
+  chronicle keys shred 0193a1b2-0000-7000-8000-000000000001
+  chronicle keys shred 0193a1b2-0000-7000-8000-000000000001 --yes --actor dpo --purpose erasure-17")]
     Shred {
         /// The subject (by default the aggregate id).
         subject: String,
@@ -247,12 +260,12 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
             {
                 require_subject(&keys, subject).await?;
             }
-            print_keys(&listed, format);
+            write_keys(&listed, format)?;
             if format == OutputFormat::Table {
                 let by_kek = keys.count_by_kek().await?;
                 let summary: Vec<String> =
                     by_kek.iter().map(|(k, n)| format!("{k}: {n}")).collect();
-                eprintln!(
+                note!(
                     "{} key(s) listed; live keys by key-encryption key: {}",
                     listed.len(),
                     if summary.is_empty() {
@@ -264,7 +277,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                 if listed.len() == *limit
                     && let Some(last) = listed.last()
                 {
-                    eprintln!("more: --after {}", last.id);
+                    note!("more: --after {}", last.id);
                 }
             }
         }
@@ -284,22 +297,17 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                 ring.keyring
                     .write_file(path)
                     .with_context(|| format!("saving the keyring {}", path.display()))?;
-                eprintln!(
+                note!(
                     "added key-encryption key {new} to {} (current); re-wrapping data keys",
                     path.display()
                 );
                 new
             };
             let total: u64 = keys.count_by_kek().await?.iter().map(|(_, n)| n).sum();
-            let bar = match format {
-                OutputFormat::Table => indicatif::ProgressBar::new(total),
-                OutputFormat::Json => indicatif::ProgressBar::hidden(),
-            };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} data keys re-wrapped {msg}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            let bar = crate::ui::progress(
+                format,
+                Some(total),
+                "{bar:40} {pos}/{len} data keys re-wrapped {msg}",
             );
             let crypto = encryptor(&store, ring.keyring.clone());
             let ctx = context(&args, "rotate-kek");
@@ -326,7 +334,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                 .filter(|k| *k != current)
                 .map(|k| k.to_string())
                 .collect();
-            print_record(
+            write_record(
                 &json!({
                     "kek_id": current.as_str(),
                     "previous_kek_id": before.as_str(),
@@ -336,9 +344,9 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                     "older_keks_in_keyring": old,
                 }),
                 format,
-            );
+            )?;
             if format == OutputFormat::Table && !old.is_empty() {
-                eprintln!(
+                note!(
                     "every data key is wrapped under {current}; remove the older key-encryption keys from the keyring once backups taken before now have expired"
                 );
             }
@@ -352,10 +360,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
             let id = crypto.rotate_data_key(&ctx, &subject).await?;
             let mut record = json!({ "subject": subject.as_str(), "key_id": id.to_string() });
             if *reencrypt {
-                let bar = match format {
-                    OutputFormat::Table => indicatif::ProgressBar::new_spinner(),
-                    OutputFormat::Json => indicatif::ProgressBar::hidden(),
-                };
+                let bar = crate::ui::spinner(format);
                 let done = PgReencryptor::new(pool.clone(), crypto)
                     .reencrypt_subject(&ctx, &subject, None, 500, |p| {
                         bar.set_message(format!("{} events re-encrypted", p.rewritten));
@@ -367,7 +372,7 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                 record["fields_reencrypted"] = json!(done.fields);
                 record["events_skipped"] = json!(done.skipped);
             }
-            print_record(&record, format);
+            write_record(&record, format)?;
         }
         KeysCommand::Shred { subject, yes } => {
             let subject = SubjectId::new(subject.clone());
@@ -378,9 +383,9 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
                         "shredding \"{subject}\" cannot be undone; pass --yes to confirm"
                     )));
                 }
-                eprint!(
-                    "Shredding destroys every data key of \"{subject}\": its encrypted fields become unreadable for good. Type the subject to confirm: "
-                );
+                crate::ui::prompt(format_args!(
+                    "Shredding destroys every data key of \"{subject}\": its encrypted fields become unreadable for good. Type the subject to confirm:"
+                ));
                 let mut answer = String::new();
                 std::io::stdin().read_line(&mut answer)?;
                 if answer.trim() != subject.as_str() {
@@ -390,39 +395,37 @@ pub async fn run(db: &Database, args: KeysArgs, format: OutputFormat) -> Result<
             // Shredding needs no key-encryption key; any provider will do.
             let crypto = encryptor(&store, Arc::new(LocalKeyring::generate()?));
             let destroyed = crypto.shred(&context(&args, "shred"), &subject).await?;
-            print_record(
+            write_record(
                 &json!({
                     "subject": subject.as_str(),
                     "keys_destroyed": destroyed.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 }),
                 format,
-            );
+            )?;
         }
     }
     Ok(())
 }
 
-fn print_keys(keys: &[chronicle_postgres::DataKeyInfo], format: OutputFormat) {
+fn write_keys(
+    keys: &[chronicle_postgres::DataKeyInfo],
+    format: OutputFormat,
+) -> crate::output::Result {
     let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
         t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
     };
     match format {
-        OutputFormat::Json => {
-            for k in keys {
-                println!(
-                    "{}",
-                    json!({
-                        "key_id": k.id.to_string(),
-                        "subject": k.subject.as_str(),
-                        "kek_id": k.kek_id.as_ref().map(|k| k.as_str()),
-                        "current": k.current,
-                        "created_at": k.created_at,
-                        "rewrapped_at": k.rewrapped_at,
-                        "shredded_at": k.shredded_at,
-                    })
-                );
-            }
-        }
+        OutputFormat::Json => write_json_lines(keys.iter().map(|k| {
+            json!({
+                "key_id": k.id.to_string(),
+                "subject": k.subject.as_str(),
+                "kek_id": k.kek_id.as_ref().map(|k| k.as_str()),
+                "current": k.current,
+                "created_at": k.created_at,
+                "rewrapped_at": k.rewrapped_at,
+                "shredded_at": k.shredded_at,
+            })
+        })),
         OutputFormat::Table => {
             let mut table = comfy_table::Table::new();
             table
@@ -449,7 +452,7 @@ fn print_keys(keys: &[chronicle_postgres::DataKeyInfo], format: OutputFormat) {
                     time(k.shredded_at).unwrap_or_else(|| "-".into()),
                 ]);
             }
-            println!("{table}");
+            write_table(&table)
         }
     }
 }
@@ -490,11 +493,11 @@ pub async fn demo(store: &chronicle_postgres::PgEventStore, n: u32) -> Result<()
     let customer = uuid::Uuid::now_v7();
     let subject = SubjectId::from_aggregate(customer);
 
-    println!("\n== {n}. Field-level encryption: the email and phone are encrypted in the writer");
-    println!(
+    outln!("\n== {n}. Field-level encryption: the email and phone are encrypted in the writer")?;
+    outln!(
         "keyring: {} (development; production uses a KMS); the config:{DEMO_CONFIG}",
         path.display()
-    );
+    )?;
     let registered = NewEvent::new(
         "CustomerRegistered",
         json!({ "name": "Grace Hopper", "email": "grace@navy.example", "phone": "+1 555 0100", "plan": "pro" }),
@@ -530,22 +533,22 @@ pub async fn demo(store: &chronicle_postgres::PgEventStore, n: u32) -> Result<()
         )
     };
     let rows = raw(pool.clone()).await?;
-    println!(
+    outln!(
         "the row in the events table (encrypted_fields = {:?}):",
         rows[0].2
-    );
-    println!("{}", serde_json::to_string_pretty(&rows[0].1)?);
-    println!(
+    )?;
+    outln!("{}", serde_json::to_string_pretty(&rows[0].1)?)?;
+    outln!(
         "The plaintext never left this process; the envelope's associated data binds it to this event, aggregate and field."
-    );
+    )?;
 
-    println!(
+    outln!(
         "\n== {}. A reader holding the keys gets plaintext, and the read is audited",
         n + 1
-    );
+    )?;
     let support = writer.with_context(AccessContext::new("support:alice", "ticket-4711"));
     let read = support.read_stream(customer, 1, None).await?;
-    println!("support:alice (ticket-4711) reads: {}", read[0].event_data);
+    outln!("support:alice (ticket-4711) reads: {}", read[0].event_data)?;
     let records = audit
         .list(&AuditQuery {
             subject: Some(subject.clone()),
@@ -565,16 +568,20 @@ pub async fn demo(store: &chronicle_postgres::PgEventStore, n: u32) -> Result<()
                 r.entry.fields.join(" ")
             )
         };
-        println!(
+        outln!(
             "  audit #{} {} {} by {} for {}: {what}",
-            r.id, r.entry.operation, r.entry.outcome, r.entry.actor, r.entry.purpose,
-        );
+            r.id,
+            r.entry.operation,
+            r.entry.outcome,
+            r.entry.actor,
+            r.entry.purpose,
+        )?;
     }
 
-    println!(
+    outln!(
         "\n== {}. Key rotation: a new data key for new events; old events stay readable",
         n + 2
-    );
+    )?;
     let ops = AccessContext::new("ops", "quarterly-rotation");
     let new_key = crypto.rotate_data_key(&ops, &subject).await?;
     writer
@@ -589,46 +596,46 @@ pub async fn demo(store: &chronicle_postgres::PgEventStore, n: u32) -> Result<()
         )
         .await?;
     for (version, data, _) in raw(pool.clone()).await? {
-        println!(
+        outln!(
             "  v{version}: /email under data key {}",
             data["email"]["kid"].as_str().unwrap_or("?")
-        );
+        )?;
     }
-    println!(
+    outln!(
         "(new key {new_key}; `chronicle keys rotate-kek` re-wraps every data key under a new key-encryption key without touching events)"
-    );
+    )?;
     for e in support.read_stream(customer, 1, None).await? {
-        println!("  v{} reads {}", e.version, e.event_data);
+        outln!("  v{} reads {}", e.version, e.event_data)?;
     }
 
-    println!(
+    outln!(
         "\n== {}. Crypto-shredding: the customer's data keys are destroyed (erasure request)",
         n + 3
-    );
+    )?;
     let destroyed = crypto
         .shred(&AccessContext::new("dpo", "erasure-request-17"), &subject)
         .await?;
-    println!(
+    outln!(
         "{} data key(s) destroyed; the same read now:",
         destroyed.len()
-    );
+    )?;
     let after = support.read_stream(customer, 1, None).await?;
     for e in &after {
-        println!("  v{} reads {}", e.version, e.event_data);
+        outln!("  v{} reads {}", e.version, e.event_data)?;
     }
     anyhow::ensure!(
         after[0].event_data["email"] == Redaction::Shredded.marker(),
         "the shredded field should read as redacted"
     );
-    println!(
+    outln!(
         "The stream is intact and replays ({} events, versions unchanged); only the encrypted fields are gone, in the store, in rebuilt projections and in dead-letter copies alike.",
         after.len()
-    );
+    )?;
     // Records are linked into the hash chain after commit; wait for the
     // ones just written, then check the chain.
     audit.seal_all(std::time::Duration::from_secs(10)).await?;
     let report = audit.verify().await?;
-    println!(
+    outln!(
         "audit log: {} records sealed into the hash chain after commit ({} not yet), {}",
         report.checked,
         report.unsealed,
@@ -637,11 +644,11 @@ pub async fn demo(store: &chronicle_postgres::PgEventStore, n: u32) -> Result<()
         } else {
             "NOT INTACT"
         }
-    );
+    )?;
     crate::demo::print_try(&[
         format!("chronicle keys list --subject {customer}"),
         format!("chronicle audit list --subject {customer}"),
         "chronicle audit verify".to_owned(),
-    ]);
+    ])?;
     Ok(())
 }

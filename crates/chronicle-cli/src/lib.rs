@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Exit codes: 0 success, 1 any other failure, 2 usage error, 3 concurrency
-//! conflict, 4 not found.
+//! conflict, 4 not found, 141 standard output closed (`| head`).
 #![deny(missing_docs)]
 
 mod audit;
@@ -20,14 +20,16 @@ mod commands;
 mod database;
 mod demo;
 mod dlq_show;
+mod generate;
 mod keys;
 mod output;
 mod registry;
+mod ui;
 mod upcast;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{ArgAction, Parser};
 
 pub use database::Database;
 pub use output::OutputFormat;
@@ -43,10 +45,57 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_CONFLICT: u8 = 3;
 /// Exit code: what was asked for does not exist.
 pub const EXIT_NOT_FOUND: u8 = 4;
+/// Exit code: standard output was closed before everything was written
+/// (`chronicle read all | head -1`); nothing is printed. 128 + SIGPIPE, the
+/// status a shell reports for a process that SIGPIPE ended.
+pub const EXIT_BROKEN_PIPE: u8 = 141;
+
+/// `chronicle --help`, before the subcommands.
+const LONG_ABOUT: &str = "\
+Chronicle: an event store on PostgreSQL.
+
+Set up and inspect the store (migrate, status), write and read events
+(append, read, state), run and inspect projections (projections, dlq),
+evolve stored events (upcast), manage field-encryption keys and their audit
+log (keys, audit), drive the embedded development cluster (dev), measure
+against raw PostgreSQL (bench), take the guided tour (demo), and set up
+your shell (completions, man).
+
+Without --database-url (or DATABASE_URL) a private PostgreSQL is started
+in ./.chronicle/postgres (or $CHRONICLE_HOME) and used.";
+
+/// `chronicle --help`, after the options.
+const AFTER_LONG_HELP: &str = "\
+Examples:
+  chronicle demo                                  # the guided tour
+  chronicle migrate
+  chronicle append --aggregate-id 0193a1b2-0000-7000-8000-000000000001 \\
+      --aggregate-type user --event-type UserRegistered --data '{\"name\":\"Ada\"}'
+  chronicle read all --output json | head -5
+  chronicle completions bash > ~/.local/share/bash-completion/completions/chronicle
+  chronicle man --out-dir ~/.local/share/man/man1
+
+Output: results on standard output (--output table|json; JSON lists are one
+object per line), everything else (progress, notes, logs) on standard error.
+
+Exit codes: 0 success, 1 failure, 2 usage, 3 concurrency conflict,
+4 not found, 141 standard output closed before the end (| head).
+
+Environment: DATABASE_URL, CHRONICLE_HOME (the embedded cluster's folder),
+CHRONICLE_LOG (a log filter such as `debug` or `chronicle_projections=trace`;
+it wins over --quiet and --verbose), NO_COLOR (no colours in logs).";
 
 /// Chronicle: an event store on PostgreSQL.
 #[derive(Debug, Parser)]
-#[command(name = "chronicle", version, about, long_about = None)]
+#[command(
+    name = "chronicle",
+    version,
+    about = "An event store on PostgreSQL: events, projections, upcasts, encryption keys, audit",
+    long_about = LONG_ABOUT,
+    after_help = "Examples:\n  chronicle demo\n  chronicle read all --output json | head -5\n\n\
+                  `chronicle --help` says more; `chronicle help COMMAND` explains a command.",
+    after_long_help = AFTER_LONG_HELP
+)]
 pub struct Cli {
     /// PostgreSQL URL; without it, a private cluster in ./.chronicle/postgres
     /// (or $CHRONICLE_HOME) is started and used.
@@ -55,6 +104,14 @@ pub struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+    /// Say less: no progress bars or informational lines, only results,
+    /// warnings and errors (logging at `error`).
+    #[arg(long, short, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Say more on standard error: logging at `info` (-v), `debug` (-vv),
+    /// `trace` (-vvv). CHRONICLE_LOG, when set, wins.
+    #[arg(long, short, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
     /// What to do.
     #[command(subcommand)]
     pub command: commands::Command,
@@ -68,42 +125,63 @@ pub fn main() -> ExitCode {
 /// Parses the process's arguments, runs the command with the projection
 /// handlers in `registry`, prints errors, and returns the documented exit
 /// code.
+///
+/// It also sets the process's panic hook so that a `println!` into a closed
+/// pipe ends the process quietly with [`EXIT_BROKEN_PIPE`], and starts
+/// logging to standard error (`CHRONICLE_LOG`, `--quiet`, `--verbose`).
 pub fn run(registry: Registry) -> ExitCode {
+    output::exit_quietly_on_closed_pipe_panics();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
+            // --help and --version go to standard output, errors to
+            // standard error.
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            return match e.print() {
+                Err(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                    ExitCode::from(EXIT_BROKEN_PIPE)
+                }
+                _ => ExitCode::from(code),
+            };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CHRONICLE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    ui::init(ui::Verbosity::from_flags(cli.quiet, cli.verbose));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            ui::notice!("error: cannot start the async runtime: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(commands::run(cli, &registry)) {
+    let started = std::time::Instant::now();
+    let outcome = runtime.block_on(commands::run(cli, &registry));
+    tracing::debug!("finished in {:.3} s", started.elapsed().as_secs_f64());
+    match outcome {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit_code(&e))
+            let code = exit_code(&e);
+            if code != EXIT_BROKEN_PIPE {
+                ui::notice!("error: {e:#}");
+            }
+            ExitCode::from(code)
         }
     }
 }
 
-/// The exit code for an error: conflicts 3, not-found 4, usage 2, else 1.
+/// The exit code for an error: a closed standard output 141, conflicts 3,
+/// not-found 4, usage 2, else 1.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    // Only standard output's own EPIPE: a database connection's broken
+    // pipe is a failure to report.
+    if e.chain()
+        .filter_map(|c| c.downcast_ref::<output::StdoutError>())
+        .any(output::StdoutError::is_closed_pipe)
+    {
+        return EXIT_BROKEN_PIPE;
+    }
     for cause in e.chain() {
         let core =
             cause
@@ -125,6 +203,13 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             .and_then(upcast::exit_code)
         {
             return code;
+        }
+        if let Some(
+            chronicle_projections::Error::NoDeadLetters { .. }
+            | chronicle_projections::Error::NotRegistered(_),
+        ) = cause.downcast_ref::<chronicle_projections::Error>()
+        {
+            return EXIT_NOT_FOUND;
         }
         if cause.downcast_ref::<commands::UsageError>().is_some() {
             return EXIT_USAGE;

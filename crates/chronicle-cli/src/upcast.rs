@@ -23,7 +23,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::commands::{NotFound, UsageError};
-use crate::output::OutputFormat;
+use crate::output::{OutputFormat, outln, write_json_lines, write_table, write_text};
+use crate::ui::note;
 use crate::{Database, Registry};
 
 /// Where the upcaster definitions are read from by default.
@@ -52,6 +53,9 @@ struct ConfigArg {
 enum UpcastCommand {
     /// Per migration: how many stored events it touches and one event
     /// before and after (a dry run: writes nothing).
+    #[command(after_help = "Examples:
+  chronicle upcast plan
+  chronicle upcast plan --config migrations/upcasters.yaml --output json")]
     Plan {
         #[command(flatten)]
         config: ConfigArg,
@@ -59,6 +63,9 @@ enum UpcastCommand {
     /// Rewrite every event of every eager migration to the newest version
     /// of its type, in batches, backing up each original. Resumable: after
     /// Ctrl-C or a crash, run it again and it continues where it stopped.
+    #[command(after_help = "Examples:
+  chronicle upcast run --check
+  chronicle upcast run --batch-size 500 --keyring keyring.yaml")]
     Run {
         #[command(flatten)]
         config: ConfigArg,
@@ -78,6 +85,9 @@ enum UpcastCommand {
         keyring: Option<PathBuf>,
     },
     /// Compare runs' backups with the store: counts and checksums.
+    #[command(after_help = "Examples:
+  chronicle upcast verify
+  chronicle upcast verify 0193a1b2-0000-7000-8000-0000000000c1 --keyring keyring.yaml")]
     Verify {
         /// The runs (default: every run).
         run_ids: Vec<Uuid>,
@@ -91,6 +101,9 @@ enum UpcastCommand {
         keyring: Option<PathBuf>,
     },
     /// Restore runs' original events from the backup, byte for byte.
+    #[command(after_help = "Examples:
+  chronicle upcast rollback 0193a1b2-0000-7000-8000-0000000000c1
+  chronicle upcast rollback --all")]
     Rollback {
         /// The runs to roll back, in the order given.
         run_ids: Vec<Uuid>,
@@ -99,6 +112,9 @@ enum UpcastCommand {
         all: bool,
     },
     /// Every run: status, progress, who is running it now.
+    #[command(after_help = "Examples:
+  chronicle upcast status
+  chronicle upcast status --output json")]
     Status,
 }
 
@@ -272,14 +288,10 @@ fn plan_json(entry: &PlanEntry) -> Value {
     })
 }
 
-/// Prints what a plan shows, in either format.
-fn print_plan(entries: &[PlanEntry], format: OutputFormat) {
+/// Writes what a plan shows, in either format.
+fn write_plan(entries: &[PlanEntry], format: OutputFormat) -> crate::output::Result {
     match format {
-        OutputFormat::Json => {
-            for e in entries {
-                println!("{}", plan_json(e));
-            }
-        }
+        OutputFormat::Json => write_json_lines(entries.iter().map(plan_json))?,
         OutputFormat::Table => {
             let mut table = comfy_table::Table::new();
             table
@@ -295,24 +307,26 @@ fn print_plan(entries: &[PlanEntry], format: OutputFormat) {
                     e.encrypted.to_string(),
                 ]);
             }
-            println!("{table}");
+            write_table(&table)?;
             for e in entries {
                 let Some(sample) = &e.sample else { continue };
                 let m = &e.migration;
-                println!(
+                outln!(
                     "\nsample of {} v{} (first matching event):",
-                    m.event_type, m.from_version
-                );
+                    m.event_type,
+                    m.from_version
+                )?;
                 match (&sample.after, sample.diff()) {
-                    (Err(err), _) => println!(
+                    (Err(err), _) => outln!(
                         "  FAILS: {err}\n  (`chronicle upcast run` would stop at this event)"
-                    ),
-                    (Ok(_), Some(diff)) => print!("{diff}"),
+                    )?,
+                    (Ok(_), Some(diff)) => write_text(diff.to_string())?,
                     (Ok(_), None) => {}
                 }
             }
         }
     }
+    Ok(())
 }
 
 async fn plan(upcaster: &PgUpcaster, format: OutputFormat) -> Result<()> {
@@ -322,14 +336,14 @@ async fn plan(upcaster: &PgUpcaster, format: OutputFormat) -> Result<()> {
             "the definitions hold no upcasters: add entries under `upcasters:`".into()
         ));
     }
-    print_plan(&entries, format);
+    write_plan(&entries, format)?;
     if format == OutputFormat::Table {
         let eager: u64 = entries
             .iter()
             .filter(|e| e.migration.mode != Mode::Lazy)
             .map(|e| e.events)
             .sum();
-        eprintln!(
+        note!(
             "dry run: nothing written. `chronicle upcast run` rewrites {eager} event(s) of the \
              eager migrations (lazy ones are upcast on read)"
         );
@@ -356,7 +370,11 @@ fn run_json(r: &RunInfo, lease: Option<&chronicle_upcast::LeaseInfo>) -> Value {
     })
 }
 
-fn print_runs(runs: &[RunInfo], leases: &[chronicle_upcast::LeaseInfo], format: OutputFormat) {
+fn write_runs(
+    runs: &[RunInfo],
+    leases: &[chronicle_upcast::LeaseInfo],
+    format: OutputFormat,
+) -> crate::output::Result {
     let lease_of = |r: &RunInfo| {
         leases.iter().find(|l| {
             r.status == RunStatus::Running
@@ -365,11 +383,7 @@ fn print_runs(runs: &[RunInfo], leases: &[chronicle_upcast::LeaseInfo], format: 
         })
     };
     match format {
-        OutputFormat::Json => {
-            for r in runs {
-                println!("{}", run_json(r, lease_of(r)));
-            }
-        }
+        OutputFormat::Json => write_json_lines(runs.iter().map(|r| run_json(r, lease_of(r)))),
         OutputFormat::Table => {
             let mut table = comfy_table::Table::new();
             table
@@ -405,7 +419,7 @@ fn print_runs(runs: &[RunInfo], leases: &[chronicle_upcast::LeaseInfo], format: 
                     r.error.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
-            println!("{table}");
+            write_table(&table)
         }
     }
 }
@@ -446,19 +460,13 @@ async fn run_migrations(
     if check {
         let checked = upcaster.check(batch_size).await?;
         if format == OutputFormat::Table {
-            eprintln!("checked {checked} event(s): every one upcasts and validates");
+            note!("checked {checked} event(s): every one upcasts and validates");
         }
     }
-    let bar = match format {
-        OutputFormat::Table => indicatif::ProgressBar::new(total),
-        OutputFormat::Json => indicatif::ProgressBar::hidden(),
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+    let bar = crate::ui::progress(
+        format,
+        Some(total),
+        "{msg} [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})",
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut done: HashMap<(String, u32), u64> = HashMap::new();
@@ -494,13 +502,13 @@ async fn run_migrations(
             bar.finish_and_clear();
             if report.runs.is_empty() {
                 if format == OutputFormat::Table {
-                    eprintln!("nothing to upcast: no stored event matches an eager migration");
+                    note!("nothing to upcast: no stored event matches an eager migration");
                 }
                 return Ok(());
             }
-            print_runs(&report.runs, &[], format);
+            write_runs(&report.runs, &[], format)?;
             if format == OutputFormat::Table {
-                eprintln!(
+                note!(
                     "{} event(s) upcast. `chronicle upcast verify` compares the store with the \
                      backup; `chronicle upcast rollback RUN_ID` restores the originals",
                     report.events_upcast()
@@ -549,11 +557,7 @@ async fn verify(upcaster: &PgUpcaster, run_ids: Vec<Uuid>, format: OutputFormat)
         reports.push(upcaster.verify(id).await?);
     }
     match format {
-        OutputFormat::Json => {
-            for v in &reports {
-                println!("{}", verify_json(v));
-            }
-        }
+        OutputFormat::Json => write_json_lines(reports.iter().map(verify_json))?,
         OutputFormat::Table => {
             let mut table = comfy_table::Table::new();
             table
@@ -578,7 +582,7 @@ async fn verify(upcaster: &PgUpcaster, run_ids: Vec<Uuid>, format: OutputFormat)
                     v.current_checksum.to_string()[..16].to_owned(),
                 ]);
             }
-            println!("{table}");
+            write_table(&table)?;
         }
     }
     let bad: Vec<&VerifyReport> = reports.iter().filter(|v| !v.is_ok()).collect();
@@ -646,13 +650,13 @@ async fn rollback(
     }
     if restored.is_empty() {
         if format == OutputFormat::Table {
-            eprintln!("nothing to roll back: every run is already rolled back");
+            note!("nothing to roll back: every run is already rolled back");
         }
         return Ok(());
     }
-    print_runs(&restored, &[], format);
+    write_runs(&restored, &[], format)?;
     if format == OutputFormat::Table {
-        eprintln!(
+        note!(
             "{} run(s) rolled back: their events hold the original bytes again",
             restored.len()
         );
@@ -664,10 +668,10 @@ async fn status(upcaster: &PgUpcaster, format: OutputFormat) -> Result<()> {
     let runs = upcaster.runs().await?;
     let leases = upcaster.leases().await?;
     if runs.is_empty() && format == OutputFormat::Table {
-        eprintln!("no upcast run yet: `chronicle upcast plan` shows what a run would do");
+        note!("no upcast run yet: `chronicle upcast plan` shows what a run would do");
         return Ok(());
     }
-    print_runs(&runs, &leases, format);
+    write_runs(&runs, &leases, format)?;
     Ok(())
 }
 
@@ -688,22 +692,22 @@ upcasters:
 /// roll back one migration over the demo's events.
 pub async fn demo(store: &PgEventStore, n: u32) -> Result<()> {
     use chronicle_core::EventReader;
-    println!(
+    outln!(
         "\n== {n}. Schema evolution: UserRegistered v1 -> v2 (rename /name, add /locale), eagerly, then rolled back"
-    );
+    )?;
     let chain = UpcasterChain::builder()
         .config(UpcastConfig::from_yaml("demo upcasters", DEMO_UPCASTERS)?)
         .build()?;
-    println!("the definition (as in an upcasters.yaml):{DEMO_UPCASTERS}");
+    outln!("the definition (as in an upcasters.yaml):{DEMO_UPCASTERS}")?;
     let upcaster = PgUpcaster::new(store.pool().clone(), chain);
     let entries = upcaster.plan().await?;
-    println!("`chronicle upcast plan`: a dry run, nothing written");
-    print_plan(&entries, OutputFormat::Table);
+    outln!("`chronicle upcast plan`: a dry run, nothing written")?;
+    write_plan(&entries, OutputFormat::Table)?;
     let report = upcaster.run(DEFAULT_BATCH_SIZE, |_| {}).await?;
-    println!(
+    outln!(
         "\n`chronicle upcast run`: {} event(s) rewritten in batches, each original copied to the backup first",
         report.events_upcast()
-    );
+    )?;
     let registered = store
         .read_by_type(
             "UserRegistered",
@@ -715,35 +719,36 @@ pub async fn demo(store: &PgEventStore, n: u32) -> Result<()> {
         )
         .await;
     if let Some(e) = registered.ok().and_then(|events| events.into_iter().last()) {
-        println!(
+        outln!(
             "the newest UserRegistered now reads v{}: {}",
-            e.metadata.schema_version, e.event_data
-        );
+            e.metadata.schema_version,
+            e.event_data
+        )?;
     }
     for run in &report.runs {
         let v = upcaster.verify(run.run_id).await?;
-        println!(
+        outln!(
             "`chronicle upcast verify`: run {} {} ({} backed up, {} in the store, checksum {}…)",
             run.run_id,
             if v.is_ok() { "ok" } else { "MISMATCH" },
             v.backup_count,
             v.current_count,
             &v.current_checksum.to_string()[..16]
-        );
+        )?;
     }
     for run in report.runs.iter().rev() {
         upcaster.rollback(run.run_id).await?;
         let v = upcaster.verify(run.run_id).await?;
-        println!(
+        outln!(
             "`chronicle upcast rollback`: run {} restored; the store equals the backup byte for byte: {}",
             run.run_id,
             v.backup_checksum == v.current_checksum
-        );
+        )?;
     }
-    println!(
+    outln!(
         "the same definitions applied on read instead (`modes: {{ UserRegistered: lazy }}`) give \
          the same events without rewriting the store"
-    );
+    )?;
     Ok(())
 }
 

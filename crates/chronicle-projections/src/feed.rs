@@ -70,8 +70,8 @@ UNION ALL
 
 /// The checkpoint's update: the checkpoint, lag, counters and lease of a
 /// partition in one statement, the lag figures as subqueries (the count's
-/// only runs when `$5` asks for it). `{COUNT}` counts the backlog's rows
-/// (the partition's with `{MINE}`), `{OLDEST}` is the age of the
+/// only runs when `$5` asks for it). `{COUNT_MINE}` counts the partition's
+/// backlog, `{COUNT_ALL}` every partition's, `{OLDEST}` is the age of the
 /// partition's oldest pending event.
 const FINISH: &str = "\
 UPDATE projection_state
@@ -143,21 +143,35 @@ struct Index {
     other: Option<&'static str>,
 }
 
+/// Where a scan starts and what it binds: SQL expressions, mostly
+/// parameters.
+#[derive(Clone, Copy)]
+struct Bounds<'a> {
+    /// The type: one type's parameter, `t.name` inside a merge; for
+    /// [`Index::merged`], the parameter of the type or types.
+    name: &'a str,
+    /// The position the scan starts after: `xid, position`.
+    after: &'a str,
+    /// The feed's horizon, if the scan stops below it.
+    horizon: Option<&'a str>,
+    /// The other column's types (a `text[]`).
+    other: &'a str,
+}
+
 impl Index {
-    /// `SELECT columns` of the subscribed events of type `name` after
-    /// `(after)` (and below `horizon`) in feed order, an index scan of
+    /// `SELECT columns` of the subscribed events of type `b.name` after
+    /// `(b.after)` (and below `b.horizon`) in feed order, an index scan of
     /// `(column, transaction_id, global_position)`. The three-column row
     /// comparison is what makes the planner read that index in order: with
     /// `(transaction_id, global_position) > ...` alone it prefers the feed
     /// index and filters the whole feed.
-    fn scan(
-        &self,
-        columns: &str,
-        name: &str,
-        after: &str,
-        horizon: Option<&str>,
-        other: &str,
-    ) -> String {
+    fn scan(&self, columns: &str, b: Bounds<'_>) -> String {
+        let Bounds {
+            name,
+            after,
+            horizon,
+            other,
+        } = b;
         let column = self.column;
         let mut sql = format!(
             "SELECT {columns} FROM events
@@ -177,30 +191,26 @@ impl Index {
     }
 
     /// The first `limit` subscribed events (`columns` of them, which must
-    /// include the position) after `after`, every listed type merged in
-    /// feed order: one ordered scan per type. `types` is the parameter
-    /// holding them: a `text` for one type, a `text[]` for several.
-    fn merged(
-        &self,
-        many: bool,
-        columns: &str,
-        types: &str,
-        after: &str,
-        horizon: Option<&str>,
-        other: &str,
-        limit: &str,
-    ) -> String {
+    /// include the position) after `b.after`, every listed type merged in
+    /// feed order: one ordered scan per type. `b.name` is the parameter
+    /// holding the types: a `text` for one type, a `text[]` for several
+    /// (`many`).
+    fn merged(&self, many: bool, columns: &str, b: Bounds<'_>, limit: &str) -> String {
         if !many {
-            return format!(
-                "{} LIMIT {limit}",
-                self.scan(columns, types, after, horizon, other)
-            );
+            return format!("{} LIMIT {limit}", self.scan(columns, b));
         }
         format!(
-            "SELECT e.* FROM unnest({types}::text[]) AS t(name)
+            "SELECT e.* FROM unnest({}::text[]) AS t(name)
               CROSS JOIN LATERAL ({} LIMIT {limit}) AS e
               ORDER BY e.transaction_id, e.global_position LIMIT {limit}",
-            self.scan(columns, "t.name", after, horizon, other)
+            b.name,
+            self.scan(
+                columns,
+                Bounds {
+                    name: "t.name",
+                    ..b
+                }
+            )
         )
     }
 }
@@ -284,9 +294,13 @@ impl Feed {
     /// window's first ([`FIRST`]) and, when it is full, last ([`LAST`])
     /// position. `$8`: the indexed column's types, `$9`: the other's.
     fn window_subscribed(index: &Index, many: bool) -> String {
-        let merged = |columns: &str, limit: &str| {
-            index.merged(many, columns, "$8", "$1, $2", Some("$3"), "$9", limit)
+        let window = Bounds {
+            name: "$8",
+            after: "$1, $2",
+            horizon: Some("$3"),
+            other: "$9",
         };
+        let merged = |columns: &str, limit: &str| index.merged(many, columns, window, limit);
         let positions = "transaction_id, global_position";
         let (first, last) = if many {
             // Several types: the merged window once, its ends from it.
@@ -306,10 +320,7 @@ impl Feed {
             // One type: every part an ordered scan of its index.
             (
                 merged(positions, "1"),
-                format!(
-                    "{} OFFSET $6 - 1 LIMIT 1",
-                    index.scan(positions, "$8", "$1, $2", Some("$3"), "$9")
-                ),
+                format!("{} OFFSET $6 - 1 LIMIT 1", index.scan(positions, window)),
             )
         };
         format!(
@@ -329,14 +340,14 @@ impl Feed {
     /// `$12` subscribed events of each listed type (`$13`, the other
     /// column's types `$14`).
     fn finish_subscribed(index: &Index, many: bool) -> String {
+        let at = |name: &'static str| Bounds {
+            name,
+            after: "$3, $4",
+            horizon: None,
+            other: "$14",
+        };
         let backlog = |columns: &str| {
-            let scan = index.scan(
-                columns,
-                if many { "t.name" } else { "$13" },
-                "$3, $4",
-                None,
-                "$14",
-            );
+            let scan = index.scan(columns, at(if many { "t.name" } else { "$13" }));
             if many {
                 // A count needs no merge: each type's share, bounded.
                 format!(
@@ -354,7 +365,7 @@ impl Feed {
         let count_all = format!("SELECT count(*) FROM {}", backlog("aggregate_id"));
         // The partition's oldest pending event: each type's first in the
         // partition among its next `$12`, the oldest of those.
-        let mine = |name: &str| {
+        let mine = |name: &'static str| {
             format!(
                 "SELECT b.timestamp, b.transaction_id, b.global_position
                    FROM ({} LIMIT $12) AS b
@@ -362,10 +373,7 @@ impl Feed {
                   ORDER BY b.transaction_id, b.global_position LIMIT 1",
                 index.scan(
                     "aggregate_id, timestamp, transaction_id, global_position",
-                    name,
-                    "$3, $4",
-                    None,
-                    "$14"
+                    at(name)
                 )
             )
         };
