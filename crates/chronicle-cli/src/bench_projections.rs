@@ -234,7 +234,7 @@ async fn run(
     let raw_upsert = events as f64 / started.elapsed().as_secs_f64();
 
     let mut cases = Vec::new();
-    let mut everything = 0.0;
+    let mut everything = Vec::new();
     for partitions in [1, 4] {
         progress.set_message(format!("no-op catch-up, {partitions} partition(s)"));
         let secs = catch_up(
@@ -245,16 +245,17 @@ async fn run(
             events,
         )
         .await?;
-        everything = events as f64 / secs;
+        everything.push((partitions, events as f64 / secs));
         cases.push(Case::new(
             format!("no-op catch-up, {partitions} partition(s), vs COPY TO STDOUT"),
-            everything,
+            events as f64 / secs,
             raw_read,
             None,
         ));
     }
     // The store's events caught up per second by a projection taking a
-    // tenth of them, against the 4-partition one above taking all.
+    // tenth of them, against the one above taking all with as many
+    // partitions.
     for (what, subscription) in [
         (
             "aggregate type",
@@ -265,8 +266,6 @@ async fn run(
             Subscription::all().with_event_types(["Audited"]),
         ),
     ] {
-        progress.set_message(format!("catch-up subscribed to one {what}"));
-        let name = format!("subscribed-{}", what.replace(' ', "-"));
         let taken: i64 = client
             .query_one(
                 "SELECT count(*) FROM events WHERE aggregate_type = ANY($1) OR event_type = ANY($2)",
@@ -277,18 +276,26 @@ async fn run(
             )
             .await?
             .get(0);
-        let handler = NoOp { name, subscription };
-        let secs = catch_up(&pool, handler, 4, args.batch_size, taken as u64).await?;
-        cases.push(Case::new(
-            format!(
-                "no-op catch-up subscribed to one {what} ({:.0}% of the store), 4 partitions, \
-                 vs subscribed to every event",
-                100.0 * taken as f64 / events as f64
-            ),
-            events as f64 / secs,
-            everything,
-            None,
-        ));
+        for &(partitions, all) in &everything {
+            progress.set_message(format!(
+                "catch-up subscribed to one {what}, {partitions} partition(s)"
+            ));
+            let handler = NoOp {
+                name: format!("subscribed-{}-{partitions}", what.replace(' ', "-")),
+                subscription: subscription.clone(),
+            };
+            let secs = catch_up(&pool, handler, partitions, args.batch_size, taken as u64).await?;
+            cases.push(Case::new(
+                format!(
+                    "no-op catch-up subscribed to one {what} ({:.0}% of the store), \
+                     {partitions} partition(s), vs subscribed to every event",
+                    100.0 * taken as f64 / events as f64
+                ),
+                events as f64 / secs,
+                all,
+                None,
+            ));
+        }
     }
     for partitions in [1, 4] {
         progress.set_message(format!("upsert catch-up, {partitions} partition(s)"));

@@ -129,7 +129,22 @@ pub(crate) struct Feed {
     finish: String,
 }
 
-/// The listed types of the indexed column.
+/// How a step checks that each aggregate's events come in version order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OrderCheck {
+    /// Every event: versions follow each other; the predecessor of an
+    /// aggregate's first event in a batch is looked up.
+    Consecutive,
+    /// A subscription by aggregate type: as `Consecutive`, and a skipped
+    /// version (an aggregate whose type changed) is looked up too.
+    Gaps,
+    /// A subscription by event type: versions skip as a rule, and the
+    /// window statement says of every event whether its predecessor lies
+    /// after it (the column after the dead-letter flag).
+    Probed,
+}
+
+/// The types of the indexed column.
 #[derive(Debug)]
 enum Types {
     One(String),
@@ -161,10 +176,20 @@ struct Bounds<'a> {
 impl Index {
     /// `SELECT columns` of the subscribed events of type `b.name` after
     /// `(b.after)` (and below `b.horizon`) in feed order, an index scan of
-    /// `(column, transaction_id, global_position)`. The three-column row
-    /// comparison is what makes the planner read that index in order: with
-    /// `(transaction_id, global_position) > ...` alone it prefers the feed
-    /// index and filters the whole feed.
+    /// `(column, transaction_id, global_position)` that starts at the
+    /// checkpoint.
+    ///
+    /// The type and the range are two three-column row comparisons,
+    /// `(column, transaction_id, global_position) > (name, after)` and
+    /// `< (name, horizon, 0)`, which together say `column = name` between
+    /// the checkpoint and the horizon and are the scan's start and end in
+    /// the B-tree. Written with `column = name`, the B-tree starts at the
+    /// type's first entry and reads every entry up to the checkpoint on
+    /// every step (PostgreSQL positions on the equality and only filters by
+    /// a row comparison); with `column <= name`, plans made for the actual
+    /// values do the same; with `(transaction_id, global_position) > ...`
+    /// alone, the planner prefers the feed index and filters the whole
+    /// feed.
     fn scan(&self, columns: &str, b: Bounds<'_>) -> String {
         let Bounds {
             name,
@@ -173,14 +198,13 @@ impl Index {
             other,
         } = b;
         let column = self.column;
+        // No horizon: the largest transaction id there can be.
+        let below = horizon.unwrap_or("'18446744073709551615'::xid8");
         let mut sql = format!(
             "SELECT {columns} FROM events
-              WHERE {column} = {name}
-                AND ({column}, transaction_id, global_position) > ({name}, {after})"
+              WHERE ({column}, transaction_id, global_position) > ({name}, {after})
+                AND ({column}, transaction_id, global_position) < ({name}, {below}, 0)"
         );
-        if let Some(horizon) = horizon {
-            sql.push_str(&format!(" AND transaction_id < {horizon}"));
-        }
         if let Some(other_column) = self.other {
             sql.push_str(&format!(" AND {other_column} = ANY({other})"));
         }
@@ -221,6 +245,13 @@ const EVENT_COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_type,
 /// A window row that only marks a position (`kind` FIRST or LAST).
 const MARK: &str =
     "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, transaction_id, global_position";
+/// Whether the row's predecessor (its aggregate's previous version) lies
+/// after it in the feed: an order violation. One probe of the
+/// `(aggregate_id, version)` index per row, for subscriptions by event type,
+/// whose aggregates' versions skip as a rule.
+const PREDECESSOR_AHEAD: &str = "w.version > 1 AND EXISTS (SELECT FROM events p \
+     WHERE p.aggregate_id = w.aggregate_id AND p.version = w.version - 1 \
+       AND (p.transaction_id, p.global_position) > (w.transaction_id, w.global_position))";
 const IN_DEAD_LETTERS: &str = "aggregate_id IN (SELECT d.aggregate_id FROM projection_dead_letters d \
      WHERE d.projection = $7)";
 
@@ -294,6 +325,12 @@ impl Feed {
     /// window's first ([`FIRST`]) and, when it is full, last ([`LAST`])
     /// position. `$8`: the indexed column's types, `$9`: the other's.
     fn window_subscribed(index: &Index, many: bool) -> String {
+        let column = index.column;
+        let (probe, no_probe) = if column == "event_type" {
+            (format!(", {PREDECESSOR_AHEAD}"), ", FALSE")
+        } else {
+            (String::new(), "")
+        };
         let window = Bounds {
             name: "$8",
             after: "$1, $2",
@@ -307,13 +344,14 @@ impl Feed {
             let window = merged(EVENT_COLUMNS, "$6");
             return format!(
                 "WITH w AS MATERIALIZED ({window})
-                 (SELECT {EVENT_COLUMNS}, 0 AS kind, {IN_DEAD_LETTERS} FROM w
+                 (SELECT {EVENT_COLUMNS}, 0 AS kind, {IN_DEAD_LETTERS}{probe} FROM w
                    WHERE $4 = 1 OR chronicle_partition(aggregate_id, $4) = $5
                    ORDER BY transaction_id, global_position)
                  UNION ALL
-                 (SELECT {MARK}, 1, FALSE FROM w ORDER BY transaction_id, global_position LIMIT 1)
+                 (SELECT {MARK}, 1, FALSE{no_probe} FROM w
+                   ORDER BY transaction_id, global_position LIMIT 1)
                  UNION ALL
-                 (SELECT {MARK}, 2, FALSE FROM w ORDER BY transaction_id, global_position
+                 (SELECT {MARK}, 2, FALSE{no_probe} FROM w ORDER BY transaction_id, global_position
                   OFFSET $6 - 1 LIMIT 1)"
             );
         } else {
@@ -324,14 +362,14 @@ impl Feed {
             )
         };
         format!(
-            "(SELECT {EVENT_COLUMNS}, 0 AS kind, {IN_DEAD_LETTERS}
+            "(SELECT {EVENT_COLUMNS}, 0 AS kind, {IN_DEAD_LETTERS}{probe}
                 FROM ({}) AS w
                WHERE $4 = 1 OR chronicle_partition(aggregate_id, $4) = $5
-               ORDER BY transaction_id, global_position)
+               ORDER BY {column}, transaction_id, global_position)
              UNION ALL
-             (SELECT {MARK}, 1, FALSE FROM ({first}) AS f)
+             (SELECT {MARK}, 1, FALSE{no_probe} FROM ({first}) AS f)
              UNION ALL
-             (SELECT {MARK}, 2, FALSE FROM ({last}) AS l)",
+             (SELECT {MARK}, 2, FALSE{no_probe} FROM ({last}) AS l)",
             merged(EVENT_COLUMNS, "$6")
         )
     }
@@ -365,14 +403,17 @@ impl Feed {
         let count_all = format!("SELECT count(*) FROM {}", backlog("aggregate_id"));
         // The partition's oldest pending event: each type's first in the
         // partition among its next `$12`, the oldest of those.
+        // (In the scan's own order: one that says `column` first lets the
+        // plan stop at the first row instead of sorting the whole backlog.)
+        let column = index.column;
         let mine = |name: &'static str| {
             format!(
                 "SELECT b.timestamp, b.transaction_id, b.global_position
                    FROM ({} LIMIT $12) AS b
                   WHERE chronicle_partition(b.aggregate_id, $11) = $2
-                  ORDER BY b.transaction_id, b.global_position LIMIT 1",
+                  ORDER BY b.{column}, b.transaction_id, b.global_position LIMIT 1",
                 index.scan(
-                    "aggregate_id, timestamp, transaction_id, global_position",
+                    &format!("aggregate_id, timestamp, transaction_id, global_position, {column}"),
                     at(name)
                 )
             )
@@ -409,6 +450,17 @@ impl Feed {
     /// Whether every event is taken.
     pub(crate) fn takes_all(&self) -> bool {
         self.indexed.is_none()
+    }
+
+    /// How the step checks version order for this subscription.
+    pub(crate) fn order_check(&self) -> OrderCheck {
+        if self.takes_all() {
+            OrderCheck::Consecutive
+        } else if self.subscription.event_types().is_empty() {
+            OrderCheck::Gaps
+        } else {
+            OrderCheck::Probed
+        }
     }
 
     /// Whether each window row is the partition's event: one partition and
@@ -486,7 +538,11 @@ mod tests {
         );
         assert!(!by_event.window_is_whole(1));
         let window = by_event.window_sql();
-        assert!(window.contains("WHERE event_type = t.name"), "{window}");
+        assert!(
+            window
+                .contains("WHERE (event_type, transaction_id, global_position) > (t.name, $1, $2)"),
+            "{window}"
+        );
         assert!(
             window.contains("(event_type, transaction_id, global_position) > (t.name, $1, $2)")
         );
@@ -496,7 +552,11 @@ mod tests {
 
         let by_aggregate = Feed::new(Subscription::all().with_aggregate_types(["user"]), 4);
         let window = by_aggregate.window_sql();
-        assert!(window.contains("WHERE aggregate_type = $8"), "{window}");
+        assert!(
+            window
+                .contains("WHERE (aggregate_type, transaction_id, global_position) > ($8, $1, $2)"),
+            "{window}"
+        );
         assert!(!window.contains("$9"), "no other column: {window}");
         assert!(
             !window.contains("unnest"),

@@ -15,7 +15,7 @@ use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::alert::LogAlertSink;
-use crate::feed::{EVENT, FIRST, Feed, LAST, WINDOW_KIND};
+use crate::feed::{EVENT, FIRST, Feed, LAST, OrderCheck, WINDOW_KIND};
 use crate::sql::{Xid8, envelope};
 use crate::{Error, PgContext, Result, RetryPolicy};
 
@@ -673,6 +673,7 @@ impl PgProjection {
             .query_raw(ctx.conn(), self.feed.window_sql(), &params)
             .await?;
         futures_util::pin_mut!(rows);
+        let probed = self.feed.order_check() == OrderCheck::Probed;
         let mut events = Vec::new();
         let mut blocked = AggregateSet::default();
         let mut seen_window = Window::default();
@@ -683,6 +684,15 @@ impl PgProjection {
                     let event = envelope(&row)?;
                     if row.get::<_, bool>(WINDOW_KIND + 1) {
                         blocked.insert(event.aggregate_id);
+                    }
+                    if probed && row.get::<_, bool>(WINDOW_KIND + 2) {
+                        return Err(Error::OrderViolation {
+                            projection: self.name.to_string(),
+                            partition,
+                            aggregate_id: event.aggregate_id,
+                            version: event.version,
+                            missing: event.version - 1,
+                        });
                     }
                     last = Some(event.position);
                     events.push(event);
@@ -886,8 +896,9 @@ impl PgProjection {
             version,
             missing,
         };
-        let gaps = !self.feed.takes_all();
-        let order = batch_order(events, seen, gaps);
+        let check = self.feed.order_check();
+        let gaps = check == OrderCheck::Gaps;
+        let order = batch_order(events, seen, check);
         let in_batch = order
             .in_batch
             .map(|(aggregate_id, version, missing)| violation(aggregate_id, version, missing));
@@ -1511,17 +1522,23 @@ struct BatchOrder {
     in_batch: Option<(Uuid, u32, u32)>,
     /// For each aggregate's first event in the batch with a version above
     /// 1 and not met in an earlier batch: the aggregate and the version
-    /// that must already be handled. With `gaps`, also each event whose
-    /// predecessor is not the event met before it: the version that must
-    /// come before it in the feed.
+    /// that must already be handled. With [`OrderCheck::Gaps`], also each
+    /// event whose predecessor is not the event met before it: the version
+    /// that must come before it in the feed. None with
+    /// [`OrderCheck::Probed`]: the window statement looked each up.
     predecessors: Vec<(Uuid, u32)>,
 }
 
 /// Checks each aggregate's versions in `events` against each other and
-/// against the versions `seen` before. With `gaps` (a subscription that
-/// takes some of an aggregate's events), versions may skip, and a skipped
-/// predecessor is looked up instead of being a violation.
-fn batch_order(events: &[EventEnvelope], seen: &AggregateMap<u32>, gaps: bool) -> BatchOrder {
+/// against the versions `seen` before. Under a subscription (`check` other
+/// than [`OrderCheck::Consecutive`]) versions may skip: a skipped
+/// predecessor is looked up instead of being a violation, or was probed by
+/// the window statement already.
+fn batch_order(
+    events: &[EventEnvelope],
+    seen: &AggregateMap<u32>,
+    check: OrderCheck,
+) -> BatchOrder {
     let mut last = AggregateMap::with_capacity_and_hasher(events.len(), Default::default());
     let mut order = BatchOrder::default();
     for e in events {
@@ -1531,9 +1548,10 @@ fn batch_order(events: &[EventEnvelope], seen: &AggregateMap<u32>, gaps: bool) -
         {
             // Events the subscription does not take lie between: the
             // one before must come before this one.
-            Some(&v) if gaps && e.version > v + 1 => {
+            Some(&v) if check == OrderCheck::Gaps && e.version > v + 1 => {
                 order.predecessors.push((e.aggregate_id, e.version - 1));
             }
+            Some(&v) if check == OrderCheck::Probed && e.version > v + 1 => {}
             // A gap: the missing version comes later.
             Some(&v) if e.version > v + 1 => {
                 order
@@ -1545,7 +1563,9 @@ fn batch_order(events: &[EventEnvelope], seen: &AggregateMap<u32>, gaps: bool) -
                 order.in_batch.get_or_insert((e.aggregate_id, v, e.version));
             }
             Some(_) => {}
-            None if e.version > 1 => order.predecessors.push((e.aggregate_id, e.version - 1)),
+            None if e.version > 1 && check != OrderCheck::Probed => {
+                order.predecessors.push((e.aggregate_id, e.version - 1))
+            }
             None => {}
         }
         last.insert(e.aggregate_id, e.version);
@@ -1589,7 +1609,7 @@ mod tests {
         let order = batch_order(
             &[event(a, 1), event(b, 4), event(a, 2), event(b, 5)],
             &none,
-            false,
+            OrderCheck::Consecutive,
         );
         assert_eq!(order.in_batch, None);
         assert_eq!(
@@ -1603,12 +1623,12 @@ mod tests {
     fn a_gap_or_a_step_back_is_a_violation() {
         let a = Uuid::now_v7();
         let none = AggregateMap::default();
-        let gap = batch_order(&[event(a, 1), event(a, 3)], &none, false);
+        let gap = batch_order(&[event(a, 1), event(a, 3)], &none, OrderCheck::Consecutive);
         assert_eq!(gap.in_batch, Some((a, 3, 2)));
-        let back = batch_order(&[event(a, 2), event(a, 1)], &none, false);
+        let back = batch_order(&[event(a, 2), event(a, 1)], &none, OrderCheck::Consecutive);
         assert_eq!(back.in_batch, Some((a, 2, 1)));
         assert_eq!(back.predecessors, [(a, 1)]);
-        let repeat = batch_order(&[event(a, 1), event(a, 1)], &none, false);
+        let repeat = batch_order(&[event(a, 1), event(a, 1)], &none, OrderCheck::Consecutive);
         assert_eq!(repeat.in_batch, Some((a, 1, 1)));
     }
 
@@ -1619,17 +1639,17 @@ mod tests {
         let order = batch_order(
             &[event(a, 4), event(b, 8), event(c, 2), event(a, 5)],
             &seen,
-            false,
+            OrderCheck::Consecutive,
         );
         assert_eq!(order.in_batch, None);
         assert_eq!(order.predecessors, [(c, 1)], "only c was never met");
-        let skipped = batch_order(&[event(b, 9)], &seen, false);
+        let skipped = batch_order(&[event(b, 9)], &seen, OrderCheck::Consecutive);
         assert_eq!(
             skipped.in_batch,
             Some((b, 9, 8)),
             "b's version 8 never came"
         );
-        let again = batch_order(&[event(a, 3)], &seen, false);
+        let again = batch_order(&[event(a, 3)], &seen, OrderCheck::Consecutive);
         assert_eq!(again.in_batch, Some((a, 3, 3)), "a's version 3 came before");
     }
 
@@ -1637,15 +1657,27 @@ mod tests {
     fn a_subscription_skips_versions_and_looks_the_skipped_one_up() {
         let a = Uuid::now_v7();
         let seen: AggregateMap<u32> = [(a, 2)].into_iter().collect();
-        let order = batch_order(&[event(a, 5), event(a, 6), event(a, 9)], &seen, true);
+        let order = batch_order(
+            &[event(a, 5), event(a, 6), event(a, 9)],
+            &seen,
+            OrderCheck::Gaps,
+        );
         assert_eq!(order.in_batch, None);
         assert_eq!(
             order.predecessors,
             [(a, 4), (a, 8)],
             "versions 4 and 8 must come before 5 and 9"
         );
-        let back = batch_order(&[event(a, 2)], &seen, true);
+        let back = batch_order(&[event(a, 2)], &seen, OrderCheck::Gaps);
         assert_eq!(back.in_batch, Some((a, 2, 2)), "still never a step back");
+        let probed = batch_order(&[event(a, 5), event(a, 9)], &seen, OrderCheck::Probed);
+        assert_eq!(
+            probed,
+            BatchOrder::default(),
+            "the window statement looked them up"
+        );
+        let back = batch_order(&[event(a, 9), event(a, 5)], &seen, OrderCheck::Probed);
+        assert_eq!(back.in_batch, Some((a, 9, 5)));
     }
 
     #[test]

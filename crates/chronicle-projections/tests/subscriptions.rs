@@ -347,3 +347,66 @@ async fn an_impossible_subscription_is_refused_before_anything_runs() {
     .unwrap_err();
     assert!(err.to_string().contains("50 characters"), "{err}");
 }
+
+/// The feed hands out an aggregate's version 2 before its version 1 (an
+/// append inside a transaction that had already written); a subscription
+/// still stops the partition instead of applying them out of order.
+#[tokio::test]
+async fn out_of_order_versions_stop_a_subscribed_partition() {
+    for (name, subscription) in [
+        (
+            "order-by-event",
+            Subscription::all().with_event_types(["Deposited"]),
+        ),
+        (
+            "order-by-aggregate",
+            Subscription::all().with_aggregate_types(["account"]),
+        ),
+    ] {
+        let db = fresh_db().await;
+        let account = Uuid::now_v7();
+        let mut c1 = db.pool.get().await.unwrap();
+        let t1 = c1.transaction().await.unwrap();
+        t1.query_typed("SELECT pg_current_xact_id()", &[])
+            .await
+            .unwrap();
+        crate::ledger::append_one(&db, account, json!({ "amount": 1 })).await;
+        t1.query_typed(
+            "SELECT status FROM chronicle_append($1, 'account', NULL, ARRAY[$2]::uuid[], ARRAY['Deposited'],
+                    ARRAY['{\"amount\": 2}'::jsonb], ARRAY['{}'::jsonb], ARRAY[NULL::jsonb])",
+            &[
+                (&account, tokio_postgres::types::Type::UUID),
+                (&Uuid::now_v7(), tokio_postgres::types::Type::UUID),
+            ],
+        )
+        .await
+        .unwrap();
+        t1.commit().await.unwrap();
+        wait_for_horizon(&db).await;
+
+        let recorder = Recorder::new(name, subscription);
+        let options = ProjectionOptions {
+            partitions: 1,
+            ..ProjectionOptions::default()
+        };
+        let projection = PgProjection::new(db.pool.clone(), recorder.clone(), options).unwrap();
+        projection.register().await.unwrap();
+        let err = projection.step(0, "w").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::OrderViolation {
+                    version: 2,
+                    missing: 1,
+                    ..
+                }
+            ),
+            "{name}: {err}"
+        );
+        assert!(recorder.seen().is_empty(), "{name}: nothing handled");
+        assert_eq!(
+            projection.state().await.unwrap()[0].status,
+            chronicle_core::ProjectionStatus::Failed
+        );
+    }
+}
