@@ -19,8 +19,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, IsolationLevel, Row};
 use uuid::Uuid;
 
-use crate::types::Xid8;
 use crate::{Error, PgEventStore, PgPool};
+use chronicle_sql::Xid8;
 
 /// The columns [`record`] decodes, in order.
 const RECORD_COLUMNS: &str = "id, chain, seq, at, operation, outcome, subject, key_id, kek_id, \

@@ -40,7 +40,6 @@ mod keys;
 mod listen;
 pub mod migrate;
 mod reencrypt;
-mod statements;
 mod status;
 mod store;
 #[cfg(feature = "testing")]
@@ -48,40 +47,20 @@ pub mod testing;
 mod types;
 
 pub use audit::{AUDIT_CHAINS, AuditQuery, DEFAULT_VERIFY_PAGE, PgAuditSink};
+pub use chronicle_sql::Statements;
 pub use connect::{PgOptions, PgPool, SslMode};
 pub use error::{Error, Result};
 pub use keys::{DataKeyInfo, KEYS_CHANNEL, KeyListenerState, PgDataKeyStore, PgKeyListener};
 pub use listen::{EVENTS_CHANNEL, Listener};
 pub use migrate::{MigrateOptions, MigrateReport, ensure_schema, migrate};
 pub use reencrypt::{PgReencryptor, ReencryptProgress};
-pub use statements::Statements;
 pub use status::{OpenTransaction, StoreStatus};
 pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, PgEventStore};
 
 /// Wire types and row decoding for crates that query the store's tables
-/// themselves.
+/// themselves (from `chronicle-sql`).
 pub mod sql {
-    pub use crate::store::{EVENT_COLUMNS, decode_event};
-    pub use crate::types::Xid8;
-
-    /// Whether `name` is a plain identifier of at most `max_len` bytes:
-    /// lowercase ASCII letters, digits and `_`, not starting with a digit.
-    /// Such a name can go into SQL text (a schema, a channel) unquoted.
-    ///
-    /// ```
-    /// use chronicle_postgres::sql::is_plain_identifier;
-    /// assert!(is_plain_identifier("user_profile", 63));
-    /// assert!(!is_plain_identifier("User-Profile", 63));
-    /// assert!(!is_plain_identifier("x'; DROP TABLE events;--", 63));
-    /// ```
-    pub fn is_plain_identifier(name: &str, max_len: usize) -> bool {
-        !name.is_empty()
-            && name.len() <= max_len
-            && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    }
+    pub use chronicle_sql::{EVENT_COLUMNS, Xid8, decode_event, is_plain_identifier};
 }
 
 #[cfg(test)]

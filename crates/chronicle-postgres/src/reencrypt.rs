@@ -9,8 +9,8 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::keys::PgDataKeyStore;
-use crate::store::{EVENT_COLUMNS as COLUMNS, decode_event};
 use crate::{Error, PgPool};
+use chronicle_sql::{EVENT_COLUMNS as COLUMNS, decode_event};
 
 /// How far a re-encryption run got.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

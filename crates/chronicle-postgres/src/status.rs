@@ -3,8 +3,8 @@
 use chronicle_core::Position;
 use serde::Serialize;
 
-use crate::types::Xid8;
 use crate::{PgEventStore, Result, migrate};
+use chronicle_sql::Xid8;
 
 /// The state of an event store at a glance.
 #[derive(Debug, Clone, PartialEq, Serialize)]

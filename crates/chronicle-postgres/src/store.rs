@@ -11,20 +11,15 @@ use chronicle_core::{
 };
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use chronicle_crypto::{AuditedAppend, DataKeyId};
 
-use crate::types::{JsonbText, MetadataColumn, Xid8};
+use crate::types::JsonbText;
 use crate::{Error, PgPool};
-
-/// The columns every read of `events` selects, in the order
-/// [`decode_event`] decodes them.
-pub const EVENT_COLUMNS: &str = "event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, \
-                       version, timestamp, encrypted_fields, transaction_id, global_position";
+use chronicle_sql::{EVENT_COLUMNS, Xid8, decode_event};
 
 /// Raised by `chronicle_append` when only part of a batch could be
 /// inserted; the statement is aborted, so nothing of the batch is kept.
@@ -464,27 +459,6 @@ fn json_kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// Decodes a row of `events` selected with [`EVENT_COLUMNS`] (for crates
-/// that run their own queries on the table, such as the projection step).
-pub fn decode_event(row: &Row) -> Result<EventEnvelope, tokio_postgres::Error> {
-    let version: i32 = row.try_get(6)?;
-    let timestamp: Option<DateTime<Utc>> = row.try_get(7)?;
-    let encrypted: Option<Vec<String>> = row.try_get(8)?;
-    let xid: Xid8 = row.try_get(9)?;
-    Ok(EventEnvelope {
-        event_id: row.try_get(0)?,
-        aggregate_id: row.try_get(1)?,
-        aggregate_type: row.try_get(2)?,
-        event_type: row.try_get(3)?,
-        event_data: row.try_get(4)?,
-        metadata: row.try_get::<_, MetadataColumn>(5)?.0,
-        version: u32::try_from(version).unwrap_or(0),
-        timestamp: timestamp.unwrap_or_default(),
-        encrypted_fields: encrypted.unwrap_or_default(),
-        position: Position::new(xid.0, row.try_get(10)?),
-    })
 }
 
 /// An append that made no key current.

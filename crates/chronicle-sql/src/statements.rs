@@ -4,24 +4,24 @@
 //! unnamed one on every call. Behind a pooler in transaction mode that
 //! cannot keep prepared statements (PgBouncer before 1.21), only unnamed
 //! statements work: [`Statements`] sends the same typed query either way,
-//! as [`crate::PgOptions::statement_cache`] says.
+//! as the store's `statement_cache` setting says.
 
-use deadpool_postgres::Object;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Error, Row, RowStream};
 
-/// Typed queries on a pooled connection, prepared and cached per
-/// connection when `cache` is on, else sent unnamed.
+use crate::Connection;
+
+/// Typed queries on a [`Connection`], prepared and cached per connection
+/// when `cache` is on, else sent unnamed.
 ///
 /// ```no_run
-/// # async fn demo(pool: chronicle_postgres::PgPool) -> Result<(), Box<dyn std::error::Error>> {
-/// use chronicle_postgres::Statements;
+/// # async fn demo(conn: &dyn chronicle_sql::Connection) -> Result<(), Box<dyn std::error::Error>> {
+/// use chronicle_sql::Statements;
 /// use tokio_postgres::types::Type;
 ///
-/// let conn = pool.get().await?;
 /// let statements = Statements::new(true);
 /// let row = statements
-///     .query_one(&conn, "SELECT count(*) FROM events WHERE aggregate_type = $1", &[(&"user", Type::TEXT)])
+///     .query_one(conn, "SELECT count(*) FROM events WHERE aggregate_type = $1", &[(&"user", Type::TEXT)])
 ///     .await?;
 /// let count: i64 = row.get(0);
 /// # Ok(()) }
@@ -31,7 +31,8 @@ pub struct Statements {
     cache: bool,
 }
 
-type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
+/// Typed parameters: each value with its PostgreSQL type.
+pub type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
 impl Statements {
     /// Prepared and cached when `cache`, else unnamed.
@@ -42,59 +43,60 @@ impl Statements {
     /// The one row of `sql`; an error when there is none or more.
     pub async fn query_one(
         &self,
-        conn: &Object,
+        conn: &dyn Connection,
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Row, Error> {
         if !self.cache {
-            return conn.query_typed_one(sql, params).await;
+            return conn.client().query_typed_one(sql, params).await;
         }
-        let statement = conn.prepare_typed_cached(sql, &types(params)).await?;
-        conn.query_one(&statement, &values(params)).await
+        let statement = conn.prepare_cached(sql, &types(params)).await?;
+        conn.client().query_one(&statement, &values(params)).await
     }
 
     /// The row of `sql`, if any; an error when there are more.
     pub async fn query_opt(
         &self,
-        conn: &Object,
+        conn: &dyn Connection,
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Option<Row>, Error> {
         if !self.cache {
-            return conn.query_typed_opt(sql, params).await;
+            return conn.client().query_typed_opt(sql, params).await;
         }
-        let statement = conn.prepare_typed_cached(sql, &types(params)).await?;
-        conn.query_opt(&statement, &values(params)).await
+        let statement = conn.prepare_cached(sql, &types(params)).await?;
+        conn.client().query_opt(&statement, &values(params)).await
     }
 
     /// The rows of `sql` as a stream, decoded as they arrive.
     pub async fn query_raw(
         &self,
-        conn: &Object,
+        conn: &dyn Connection,
         sql: &str,
         params: &Params<'_>,
     ) -> Result<RowStream, Error> {
         if !self.cache {
             return conn
+                .client()
                 .query_typed_raw(sql, params.iter().map(|(v, t)| (*v, t.clone())))
                 .await;
         }
-        let statement = conn.prepare_typed_cached(sql, &types(params)).await?;
-        conn.query_raw(&statement, values(params)).await
+        let statement = conn.prepare_cached(sql, &types(params)).await?;
+        conn.client().query_raw(&statement, values(params)).await
     }
 
     /// The number of rows `sql` changed.
     pub async fn execute(
         &self,
-        conn: &Object,
+        conn: &dyn Connection,
         sql: &str,
         params: &Params<'_>,
     ) -> Result<u64, Error> {
         if !self.cache {
-            return conn.execute_typed(sql, params).await;
+            return conn.client().execute_typed(sql, params).await;
         }
-        let statement = conn.prepare_typed_cached(sql, &types(params)).await?;
-        conn.execute(&statement, &values(params)).await
+        let statement = conn.prepare_cached(sql, &types(params)).await?;
+        conn.client().execute(&statement, &values(params)).await
     }
 }
 
