@@ -17,12 +17,12 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::projection::Applied;
 use crate::queue::{
     LETTER_COLUMNS, Removed, group_letters, lock_groups, queue_depth, record_failure, remove_head,
 };
 use crate::sql::{COLUMNS, Xid8, envelope};
 use crate::{Error, PgContext, PgProjection, Result};
+use chronicle_step::Applied;
 
 /// Why an event is in the dead-letter queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,7 +228,7 @@ impl PgProjection {
         match result {
             Ok(report) => {
                 ctx.commit().await?;
-                self.send_alerts(&alerts).await;
+                self.portable().send_alerts(&alerts).await;
                 Ok(report)
             }
             Err(e) => {

@@ -58,32 +58,25 @@
 //! ```
 #![deny(missing_docs)]
 
-mod alert;
 mod config;
-mod context;
 pub mod dlq;
-mod error;
-mod feed;
 mod metrics;
 mod projection;
 mod queue;
-mod retry;
 mod runner;
 mod sql;
 mod state;
 mod webhook;
 
-pub use alert::LogAlertSink;
-pub use config::{ConfigError, DeploymentConfig, HandlerRegistry, ProjectionConfig, Provider};
-pub use context::PgContext;
-pub use dlq::{DeadLetter, DeadLetterDetail, DeadLetterState, ReplayReport};
-pub use error::{Error, Result};
-pub use metrics::{install_metrics_recorder, render_metrics, serve_metrics};
-pub use projection::{
-    BlueGreenReport, LAG_COUNT_CAP, PgProjection, ProjectionOptions, StepOutcome,
+pub use chronicle_step::{
+    Error, LAG_COUNT_CAP, LogAlertSink, PgContext, ProjectionOptions, ProjectionStep, Result,
+    RetryPolicy, StepOutcome,
 };
+pub use config::{ConfigError, DeploymentConfig, HandlerRegistry, ProjectionConfig, Provider};
+pub use dlq::{DeadLetter, DeadLetterDetail, DeadLetterState, ReplayReport};
+pub use metrics::{install_metrics_recorder, render_metrics, serve_metrics};
+pub use projection::{BlueGreenReport, PgProjection, PoolSource, TokioRuntime};
 pub use queue::{PgDeadLetterQueue, QueueError};
-pub use retry::RetryPolicy;
 pub use runner::{LocalAdapter, Runner, RunnerOptions};
 pub use state::load as load_state;
 pub use webhook::WebhookAlertSink;

@@ -205,7 +205,7 @@ impl PgDeadLetterQueue {
     async fn begin(&self) -> Result<PgContext, QueueError> {
         let conn = self.pool.get().await?;
         Ok(PgContext::begin(
-            conn,
+            Box::new(conn),
             Arc::from(self.projection.as_str()),
             None,
             Arc::from("dead-letter-queue"),

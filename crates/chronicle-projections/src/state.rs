@@ -5,7 +5,6 @@ use chronicle_postgres::PgPool;
 use tokio_postgres::types::Type;
 
 use crate::Result;
-use crate::feed::Feed;
 use crate::sql::Xid8;
 
 /// The state of every partition of `projection` (`None`: of every
@@ -35,7 +34,7 @@ pub async fn load(pool: &PgPool, projection: Option<&str>) -> Result<Vec<Project
         .map(|r| {
             let projection: String = r.get(0);
             Ok(ProjectionState {
-                subscription: Feed::read_stored(&projection, r.get(15))?,
+                subscription: chronicle_step::read_stored_subscription(&projection, r.get(15))?,
                 projection,
                 partition: r.get::<_, i32>(1) as u32,
                 partitions: r.get::<_, i32>(2) as u32,

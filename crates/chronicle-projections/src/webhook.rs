@@ -281,7 +281,7 @@ impl AlertSink for WebhookAlertSink {
                 )
                 .into());
             }
-            tokio::time::sleep(self.retry.delay(attempt)).await;
+            tokio::time::sleep(self.retry.delay_with(attempt, rand::random())).await;
         }
     }
 }

@@ -66,9 +66,12 @@ impl Connection for deadpool_postgres::Object {
 /// use tokio_postgres::types::Type;
 ///
 /// let conn = SingleConnection::new(client);
-/// let first = conn.prepare_cached("SELECT $1::int8", &[Type::INT8]).await?;
+/// // Parsed and planned on the server once; the second call is the cache's.
+/// let statement = conn.prepare_cached("SELECT $1::int8", &[Type::INT8]).await?;
 /// let again = conn.prepare_cached("SELECT $1::int8", &[Type::INT8]).await?;
-/// assert_eq!(first.name(), again.name(), "prepared once");
+/// let row = conn.client().query_one(&again, &[&7i64]).await?;
+/// assert_eq!(row.get::<_, i64>(0), 7);
+/// # drop(statement);
 /// # Ok(()) }
 /// ```
 pub struct SingleConnection {

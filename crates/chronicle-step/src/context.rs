@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use deadpool_postgres::Object;
+use chronicle_sql::Connection;
 
 use crate::Result;
 
@@ -17,7 +17,7 @@ use crate::Result;
 /// a transaction-mode pooler, and do not issue `BEGIN`, `COMMIT` or
 /// `ROLLBACK` yourself.
 pub struct PgContext {
-    conn: Option<Object>,
+    conn: Option<Box<dyn Connection>>,
     open: bool,
     projection: Arc<str>,
     partition: Option<u32>,
@@ -35,9 +35,10 @@ impl std::fmt::Debug for PgContext {
 }
 
 impl PgContext {
-    /// Opens a transaction on `conn`.
-    pub(crate) async fn begin(
-        conn: Object,
+    /// Opens a transaction on `conn` for `projection` (a runtime's own
+    /// work outside a step: a dead-letter replay, a rebuild).
+    pub async fn begin(
+        conn: Box<dyn Connection>,
         projection: Arc<str>,
         partition: Option<u32>,
         worker: Arc<str>,
@@ -57,7 +58,7 @@ impl PgContext {
     /// Takes `conn` for a transaction whose `BEGIN` the caller sends itself,
     /// pipelined with the transaction's first statement.
     pub(crate) fn deferred(
-        conn: Object,
+        conn: Box<dyn Connection>,
         projection: Arc<str>,
         partition: Option<u32>,
         worker: Arc<str>,
@@ -71,18 +72,16 @@ impl PgContext {
         }
     }
 
-    /// The pooled connection, for the runtime's cached statements.
-    pub(crate) fn conn(&self) -> &Object {
+    /// The connection, for the runtime's cached statements.
+    pub fn connection(&self) -> &dyn Connection {
         self.conn
-            .as_ref()
+            .as_deref()
             .expect("the connection is held until commit")
     }
 
     /// The connection, inside the step's transaction.
     pub fn client(&self) -> &tokio_postgres::Client {
-        self.conn
-            .as_ref()
-            .expect("the connection is held until commit")
+        self.connection().client()
     }
 
     /// The projection being run.
@@ -101,28 +100,34 @@ impl PgContext {
         &self.worker
     }
 
-    pub(crate) fn set_partition(&mut self, partition: Option<u32>) {
+    /// Says which partition the work is on (a replay that locked an
+    /// aggregate's partition).
+    pub fn set_partition(&mut self, partition: Option<u32>) {
         self.partition = partition;
     }
 
-    /// Commits and gives the connection back to the pool.
-    pub(crate) async fn commit(mut self) -> Result<()> {
-        let result = self.client().batch_execute("COMMIT").await;
-        if result.is_ok() {
-            self.open = false;
-        }
-        Ok(result?)
+    /// Commits; the connection back, for more work or its pool.
+    pub async fn commit(mut self) -> Result<Box<dyn Connection>> {
+        self.client().batch_execute("COMMIT").await?;
+        self.open = false;
+        Ok(self
+            .conn
+            .take()
+            .expect("the connection is held until commit"))
     }
 
-    /// Rolls back and gives the connection back to the pool.
-    pub(crate) async fn rollback(mut self) {
+    /// Rolls back; the connection back, unless the rollback failed (it is
+    /// then discarded: it may still be inside the transaction).
+    pub async fn rollback(mut self) -> Option<Box<dyn Connection>> {
         if self.client().batch_execute("ROLLBACK").await.is_ok() {
             self.open = false;
+            return self.conn.take();
         }
+        None
     }
 
     /// Runs `sql` (no parameters) in the transaction.
-    pub(crate) async fn exec(&self, sql: &str) -> Result<()> {
+    pub async fn exec(&self, sql: &str) -> Result<()> {
         Ok(self.client().batch_execute(sql).await?)
     }
 }
@@ -131,10 +136,10 @@ impl Drop for PgContext {
     fn drop(&mut self) {
         if self.open {
             // Dropped mid-transaction (a cancelled task, a failed COMMIT):
-            // never return a connection with an open transaction to the
-            // pool. Closing it makes the server roll back.
+            // never hand a connection with an open transaction on. Closing
+            // it makes the server roll back.
             if let Some(conn) = self.conn.take() {
-                drop(Object::take(conn));
+                conn.discard();
             }
         }
     }

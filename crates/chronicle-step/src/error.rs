@@ -12,8 +12,9 @@ pub enum Error {
     /// A query failed.
     #[error("PostgreSQL error in projection runtime: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
-    /// No connection could be taken from the pool.
-    #[error("cannot get a database connection from the pool: {0}")]
+    /// No connection could be had (from a pool, or opened by a serverless
+    /// invocation).
+    #[error("cannot get a database connection: {0}")]
     Pool(String),
     /// The projection is registered with another partition count.
     #[error(
@@ -130,6 +131,7 @@ pub enum Error {
     },
 }
 
+#[cfg(feature = "deadpool")]
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
@@ -139,8 +141,9 @@ impl From<deadpool_postgres::PoolError> for Error {
     }
 }
 
-/// The database's own message with its SQLSTATE, when there is one.
-pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+/// The database's own message with its SQLSTATE, when there is one, else
+/// the error with its source.
+pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
         None => {

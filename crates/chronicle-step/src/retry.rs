@@ -11,7 +11,7 @@ use std::time::Duration;
 ///
 /// ```
 /// use std::time::Duration;
-/// use chronicle_projections::RetryPolicy;
+/// use chronicle_step::RetryPolicy;
 ///
 /// let policy = RetryPolicy::default();
 /// assert_eq!(policy.max_retries, 3);
@@ -75,11 +75,6 @@ impl RetryPolicy {
         self.base_delay(retry).mul_f64(factor)
     }
 
-    /// The delay before retry `retry` (1-based), with a random jitter.
-    pub fn delay(&self, retry: u32) -> Duration {
-        self.delay_with(retry, rand::random::<f64>())
-    }
-
     pub(crate) fn validate(&self) -> crate::Result<()> {
         let bad = |option, reason: &str| {
             Err(crate::Error::Config {
@@ -131,8 +126,8 @@ mod tests {
             let base = p.base_delay(retry);
             assert_eq!(p.delay_with(retry, 0.0), base / 2, "lower edge is base/2");
             assert_eq!(p.delay_with(retry, 1.0), base, "upper edge is base");
-            for _ in 0..200 {
-                let d = p.delay(retry);
+            for i in 0..=200 {
+                let d = p.delay_with(retry, f64::from(i) / 200.0);
                 assert!(
                     d >= base / 2 && d <= base,
                     "retry {retry}: {d:?} outside [{:?}, {base:?}]",
@@ -145,8 +140,10 @@ mod tests {
     #[test]
     fn jitter_actually_spreads_delays() {
         let p = RetryPolicy::default();
-        let draws: std::collections::HashSet<_> = (0..50).map(|_| p.delay(2)).collect();
-        assert!(draws.len() > 10, "random delays should differ: {draws:?}");
+        let draws: std::collections::HashSet<_> = (0..50)
+            .map(|i| p.delay_with(2, f64::from(i) / 49.0))
+            .collect();
+        assert_eq!(draws.len(), 50, "each draw gives its own delay: {draws:?}");
     }
 
     #[test]
@@ -155,7 +152,8 @@ mod tests {
             jitter: 0.0,
             ..RetryPolicy::default()
         };
-        assert_eq!(p.delay(2), Duration::from_millis(200));
+        assert_eq!(p.delay_with(2, 0.0), Duration::from_millis(200));
+        assert_eq!(p.delay_with(2, 1.0), Duration::from_millis(200));
     }
 
     #[test]
