@@ -45,6 +45,9 @@ pub struct WorkerSettings {
     /// The lease owner this invocation writes into `projection_state`
     /// (default `cloudflare-` and a random suffix).
     pub worker_id: String,
+    /// The read model's own schema, first on the handler's search path
+    /// (see `ProjectionStep::with_read_model_schema`), if it has one.
+    pub read_model_schema: Option<String>,
 }
 
 impl WorkerSettings {
@@ -71,6 +74,7 @@ impl WorkerSettings {
                 "cloudflare-{:08x}",
                 (worker::js_sys::Math::random() * f64::from(u32::MAX)) as u32
             ),
+            read_model_schema: None,
         })
     }
 }
@@ -215,7 +219,10 @@ async fn run<H>(
 where
     H: ProjectionHandler<PgContext> + 'static,
 {
-    let step = ProjectionStep::new(handler, settings.options.clone()).map_err(step_error)?;
+    let mut step = ProjectionStep::new(handler, settings.options.clone()).map_err(step_error)?;
+    if let Some(schema) = &settings.read_model_schema {
+        step = step.with_read_model_schema(schema).map_err(step_error)?;
+    }
     let (client, connection) = connect(env).await?;
     let work = async move {
         let source = OneConnection::new(SingleConnection::new(client));

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chronicle_core::{
     Aggregate, DomainEvent, EventEnvelope, ProjectionHandler, ProjectionResult, Subscription,
 };
-use chronicle_projections::PgContext;
+use chronicle_step::PgContext;
 use tokio_postgres::types::Type;
 
 use crate::{ProfileEvent, UserProfile};
