@@ -71,10 +71,10 @@ macro_rules! projection_worker {
 
         /// The queue consumer: steps the partitions the batch names.
         #[::worker::wasm_bindgen::prelude::wasm_bindgen(
-                    wasm_bindgen = ::worker::wasm_bindgen,
-                    wasm_bindgen_futures = ::worker::wasm_bindgen_futures,
-                    js_sys = ::worker::js_sys
-                )]
+                            wasm_bindgen = ::worker::wasm_bindgen,
+                            wasm_bindgen_futures = ::worker::wasm_bindgen_futures,
+                            js_sys = ::worker::js_sys
+                        )]
         pub async fn queue(
             batch: ::worker::worker_sys::MessageBatch,
             env: ::worker::Env,

@@ -36,14 +36,19 @@ impl Runtime for WorkerRuntime {
 pub struct WorkerSettings {
     /// The projection's options (partitions, batch size, retries, ...).
     pub options: ProjectionOptions,
-    /// How long one invocation steps before it releases its partitions
-    /// and returns (default 20 s, under the Workers' 30 s CPU limit). A
+    /// How long one invocation steps before it returns (default 20 s,
+    /// under the Workers' 30 s CPU limit). A
     /// new step starts only when twice the slowest step so far still
     /// fits, so the window size and this budget keep an invocation inside
     /// the provider's limits.
     pub budget: Duration,
-    /// The lease owner this invocation writes into `projection_state`
-    /// (default `cloudflare-` and a random suffix).
+    /// The lease owner the Worker writes into `projection_state`: the
+    /// variable `CHRONICLE_WORKER_ID`, else `cloudflare-worker`. Every
+    /// invocation of the Worker uses the same one, so the next invocation
+    /// takes up the leases the last one left at once, while two running at
+    /// the same time never step one partition together (a step holds the
+    /// partition's row lock); another runtime takes a partition over when
+    /// its lease expires.
     pub worker_id: String,
     /// The read model's own schema, first on the handler's search path
     /// (see `ProjectionStep::with_read_model_schema`), if it has one.
@@ -70,10 +75,10 @@ impl WorkerSettings {
         Ok(WorkerSettings {
             options,
             budget,
-            worker_id: format!(
-                "cloudflare-{:08x}",
-                (worker::js_sys::Math::random() * f64::from(u32::MAX)) as u32
-            ),
+            worker_id: env
+                .var("CHRONICLE_WORKER_ID")
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| "cloudflare-worker".to_owned()),
             read_model_schema: None,
         })
     }
@@ -161,8 +166,8 @@ pub async fn connect(
 }
 
 /// A cron trigger's invocation: steps every partition of the projection
-/// until it is caught up or the budget is spent, then releases the leases
-/// it took.
+/// until it is caught up or the budget is spent. The leases it took stay
+/// its Worker's until they expire (see [`WorkerSettings::worker_id`]).
 pub async fn run_scheduled<H>(
     env: &Env,
     handler: H,
@@ -253,7 +258,6 @@ async fn steps(
             let now = Date::now().as_millis() as f64;
             if now - started + 2.0 * slowest > budget {
                 report.stopped_by_budget = true;
-                step.release(source, partition, &settings.worker_id).await?;
                 break 'partitions;
             }
             let outcome = step
@@ -271,7 +275,6 @@ async fn steps(
                 break;
             }
         }
-        step.release(source, partition, &settings.worker_id).await?;
     }
     Ok(report)
 }
