@@ -46,6 +46,8 @@ pub use worker as __worker;
 /// the batch again (its retries, then its dead-letter queue); worker
 /// 0.8's `#[event(queue)]` would trap instead, so the export is written
 /// out here.
+// rustfmt re-indents the attribute's arguments on every run: skip it.
+#[rustfmt::skip]
 #[macro_export]
 macro_rules! projection_worker {
     ($handler:expr, $options:expr, $schema:expr) => {
