@@ -139,15 +139,18 @@ async fn scalar(db: &TestDb, sql: &str) -> i64 {
 async fn the_user_profile_worker_projects_real_events_exactly_once_in_miniflare() {
     let build = tokio::task::spawn_blocking(build_worker).await.unwrap();
     let db = fresh_db().await;
-    use user_profile::projection::{READ_MODEL_DDL, READ_MODEL_SCHEMA};
+    // The example's read model (user_profile::projection::READ_MODEL_DDL
+    // in its schema; a product crate does not depend on an example).
     db.pool
         .get()
         .await
         .unwrap()
-        .batch_execute(&format!(
-            "BEGIN; CREATE SCHEMA {READ_MODEL_SCHEMA}; SET LOCAL search_path = {READ_MODEL_SCHEMA};
-             {READ_MODEL_DDL}; COMMIT"
-        ))
+        .batch_execute(
+            "CREATE SCHEMA user_profile;
+             CREATE TABLE user_profile.user_profiles (
+                 user_id UUID PRIMARY KEY, email TEXT NOT NULL, name TEXT NOT NULL,
+                 closed BOOLEAN NOT NULL DEFAULT false, version INTEGER NOT NULL)",
+        )
         .await
         .unwrap();
     let users: Vec<Uuid> = (0..25).map(|_| Uuid::now_v7()).collect();
