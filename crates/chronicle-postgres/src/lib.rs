@@ -84,6 +84,12 @@ pub mod sql {
     }
 }
 
+/// The README's code, compiled (and its `no_run` snippets type-checked)
+/// by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 #[cfg(test)]
 mod tests {
     fn send_sync<T: Send + Sync>() {}
