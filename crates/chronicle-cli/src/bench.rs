@@ -48,6 +48,27 @@ pub struct AppendBenchArgs {
     synchronous_commit: Option<bool>,
 }
 
+/// One side of a case: its rate and the rows it touched (written, read or
+/// rewritten) in the measured run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Side {
+    /// Events per second.
+    pub rate: f64,
+    /// Rows touched in the run the rate comes from.
+    pub rows: u64,
+}
+
+impl Side {
+    pub(crate) fn new(rate: f64, rows: u64) -> Side {
+        Side { rate, rows }
+    }
+
+    /// The faster of two runs.
+    pub(crate) fn best(self, other: Side) -> Side {
+        if other.rate > self.rate { other } else { self }
+    }
+}
+
 /// One measured case.
 #[derive(Debug, Clone, Serialize)]
 pub struct Case {
@@ -59,21 +80,67 @@ pub struct Case {
     pub raw_events_per_sec: f64,
     /// `events_per_sec / raw_events_per_sec`.
     pub ratio: f64,
+    /// Rows the store's side touched in its measured run.
+    pub rows: u64,
+    /// Rows the raw side touched in its measured run: equal to `rows`, or
+    /// the benchmark fails, so that a baseline cannot do less (or more).
+    pub raw_rows: u64,
     /// Protocol round trips per store call, where measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub round_trips_per_call: Option<f64>,
 }
 
 impl Case {
-    pub(crate) fn new(name: String, ours: f64, raw: f64, round_trips: Option<f64>) -> Case {
-        Case {
+    /// A case from both sides' measured runs; fails when they touched
+    /// different numbers of rows.
+    pub(crate) fn new(
+        name: String,
+        ours: Side,
+        raw: Side,
+        round_trips: Option<f64>,
+    ) -> Result<Case> {
+        anyhow::ensure!(
+            ours.rows == raw.rows && ours.rows > 0,
+            "{name}: the store's side touched {} rows and the raw side {}; a baseline must do \
+             the same work",
+            ours.rows,
+            raw.rows
+        );
+        Ok(Case {
+            ratio: if raw.rate > 0.0 {
+                ours.rate / raw.rate
+            } else {
+                0.0
+            },
             name,
-            events_per_sec: ours,
-            raw_events_per_sec: raw,
-            ratio: if raw > 0.0 { ours / raw } else { 0.0 },
+            events_per_sec: ours.rate,
+            raw_events_per_sec: raw.rate,
+            rows: ours.rows,
+            raw_rows: raw.rows,
             round_trips_per_call: round_trips,
-        }
+        })
     }
+}
+
+/// Rows in the scratch schema's `events`.
+pub(crate) async fn count_events(pool: &PgPool) -> Result<u64> {
+    let n: i64 = pool
+        .get()
+        .await?
+        .query_typed_one("SELECT count(*) FROM events", &[])
+        .await?
+        .get(0);
+    Ok(n as u64)
+}
+
+/// Lines (rows) in a `COPY … TO STDOUT` text stream.
+pub(crate) async fn copy_rows(client: &deadpool_postgres::Object, copy: &str) -> Result<u64> {
+    let stream = client.copy_out(copy).await?;
+    let rows = stream
+        .map_ok(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
+        .try_fold(0, |a, n| async move { Ok(a + n) })
+        .await?;
+    Ok(rows)
 }
 
 /// A scratch schema on the target database, dropped on [`Scratch::drop_schema`].
@@ -442,7 +509,7 @@ async fn crypto_cases(
         // aggregates, so new subjects and keys, every run).
         let name = format!("append 1 event, 2 encrypted fields, {writers} writers, {tag}");
         progress.set_message(name.clone());
-        let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
+        let (mut ours, mut theirs, mut trips) = (Side::default(), Side::default(), 0f64);
         let mut secret_ids = Vec::new();
         let mut plain_ids = Vec::new();
         let (mut secret_cpu, mut plain_cpu) = (CpuUse::default(), CpuUse::default());
@@ -453,21 +520,21 @@ async fn crypto_cases(
             let cpu = CpuUse::now();
             let (rate, calls) = user_appends(&encrypted, &secret_ids, args, SECRET_TYPE).await?;
             secret_cpu += cpu.since(calls);
-            if rate > ours {
-                ours = rate;
+            if rate > ours.rate {
+                ours = Side::new(rate, calls as u64);
                 trips = counter.round_trips() as f64 / calls as f64;
             }
             let cpu = CpuUse::now();
             let (rate, calls) = user_appends(&plain, &plain_ids, args, PLAIN_TYPE).await?;
             plain_cpu += cpu.since(calls);
-            theirs = theirs.max(rate);
+            theirs = theirs.best(Side::new(rate, calls as u64));
         }
         if args.profile {
             progress.suspend(|| {
                 notice!("{name}: CPU per append, encrypted {secret_cpu}; plain {plain_cpu}")
             });
         }
-        cases.push(Case::new(name, ours, theirs, Some(trips)));
+        cases.push(Case::new(name, ours, theirs, Some(trips))?);
 
         scratch
             .pool(true, 1, None)?
@@ -483,37 +550,37 @@ async fn crypto_cases(
             args.per_aggregate
         );
         progress.set_message(name.clone());
-        let (mut ours, mut theirs) = (0f64, 0f64);
+        let (mut ours, mut theirs) = (Side::default(), Side::default());
         for _ in 0..2 {
-            let rate = raw_stream_reads(&plain_pool, &secret_ids, writers, args.read_passes);
-            ours = ours.max(rate.await?);
-            let rate = raw_stream_reads(&plain_pool, &plain_ids, writers, args.read_passes);
-            theirs = theirs.max(rate.await?);
+            let side = raw_stream_reads(&plain_pool, &secret_ids, writers, args.read_passes);
+            ours = ours.best(side.await?);
+            let side = raw_stream_reads(&plain_pool, &plain_ids, writers, args.read_passes);
+            theirs = theirs.best(side.await?);
         }
-        cases.push(Case::new(name, ours, theirs, None));
+        cases.push(Case::new(name, ours, theirs, None)?);
         for readers in [writers, many] {
             let name = format!(
                 "read {}-event streams + decrypt + audit, {readers} readers, {tag}",
                 args.per_aggregate
             );
             progress.set_message(name.clone());
-            let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
+            let (mut ours, mut theirs, mut trips) = (Side::default(), Side::default(), 0f64);
             let (mut secret_cpu, mut plain_cpu) = (CpuUse::default(), CpuUse::default());
             for _ in 0..2 {
                 counter.reset();
                 let cpu = CpuUse::now();
-                let (rate, calls) =
+                let (side, calls) =
                     user_reads(&encrypted, &secret_ids, readers, args.read_passes, true).await?;
                 secret_cpu += cpu.since(calls);
-                if rate > ours {
-                    ours = rate;
+                if side.rate > ours.rate {
+                    ours = side;
                     trips = counter.round_trips() as f64 / calls as f64;
                 }
                 let cpu = CpuUse::now();
-                let (rate, calls) =
+                let (side, calls) =
                     user_reads(&plain, &plain_ids, readers, args.read_passes, true).await?;
                 plain_cpu += cpu.since(calls);
-                theirs = theirs.max(rate);
+                theirs = theirs.best(side);
             }
             if args.profile {
                 progress.suspend(|| {
@@ -523,22 +590,22 @@ async fn crypto_cases(
                     )
                 });
             }
-            cases.push(Case::new(name, ours, theirs, Some(trips)));
+            cases.push(Case::new(name, ours, theirs, Some(trips))?);
         }
         // Bulk reads, as a projection or an export reads: 1,000 events per
         // call (one audit record per subject in them).
         let name = format!("read 1,000 events by type + decrypt + audit, {writers} readers, {tag}");
         progress.set_message(name.clone());
-        let (mut ours, mut theirs, mut trips) = (0f64, 0f64, 0f64);
+        let (mut ours, mut theirs, mut trips) = (Side::default(), Side::default(), 0f64);
         for _ in 0..2 {
             counter.reset();
-            let (rate, calls) =
+            let (side, calls) =
                 bulk_reads(&encrypted, SECRET_TYPE, writers, args.read_passes).await?;
-            if rate > ours {
-                ours = rate;
+            if side.rate > ours.rate {
+                ours = side;
                 trips = counter.round_trips() as f64 / calls as f64;
             }
-            theirs = theirs.max(
+            theirs = theirs.best(
                 bulk_reads(&plain, PLAIN_TYPE, writers, args.read_passes)
                     .await?
                     .0,
@@ -547,7 +614,7 @@ async fn crypto_cases(
         if args.profile {
             progress.suspend(|| notice!("{name}: {}", timed.report()));
         }
-        cases.push(Case::new(name, ours, theirs, Some(trips)));
+        cases.push(Case::new(name, ours, theirs, Some(trips))?);
 
         if args.profile {
             let in_flight = format!("decrypt + audit, group commit, {writers} in flight");
@@ -618,7 +685,7 @@ async fn crypto_cases(
                         String::new()
                     };
                     progress.suspend(|| notice!("{name}: {audited}CPU per read {cpu}"));
-                    cases.push(Case::new(name, ours, theirs, Some(trips)));
+                    cases.push(Case::new(name, ours, theirs, Some(trips))?);
                 }
             }
         }
@@ -639,7 +706,7 @@ async fn bulk_reads(
     event_type: &'static str,
     readers: usize,
     passes: usize,
-) -> Result<(f64, usize)> {
+) -> Result<(Side, usize)> {
     let started = Instant::now();
     let mut tasks: Vec<JoinHandle<Result<(usize, usize)>>> = Vec::new();
     for _ in 0..readers {
@@ -666,14 +733,13 @@ async fn bulk_reads(
 
 /// Reads every aggregate's stream `passes` times, spread over the readers,
 /// with the store's statement as raw SQL (prepared), counting the rows
-/// without decoding them: what the server and the wire pay. Returns
-/// events/s.
+/// without decoding them: what the server and the wire pay.
 async fn raw_stream_reads(
     pool: &PgPool,
     ids: &[Uuid],
     readers: usize,
     passes: usize,
-) -> Result<f64> {
+) -> Result<Side> {
     const READ: &str = "SELECT event_id, aggregate_id, aggregate_type, event_type, event_data, \
                         metadata, version, timestamp, encrypted_fields, transaction_id, global_position \
                         FROM events WHERE aggregate_id = $1 AND version BETWEEN $2 AND $3 ORDER BY version";
@@ -739,18 +805,19 @@ async fn audit_appends(
 }
 
 /// Waits for reader tasks that return (events, reads): events per second
-/// since `started`, and the number of reads.
+/// since `started` with the events read, and the number of reads.
 async fn read_rate(
     started: Instant,
     tasks: Vec<JoinHandle<Result<(usize, usize)>>>,
-) -> Result<(f64, usize)> {
+) -> Result<(Side, usize)> {
     let (mut events, mut calls) = (0, 0);
     for t in tasks {
         let (e, c) = t.await??;
         events += e;
         calls += c;
     }
-    Ok((events as f64 / started.elapsed().as_secs_f64(), calls))
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    Ok((Side::new(rate, events as u64), calls))
 }
 
 /// The encrypted side's event type, and the plain side's (the same
@@ -827,14 +894,14 @@ async fn user_appends(
 
 /// Reads every aggregate's stream `passes` times, spread over the readers,
 /// checking (with `check`) that every field came back decrypted. Returns
-/// events/s and the number of reads.
+/// events/s with the events read, and the number of reads.
 async fn user_reads(
     store: &Arc<dyn chronicle_core::EventStore>,
     ids: &[Uuid],
     readers: usize,
     passes: usize,
     check: bool,
-) -> Result<(f64, usize)> {
+) -> Result<(Side, usize)> {
     let started = Instant::now();
     let mut tasks: Vec<JoinHandle<Result<(usize, usize)>>> = Vec::new();
     for r in 0..readers {
@@ -935,18 +1002,21 @@ async fn run_cases(
             scratch.truncate().await?;
             // Alternate which side goes first and keep each one's best of
             // two, so neither always runs on the warmer (or fuller) table.
-            let (mut ours, mut theirs) = (0f64, 0f64);
+            let (mut ours, mut theirs) = (Side::default(), Side::default());
             for round in 0..2 {
                 if round == 1 {
-                    theirs = theirs.max(raw_inserts(&raw, writers, calls, size).await?);
+                    let side = rows_added(&raw, raw_inserts(&raw, writers, calls, size)).await?;
+                    theirs = theirs.best(side);
                 }
-                ours = ours.max(appends(&store, writers, calls, size).await?);
+                let side = rows_added(&raw, appends(&store, writers, calls, size)).await?;
+                ours = ours.best(side);
                 if round == 0 {
-                    theirs = theirs.max(raw_inserts(&raw, writers, calls, size).await?);
+                    let side = rows_added(&raw, raw_inserts(&raw, writers, calls, size)).await?;
+                    theirs = theirs.best(side);
                 }
                 scratch.truncate().await?;
             }
-            cases.push(Case::new(name, ours, theirs, Some(trips)));
+            cases.push(Case::new(name, ours, theirs, Some(trips))?);
         }
     }
 
@@ -960,36 +1030,22 @@ async fn run_cases(
             .append(id, "bench", ExpectedVersion::Any, events)
             .await?;
     }
+    // Both sides warm (statements prepared, pages cached), then best of
+    // two, alternating.
     let rounds = 50;
-    let started = Instant::now();
-    for _ in 0..rounds {
-        let events = store.read_stream(id, 1, None).await?;
-        anyhow::ensure!(
-            events.len() == 1000,
-            "the aggregate has {} events",
-            events.len()
-        );
+    stream_loads(&store, id, 5).await?;
+    raw_stream_loads(&pool, id, 5).await?;
+    let (mut ours, mut theirs) = (Side::default(), Side::default());
+    for _ in 0..2 {
+        ours = ours.best(stream_loads(&store, id, rounds).await?);
+        theirs = theirs.best(raw_stream_loads(&pool, id, rounds).await?);
     }
-    let ours = 1000.0 * rounds as f64 / started.elapsed().as_secs_f64();
-    let client = pool.get().await?;
-    let started = Instant::now();
-    for _ in 0..rounds {
-        let rows = client
-            .query_typed(
-                "SELECT * FROM events WHERE aggregate_id = $1 ORDER BY version",
-                &[(&id, Type::UUID)],
-            )
-            .await?;
-        anyhow::ensure!(rows.len() == 1000);
-    }
-    let theirs = 1000.0 * rounds as f64 / started.elapsed().as_secs_f64();
-    drop(client);
     cases.push(Case::new(
-        "load a 1,000-event aggregate (vs raw SELECT)".into(),
+        "load a 1,000-event aggregate (vs raw prepared SELECT, rows decoded)".into(),
         ours,
         theirs,
         None,
-    ));
+    )?);
 
     progress.set_message(format!("filling the feed with {} events", args.feed_events));
     let writers = 4;
@@ -1008,8 +1064,7 @@ async fn run_cases(
         .batch_execute("VACUUM ANALYZE events")
         .await?;
     progress.set_message("reading the feed");
-    let mut ours: f64 = 0.0;
-    let mut theirs: f64 = 0.0;
+    let (mut ours, mut theirs) = (Side::default(), Side::default());
     for _ in 0..2 {
         let started = Instant::now();
         let mut after = Position::START;
@@ -1023,26 +1078,136 @@ async fn run_cases(
             after = batch.next;
         }
         anyhow::ensure!(read == total, "the feed returned {read} of {total} events");
-        ours = ours.max(read as f64 / started.elapsed().as_secs_f64());
+        let rate = read as f64 / started.elapsed().as_secs_f64();
+        ours = ours.best(Side::new(rate, read as u64));
 
         let client = pool.get().await?;
         let started = Instant::now();
-        let stream = client.copy_out("COPY events TO STDOUT").await?;
-        let bytes: usize = stream
-            .map_ok(|b| b.len())
-            .try_fold(0, |a, n| async move { Ok(a + n) })
-            .await?;
-        anyhow::ensure!(bytes > 0);
-        theirs = theirs.max(total as f64 / started.elapsed().as_secs_f64());
+        let rows = copy_rows(&client, "COPY events TO STDOUT").await?;
+        let rate = rows as f64 / started.elapsed().as_secs_f64();
+        theirs = theirs.best(Side::new(rate, rows));
     }
     cases.push(Case::new(
-        format!("read the global feed, {total} events (vs raw COPY TO STDOUT)"),
+        format!("read the global feed, {total} events (vs raw COPY TO STDOUT, rows not decoded)"),
         ours,
         theirs,
         None,
-    ));
+    )?);
     progress.finish_and_clear();
     Ok(cases)
+}
+
+/// Runs `work` (which returns a rate), with the rows it added to
+/// `events`.
+async fn rows_added(
+    pool: &PgPool,
+    work: impl std::future::Future<Output = Result<f64>>,
+) -> Result<Side> {
+    let before = count_events(pool).await?;
+    let rate = work.await?;
+    let rows = count_events(pool).await?.saturating_sub(before);
+    Ok(Side::new(rate, rows))
+}
+
+/// `rounds` loads of aggregate `id` through the store: events/s, with
+/// the events loaded.
+async fn stream_loads(store: &PgEventStore, id: Uuid, rounds: usize) -> Result<Side> {
+    let started = Instant::now();
+    let mut rows = 0u64;
+    for _ in 0..rounds {
+        rows += store.read_stream(id, 1, None).await?.len() as u64;
+    }
+    Ok(Side::new(
+        rows as f64 / started.elapsed().as_secs_f64(),
+        rows,
+    ))
+}
+
+/// `transaction_id`, decoded as a client must: an `xid8` is 8 big-endian
+/// bytes.
+#[allow(
+    dead_code,
+    reason = "decoded as a client would; the benchmark reads no field"
+)]
+struct RawXid8(u64);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for RawXid8 {
+    fn from_sql(
+        _: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawXid8(u64::from_be_bytes(raw.try_into()?)))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        ty.name() == "xid8"
+    }
+}
+
+/// One event as a hand-written client would hold it: every column the
+/// store reads, decoded (the JSON columns parsed).
+#[allow(
+    dead_code,
+    reason = "decoded as a client would; the benchmark reads no field"
+)]
+struct RawEvent {
+    event_id: Uuid,
+    aggregate_id: Uuid,
+    aggregate_type: String,
+    event_type: String,
+    event_data: serde_json::Value,
+    metadata: serde_json::Value,
+    version: i32,
+    timestamp: chrono::DateTime<chrono::Utc>,
+    encrypted_fields: Option<Vec<String>>,
+    transaction_id: RawXid8,
+    global_position: i64,
+}
+
+/// `rounds` loads of aggregate `id` by hand: the store's statement,
+/// prepared once on the connection (as the store's is), each row decoded
+/// into a [`RawEvent`]. Events/s, with the events loaded.
+async fn raw_stream_loads(pool: &PgPool, id: Uuid, rounds: usize) -> Result<Side> {
+    let client = pool.get().await?;
+    let statement = client
+        .prepare_typed_cached(
+            &format!(
+                "SELECT {} FROM events WHERE aggregate_id = $1 AND version BETWEEN $2 AND $3 \
+                 ORDER BY version",
+                chronicle_postgres::sql::EVENT_COLUMNS
+            ),
+            &[Type::UUID, Type::INT4, Type::INT4],
+        )
+        .await?;
+    let started = Instant::now();
+    let mut rows = 0u64;
+    for _ in 0..rounds {
+        let events = client
+            .query(&statement, &[&id, &1i32, &i32::MAX])
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(RawEvent {
+                    event_id: r.try_get(0)?,
+                    aggregate_id: r.try_get(1)?,
+                    aggregate_type: r.try_get(2)?,
+                    event_type: r.try_get(3)?,
+                    event_data: r.try_get(4)?,
+                    metadata: r.try_get(5)?,
+                    version: r.try_get(6)?,
+                    timestamp: r.try_get(7)?,
+                    encrypted_fields: r.try_get(8)?,
+                    transaction_id: r.try_get(9)?,
+                    global_position: r.try_get(10)?,
+                })
+            })
+            .collect::<Result<Vec<RawEvent>, tokio_postgres::Error>>()?;
+        rows += events.len() as u64;
+    }
+    Ok(Side::new(
+        rows as f64 / started.elapsed().as_secs_f64(),
+        rows,
+    ))
 }
 
 fn event(i: usize) -> NewEvent {
@@ -1291,5 +1456,22 @@ impl Connect for CountingConnect {
                 }),
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_case_whose_sides_touched_different_rows_is_refused() {
+        let e = Case::new("x".into(), Side::new(2.0, 10), Side::new(1.0, 9), None).unwrap_err();
+        assert!(
+            e.to_string().contains("touched 10 rows and the raw side 9"),
+            "{e}"
+        );
+        assert!(Case::new("x".into(), Side::new(1.0, 0), Side::new(1.0, 0), None).is_err());
+        let case = Case::new("x".into(), Side::new(3.0, 10), Side::new(2.0, 10), None).unwrap();
+        assert_eq!((case.ratio, case.rows, case.raw_rows), (1.5, 10, 10));
     }
 }

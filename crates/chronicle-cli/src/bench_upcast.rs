@@ -13,7 +13,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::Database;
-use crate::bench::{Case, Scratch, write_cases};
+use crate::bench::{Case, Scratch, Side, write_cases};
 use crate::commands::at_least_one;
 use crate::output::{OutputFormat, write_record};
 
@@ -89,23 +89,23 @@ async fn cases(
     // Lazy first, while every event is at v1 and so is upcast on read.
     progress.set_message("reading the feed, plain and lazily upcast");
     let lazy = UpcastingReader::new(store.clone(), chain.clone());
-    let (mut plain_rate, mut lazy_rate) = (0f64, 0f64);
+    let (mut plain, mut upcast) = (Side::default(), Side::default());
     for _ in 0..2 {
-        plain_rate = plain_rate.max(read_feed(&store, n, args.page, false).await?);
-        lazy_rate = lazy_rate.max(read_feed(&lazy, n, args.page, true).await?);
+        plain = plain.best(read_feed(&store, n, args.page, false).await?);
+        upcast = upcast.best(read_feed(&lazy, n, args.page, true).await?);
     }
     cases.push(Case::new(
         format!("read the feed with lazy upcasting, {n} events at v1 (vs plain read)"),
-        lazy_rate,
-        plain_rate,
+        upcast,
+        plain,
         None,
-    ));
+    )?);
 
     // Raw: the whole rewrite as one UPDATE.
     progress.set_message(format!("raw UPDATE ... jsonb_set of {n} events"));
     let started = Instant::now();
     let updated = pool.get().await?.execute(RAW_UPDATE, &[]).await?;
-    let raw = updated as f64 / started.elapsed().as_secs_f64();
+    let raw = Side::new(updated as f64 / started.elapsed().as_secs_f64(), updated);
     anyhow::ensure!(
         updated == n as u64,
         "the raw UPDATE rewrote {updated} of {n} rows"
@@ -139,10 +139,10 @@ async fn cases(
             "eager upcast with backup, {n} events, batches of {} (vs raw UPDATE ... jsonb_set)",
             args.batch_size
         ),
-        ours,
+        Side::new(ours, report.events_upcast()),
         raw,
         None,
-    ));
+    )?);
     progress.finish_and_clear();
     Ok(cases)
 }
@@ -181,8 +181,8 @@ async fn settle(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
-/// Reads the whole feed in pages; events/s.
-async fn read_feed<R: EventReader>(reader: &R, n: i64, page: usize, upcast: bool) -> Result<f64> {
+/// Reads the whole feed in pages; events/s, with the events read.
+async fn read_feed<R: EventReader>(reader: &R, n: i64, page: usize, upcast: bool) -> Result<Side> {
     let started = Instant::now();
     let mut after = Position::START;
     let mut read = 0i64;
@@ -201,5 +201,8 @@ async fn read_feed<R: EventReader>(reader: &R, n: i64, page: usize, upcast: bool
         after = batch.next;
     }
     anyhow::ensure!(read == n, "the feed returned {read} of {n} events");
-    Ok(read as f64 / started.elapsed().as_secs_f64())
+    Ok(Side::new(
+        read as f64 / started.elapsed().as_secs_f64(),
+        read as u64,
+    ))
 }

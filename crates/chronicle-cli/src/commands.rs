@@ -293,7 +293,8 @@ pub enum ProjectionsCommand {
         listen_url: Option<String>,
         /// Serve Prometheus metrics on `GET http://ADDR/metrics` (e.g.
         /// 127.0.0.1:9464): this process's steps, retries and dead letters,
-        /// and every projection's lag and queue from the database.
+        /// and every projection's lag and queue from the database; and
+        /// `GET /health` (200 while the database answers, else 503).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
@@ -420,6 +421,17 @@ pub enum BenchCommand {
     Projections(crate::bench_projections::ProjectionsBenchArgs),
 }
 
+/// The name of `command` when it opens no database (so `--database-url`
+/// does not apply to it).
+pub(crate) fn without_database(command: &Command) -> Option<&'static str> {
+    match command {
+        Command::Dev { .. } => Some("dev"),
+        Command::Completions { .. } => Some("completions"),
+        Command::Man { .. } => Some("man"),
+        _ => None,
+    }
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
     let format = cli.output;
@@ -536,19 +548,50 @@ fn dev(action: DevCommand, format: OutputFormat) -> Result<()> {
     Ok(())
 }
 
+/// The options a projection is opened with, and whether its partition
+/// count was asked for by a deployment file (and where), or is a default
+/// that gives way to the count the projection already runs with.
+#[derive(Debug, Clone, Default)]
+struct Deployed {
+    options: chronicle_projections::ProjectionOptions,
+    /// `FILE:LINE: projections.NAME.config.concurrency` when a deployment
+    /// file sets the partition count (or leaves it at its default).
+    partitions_from: Option<String>,
+}
+
+impl Deployed {
+    fn from_config(origin: &str, p: &chronicle_projections::ProjectionConfig) -> Deployed {
+        let line = p.concurrency_line.unwrap_or(p.line);
+        let default = if p.concurrency_line.is_none() {
+            " (not set, so the default)"
+        } else {
+            ""
+        };
+        Deployed {
+            options: p.options(),
+            partitions_from: Some(format!(
+                "{origin}:{line}: projections.{}.config.concurrency{default}",
+                p.name
+            )),
+        }
+    }
+}
+
 /// A projection of a registered handler, its setup SQL run.
 /// Its statements are sent as the store's are (`statement_cache` in the
-/// URL).
+/// URL). Without a deployment file it takes the partition count it already
+/// runs with; a deployment file asking for another count is refused, naming
+/// the line.
 async fn open_projection(
     store: &PgEventStore,
     registry: &Registry,
     name: &str,
-    options: chronicle_projections::ProjectionOptions,
+    deployed: Deployed,
 ) -> Result<std::sync::Arc<chronicle_projections::PgProjection>> {
     let pool = store.pool();
     let options = chronicle_projections::ProjectionOptions {
         statement_cache: store.caches_statements(),
-        ..options
+        ..deployed.options
     };
     let handler = registry.handlers().get(name).ok_or_else(|| {
         UsageError(format!(
@@ -558,12 +601,19 @@ async fn open_projection(
         ))
     })?;
     let existing = chronicle_projections::load_state(pool, Some(name)).await?;
-    let options = match existing.first() {
-        Some(state) => chronicle_projections::ProjectionOptions {
+    let options = match (existing.first(), deployed.partitions_from) {
+        (Some(state), Some(from)) if state.partitions != options.partitions => {
+            bail!(UsageError(format!(
+                "{from}: asks for {} partitions, but `{name}` runs with {} in this database, and a \
+                 projection's partition count is fixed once it has run; set `concurrency: {}`",
+                options.partitions, state.partitions, state.partitions
+            )));
+        }
+        (Some(state), None) => chronicle_projections::ProjectionOptions {
             partitions: state.partitions,
             ..options
         },
-        None => options,
+        _ => options,
     };
     let mut projection = match crate::upcast::read_chain(registry)? {
         // The handler sees every event at the newest version of its type.
@@ -611,7 +661,7 @@ async fn rebuild_blue_green(
     store: &PgEventStore,
     registry: &Registry,
     name: &str,
-    options: chronicle_projections::ProjectionOptions,
+    options: Deployed,
     from: Position,
     format: OutputFormat,
 ) -> Result<()> {
@@ -651,11 +701,8 @@ async fn rebuild_blue_green(
 }
 
 /// Every projection of the deployment YAML at `path` that resolves to a
-/// registered handler: the handler's name and the options it deploys with.
-fn read_deployment(
-    registry: &Registry,
-    path: &std::path::Path,
-) -> Result<Vec<(String, chronicle_projections::ProjectionOptions)>> {
+/// registered handler: the handler's name and what it deploys with.
+fn read_deployment(registry: &Registry, path: &std::path::Path) -> Result<Vec<(String, Deployed)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let origin = path.display().to_string();
@@ -665,19 +712,24 @@ fn read_deployment(
         .resolve(&origin, registry.handlers())
         .map_err(|e| UsageError(e.to_string()))?
         .into_iter()
-        .map(|(p, _)| (p.handler_name().to_owned(), p.options()))
+        .map(|(p, _)| {
+            (
+                p.handler_name().to_owned(),
+                Deployed::from_config(&origin, &p),
+            )
+        })
         .collect())
 }
 
-/// The options `name` is deployed with in the YAML at `config` (the
-/// defaults without one).
+/// What `name` is deployed with in the YAML at `config` (the defaults
+/// without one).
 fn deployed_options(
     registry: &Registry,
     config: Option<&std::path::Path>,
     name: &str,
-) -> Result<chronicle_projections::ProjectionOptions> {
+) -> Result<Deployed> {
     let Some(path) = config else {
-        return Ok(chronicle_projections::ProjectionOptions::default());
+        return Ok(Deployed::default());
     };
     read_deployment(registry, path)?
         .into_iter()
@@ -699,11 +751,24 @@ async fn run_projections(
     config: Option<PathBuf>,
     listen_url: &str,
 ) -> Result<()> {
-    use chronicle_projections::{ProjectionOptions, Runner, RunnerOptions};
-    let mut selected: Vec<(String, ProjectionOptions)> = Vec::new();
+    use chronicle_projections::{Runner, RunnerOptions};
+    let mut selected: Vec<(String, Deployed)> = Vec::new();
     if let Some(path) = config {
+        let deployed = read_deployment(registry, &path)?;
+        if let Some(missing) = names.iter().find(|n| deployed.iter().all(|(d, _)| d != *n)) {
+            bail!(UsageError(format!(
+                "{} does not deploy a projection named `{missing}` (it deploys: {}); run it \
+                 without --config, or add it to the file",
+                path.display(),
+                deployed
+                    .iter()
+                    .map(|(d, _)| d.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         selected.extend(
-            read_deployment(registry, &path)?
+            deployed
                 .into_iter()
                 .filter(|(name, _)| names.is_empty() || names.contains(name)),
         );
@@ -713,7 +778,7 @@ async fn run_projections(
         } else {
             names
         };
-        selected.extend(all.into_iter().map(|n| (n, ProjectionOptions::default())));
+        selected.extend(all.into_iter().map(|n| (n, Deployed::default())));
     }
     if selected.is_empty() {
         bail!(UsageError(
@@ -731,8 +796,8 @@ async fn run_projections(
         }
     };
     let mut runners = Vec::new();
-    for (name, options) in selected {
-        let projection = open_projection(store, registry, &name, options).await?;
+    for (name, deployed) in selected {
+        let projection = open_projection(store, registry, &name, deployed).await?;
         let runner = RunnerOptions {
             listener: listener.clone(),
             ..RunnerOptions::default()
@@ -756,7 +821,7 @@ async fn rebuild_projection(
     store: &PgEventStore,
     registry: &Registry,
     name: &str,
-    options: chronicle_projections::ProjectionOptions,
+    options: Deployed,
     from: Position,
     format: OutputFormat,
 ) -> Result<()> {
@@ -961,8 +1026,7 @@ async fn dlq(
             projection,
             aggregate_id,
         } => {
-            let options = chronicle_projections::ProjectionOptions::default();
-            let p = open_projection(&store, registry, &projection, options).await?;
+            let p = open_projection(&store, registry, &projection, Deployed::default()).await?;
             let report = if discard {
                 p.dlq_discard(aggregate_id).await?
             } else {

@@ -29,7 +29,8 @@ mod upcast;
 
 use std::process::ExitCode;
 
-use clap::{ArgAction, Parser};
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 pub use database::Database;
 pub use output::OutputFormat;
@@ -81,9 +82,13 @@ object per line), everything else (progress, notes, logs) on standard error.
 Exit codes: 0 success, 1 failure, 2 usage, 3 concurrency conflict,
 4 not found, 141 standard output closed before the end (| head).
 
-Environment: DATABASE_URL, CHRONICLE_HOME (the embedded cluster's folder),
-CHRONICLE_LOG (a log filter such as `debug` or `chronicle_projections=trace`;
-it wins over --quiet and --verbose), NO_COLOR (no colours in logs).";
+Environment: DATABASE_URL (for the commands that open a database; `dev`,
+`completions` and `man` open none), CHRONICLE_HOME (the embedded cluster's
+folder, and the default keyring's), CHRONICLE_LOG (a log filter such as
+`debug` or `chronicle_projections=trace`; it wins over --quiet and
+--verbose; one that does not parse is refused), CHRONICLE_KEYRING (keys,
+upcast), CHRONICLE_UPCASTERS (upcast, and the projections' lazy upcasting),
+CHRONICLE_LISTEN_URL (projections run), NO_COLOR (no colours in logs).";
 
 /// Chronicle: an event store on PostgreSQL.
 #[derive(Debug, Parser)]
@@ -131,8 +136,11 @@ pub fn main() -> ExitCode {
 /// logging to standard error (`CHRONICLE_LOG`, `--quiet`, `--verbose`).
 pub fn run(registry: Registry) -> ExitCode {
     output::exit_quietly_on_closed_pipe_panics();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             // --help and --version go to standard output, errors to
             // standard error.
@@ -145,7 +153,28 @@ pub fn run(registry: Registry) -> ExitCode {
             };
         }
     };
-    ui::init(ui::Verbosity::from_flags(cli.quiet, cli.verbose));
+    if let Err(e) = ui::init(ui::Verbosity::from_flags(cli.quiet, cli.verbose)) {
+        ui::notice!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // A flag is honoured or refused: --database-url on a command that
+    // opens no database is refused. DATABASE_URL in the environment is
+    // ambient, for the commands that use it; `dev` says it leaves it alone.
+    if let Some(command) = commands::without_database(&cli.command) {
+        if matches.value_source("database_url") == Some(ValueSource::CommandLine) {
+            ui::notice!(
+                "error: --database-url does not apply to `chronicle {command}`, which opens no \
+                 database; leave it out"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        if command == "dev" && cli.database_url.is_some() {
+            ui::notice!(
+                "note: DATABASE_URL is set; `chronicle dev` manages the embedded cluster, not \
+                 that database"
+            );
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

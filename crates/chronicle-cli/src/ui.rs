@@ -69,30 +69,27 @@ pub fn stderr_colours() -> bool {
 
 /// Sets this process's verbosity and starts logging to standard error.
 ///
-/// The log filter is `CHRONICLE_LOG` when it is set and valid (it wins over
+/// The log filter is `CHRONICLE_LOG` when it is set (it wins over
 /// `--quiet` and `-v`, so one module can be traced under any flags), else
-/// the flags' level ([`Verbosity::log_level`]). Lines carry ANSI colours
-/// only when [`stderr_colours`] says so. Called once, by [`crate::run`];
-/// later calls change nothing.
-pub fn init(verbosity: Verbosity) {
-    if VERBOSITY.set(verbosity).is_err() {
-        return;
-    }
+/// the flags' level ([`Verbosity::log_level`]). A `CHRONICLE_LOG` that is
+/// not a log filter is refused: the error names it and says why. Lines
+/// carry ANSI colours only when [`stderr_colours`] says so. Called once, by
+/// [`crate::run`]; later calls change nothing.
+pub fn init(verbosity: Verbosity) -> Result<(), String> {
     let level = verbosity.log_level();
     let filter = match std::env::var("CHRONICLE_LOG") {
-        Ok(spec) if !spec.trim().is_empty() => {
-            match tracing_subscriber::EnvFilter::try_new(&spec) {
-                Ok(filter) => filter,
-                Err(e) => {
-                    write_notice(format_args!(
-                        "warning: CHRONICLE_LOG={spec:?} is not a log filter ({e}); logging at `{level}`"
-                    ));
-                    tracing_subscriber::EnvFilter::new(level)
-                }
-            }
-        }
+        Ok(spec) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&spec)
+            .map_err(|e| {
+                format!(
+                    "CHRONICLE_LOG={spec:?} is not a log filter ({e}); give a level such as \
+                     `debug` or directives such as `chronicle_projections=trace`, or unset it"
+                )
+            })?,
         _ => tracing_subscriber::EnvFilter::new(level),
     };
+    if VERBOSITY.set(verbosity).is_err() {
+        return Ok(());
+    }
     // A second subscriber (an application that set its own before calling
     // `run`) keeps the first.
     let _ = tracing_subscriber::fmt()
@@ -103,6 +100,7 @@ pub fn init(verbosity: Verbosity) {
         // error, with a panicking `eprintln!`.
         .log_internal_errors(false)
         .try_init();
+    Ok(())
 }
 
 /// Writes one line to standard error, whatever the verbosity. For

@@ -449,3 +449,123 @@ fn projections_run_dlq_retry_discard_and_rebuild() {
     )));
     assert_eq!(done[0]["lag_events"], 0);
 }
+
+/// Every deployment key and flag is honoured or refused, never accepted
+/// and ignored: providers without an adapter, `memory` for a local worker,
+/// a name the file does not deploy, a partition count the projection does
+/// not run with, and `--database-url` where no database is opened.
+#[test]
+fn deployment_keys_and_flags_are_honoured_or_refused() {
+    let url = fresh_database();
+    let db = Some(url.as_str());
+    ok(&chronicle(db, &["migrate"], None));
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let deployment = |settings: &str| {
+        format!("projections:\n  user-profile:\n    handler: user-profile\n{settings}")
+    };
+    let refused = |args: &[&str]| {
+        let out = chronicle(db, args, None);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    for provider in ["cloudflare", "lambda", "vercel"] {
+        let path = file(
+            &format!("{provider}.yaml"),
+            &deployment(&format!("    provider: {provider}\n")),
+        );
+        let stderr = refused(&["projections", "run", "--config", &path]);
+        assert!(
+            stderr.contains(&format!(
+                "{path}:4:15: projections.user-profile.provider: provider `{provider}` has no \
+                 adapter in this build; use `local`"
+            )),
+            "{stderr}"
+        );
+    }
+    let memory = file(
+        "memory.yaml",
+        &deployment("    config:\n      memory: 128MB\n"),
+    );
+    let stderr = refused(&["projections", "run", "--config", &memory]);
+    assert!(
+        stderr.contains(&format!("{memory}:5:")) && stderr.contains("config.memory"),
+        "{stderr}"
+    );
+
+    let two = file("two.yaml", &deployment("    config: { concurrency: 2 }\n"));
+    let stderr = refused(&["projections", "run", "nobody", "--config", &two]);
+    assert!(
+        stderr.contains("does not deploy a projection named `nobody`"),
+        "{stderr}"
+    );
+    // The rebuild registers the projection with the file's two partitions;
+    // a file asking for another count is refused, with the line.
+    let rebuilt = json_lines(&ok(&chronicle(
+        db,
+        &[
+            "projections",
+            "rebuild",
+            "user-profile",
+            "--config",
+            &two,
+            "--output",
+            "json",
+        ],
+        None,
+    )));
+    assert_eq!(rebuilt[0]["partitions"], 2, "concurrency is honoured");
+    let four = file(
+        "four.yaml",
+        &deployment("    config:\n      concurrency: 4\n"),
+    );
+    let stderr = refused(&["projections", "run", "--config", &four]);
+    assert!(
+        stderr.contains(&format!(
+            "{four}:5: projections.user-profile.config.concurrency: asks for 4 partitions, but \
+             `user-profile` runs with 2"
+        )),
+        "{stderr}"
+    );
+    let default = file("default.yaml", &deployment(""));
+    let stderr = refused(&[
+        "projections",
+        "rebuild",
+        "user-profile",
+        "--config",
+        &default,
+    ]);
+    assert!(
+        stderr.contains("concurrency (not set, so the default): asks for 4"),
+        "{stderr}"
+    );
+
+    // --database-url where no database is opened.
+    for args in [&["dev", "status"][..], &["completions", "bash"], &["man"]] {
+        let mut all = args.to_vec();
+        all.extend(["--database-url", url.as_str()]);
+        let stderr = refused(&all);
+        assert!(stderr.contains("--database-url does not apply"), "{stderr}");
+    }
+    // DATABASE_URL is ambient: `dev` says it leaves it alone.
+    let home = tempfile::tempdir().unwrap();
+    let mut status = support::command(db, &["dev", "status"]);
+    status.env("CHRONICLE_HOME", home.path());
+    let status = support::run(status, None);
+    assert!(status.status.success());
+    assert!(
+        String::from_utf8_lossy(&status.stderr).contains("DATABASE_URL is set"),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}

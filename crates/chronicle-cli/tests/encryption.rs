@@ -484,8 +484,9 @@ async fn upcast_run_and_verify_encrypted_fields_with_the_keyring() {
 }
 
 /// `chronicle bench crypto`, small, with `--profile`: every case runs, its
-/// JSON has the append benchmark's shape with positive rates, and the run's
-/// audit log verifies (the benchmark fails otherwise).
+/// JSON has the append benchmark's shape with positive rates and the same
+/// rows on both sides, and the run's audit log verifies (the benchmark
+/// fails otherwise).
 #[test]
 fn the_crypto_benchmark_runs_every_case_and_prints_json() {
     let url = fresh_database();
@@ -532,6 +533,10 @@ fn the_crypto_benchmark_runs_every_case_and_prints_json() {
             let value = case[field].as_f64().unwrap_or(0.0);
             assert!(value > 0.0 && value.is_finite(), "{field} of {case}");
         }
+        // Both sides touched the same rows (the run fails otherwise).
+        let (rows, raw_rows) = (case["rows"].as_u64(), case["raw_rows"].as_u64());
+        assert!(rows.is_some_and(|r| r > 0), "no rows in {case}");
+        assert_eq!(rows, raw_rows, "{case}");
     }
     // The scratch schema is gone: nothing of the run stays behind.
     assert_eq!(

@@ -882,8 +882,17 @@ fn quiet_verbose_and_colours_are_the_same_on_every_command() {
     assert_eq!(run(&["status", "-q"], &[]), "");
     let env_wins = run(&["status", "-q"], &[("CHRONICLE_LOG", "debug")]);
     assert!(env_wins.contains("DEBUG"), "{env_wins}");
-    let bad = run(&["status"], &[("CHRONICLE_LOG", "chronicle=[")]);
-    assert!(bad.contains("not a log filter"), "{bad}");
+    // A CHRONICLE_LOG that does not parse is refused, not ignored.
+    let mut bad = support::command(Some(&url), &["status"]);
+    bad.env("CHRONICLE_LOG", "chronicle=[");
+    let bad = support::run(bad, None);
+    assert_eq!(bad.status.code(), Some(2), "{}", explain(&bad));
+    let stderr = text(&bad.stderr);
+    assert!(
+        stderr.contains("CHRONICLE_LOG") && stderr.contains("not a log filter"),
+        "{stderr}"
+    );
+    assert!(bad.stdout.is_empty(), "nothing ran");
 
     // Both at once is a usage error, on any command.
     let both = support::chronicle(Some(&url), &["read", "all", "-q", "-v"], None);

@@ -1407,7 +1407,7 @@ fn mark_encrypted(events: &mut [NewEvent], audit: Vec<AuditEntry>) -> Vec<AuditE
 /// `create-key` records commit together (`chronicle_append_audited`), or
 /// nothing does, in one round trip. `encrypt` records are not stored as
 /// rows: the events carry their writer's actor and purpose in their
-/// metadata ([`ENCRYPTED_BY`]) and the sealer derives the records from
+/// metadata (the `$encrypted_by` key) and the sealer derives the records from
 /// them ([`PgAuditSink::seal`]), so an append for a subject that has its
 /// key is the plain one-statement append.
 #[async_trait]

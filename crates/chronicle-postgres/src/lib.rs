@@ -63,6 +63,12 @@ pub mod sql {
     pub use chronicle_sql::{EVENT_COLUMNS, Xid8, decode_event, is_plain_identifier};
 }
 
+/// The README's code, compiled (and its `no_run` snippets type-checked)
+/// by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 #[cfg(test)]
 mod tests {
     fn send_sync<T: Send + Sync>() {}

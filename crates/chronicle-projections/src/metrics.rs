@@ -11,16 +11,21 @@
 //!   ([`install_metrics_recorder`]; [`serve_metrics`] installs it). An
 //!   application that installs a recorder of its own (an OpenTelemetry or
 //!   StatsD exporter) gets the same series through it instead.
+//!
+//! The text format is `metrics-exporter-prometheus`'s; [`serve_metrics`]
+//! serves it with axum on `GET /metrics`, beside `GET /health`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use chronicle_postgres::PgPool;
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, SharedString, Unit};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use metrics::Label;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
 use crate::{Result, StepOutcome};
@@ -103,162 +108,31 @@ const COUNTS: &[f64] = &[
     1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0,
 ];
 
-/// A metric's identity: name and labels (sorted by the facade's order).
-type Id = (String, Vec<(String, String)>);
-
-fn id(key: &Key) -> Id {
-    (
-        key.name().to_owned(),
-        key.labels()
-            .map(|l| (l.key().to_owned(), l.value().to_owned()))
-            .collect(),
-    )
-}
-
-/// This process's metrics, as recorded through the facade.
-#[derive(Default)]
-struct Registry {
-    counters: Mutex<BTreeMap<Id, Arc<AtomicCounter>>>,
-    gauges: Mutex<BTreeMap<Id, Arc<AtomicGauge>>>,
-    histograms: Mutex<BTreeMap<Id, Arc<BucketHistogram>>>,
-    help: Mutex<BTreeMap<String, String>>,
-}
-
-#[derive(Default)]
-struct AtomicCounter(AtomicU64);
-
-impl metrics::CounterFn for AtomicCounter {
-    fn increment(&self, value: u64) {
-        self.0.fetch_add(value, Ordering::Relaxed);
-    }
-
-    fn absolute(&self, value: u64) {
-        self.0.fetch_max(value, Ordering::Relaxed);
-    }
-}
-
-/// An `f64` in an atomic's bits.
-#[derive(Default)]
-struct AtomicGauge(AtomicU64);
-
-impl AtomicGauge {
-    fn update(&self, f: impl Fn(f64) -> f64) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some(f(f64::from_bits(bits)).to_bits())
-            });
-    }
-}
-
-impl metrics::GaugeFn for AtomicGauge {
-    fn increment(&self, value: f64) {
-        self.update(|v| v + value);
-    }
-
-    fn decrement(&self, value: f64) {
-        self.update(|v| v - value);
-    }
-
-    fn set(&self, value: f64) {
-        self.0.store(value.to_bits(), Ordering::Relaxed);
-    }
-}
-
-/// A Prometheus histogram: fixed buckets, sum and count.
-struct BucketHistogram {
-    bounds: &'static [f64],
-    state: Mutex<HistogramState>,
-}
-
-#[derive(Default)]
-struct HistogramState {
-    /// Observations per bucket (not cumulative), the last one `+Inf`.
-    buckets: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl metrics::HistogramFn for BucketHistogram {
-    fn record(&self, value: f64) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = self
-            .bounds
-            .iter()
-            .position(|b| value <= *b)
-            .unwrap_or(self.bounds.len());
-        state.buckets[bucket] += 1;
-        state.sum += value;
-        state.count += 1;
-    }
-}
-
-/// The [`metrics::Recorder`] this crate installs.
-struct ProcessRecorder(Arc<Registry>);
-
-impl metrics::Recorder for ProcessRecorder {
-    fn describe_counter(&self, key: KeyName, _: Option<Unit>, description: SharedString) {
-        self.describe(key, description);
-    }
-
-    fn describe_gauge(&self, key: KeyName, _: Option<Unit>, description: SharedString) {
-        self.describe(key, description);
-    }
-
-    fn describe_histogram(&self, key: KeyName, _: Option<Unit>, description: SharedString) {
-        self.describe(key, description);
-    }
-
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        let mut counters = lock(&self.0.counters);
-        Counter::from_arc(counters.entry(id(key)).or_default().clone())
-    }
-
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        let mut gauges = lock(&self.0.gauges);
-        Gauge::from_arc(gauges.entry(id(key)).or_default().clone())
-    }
-
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        let bounds = if key.name().ends_with("_seconds") {
-            SECONDS
-        } else {
-            COUNTS
-        };
-        let mut histograms = lock(&self.0.histograms);
-        let h = histograms.entry(id(key)).or_insert_with(|| {
-            Arc::new(BucketHistogram {
-                bounds,
-                state: Mutex::new(HistogramState {
-                    buckets: vec![0; bounds.len() + 1],
-                    ..HistogramState::default()
-                }),
-            })
-        });
-        Histogram::from_arc(h.clone())
-    }
-}
-
-impl ProcessRecorder {
-    fn describe(&self, key: KeyName, description: SharedString) {
-        lock(&self.0.help).insert(key.as_str().to_owned(), description.into_owned());
-    }
-}
-
-/// Locks a registry map; a panic while holding it cannot leave a map
-/// half-updated (single inserts), so poisoning is ignored.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// How often the installed recorder folds histogram samples into their
+/// buckets between scrapes, so that memory stays flat when nobody scrapes.
+const UPKEEP: Duration = Duration::from_secs(5);
 
 /// `Some` when this crate's recorder is the process's recorder.
-static RECORDER: OnceLock<Option<Arc<Registry>>> = OnceLock::new();
+static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// Installs this crate's metrics recorder as the process's `metrics`
-/// recorder, so that [`render_metrics`] (and [`serve_metrics`]) include the
-/// runtime's per-process counters and histograms. Idempotent; call it at
-/// start-up, before the runners, since the facade drops what is recorded
-/// before a recorder exists. Returns `false` when another recorder was
+/// The process recorder: histograms (not summaries) with the buckets
+/// above, `_seconds` names in [`SECONDS`], the rest in [`COUNTS`].
+fn process_recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), COUNTS))
+        .map(PrometheusBuilder::build_recorder)
+        // Only an empty bucket list is refused, and neither is empty.
+        .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder())
+}
+
+/// Installs this crate's metrics recorder (a `metrics-exporter-prometheus`
+/// recorder) as the process's `metrics` recorder, so that
+/// [`render_metrics`] (and [`serve_metrics`]) include the runtime's
+/// per-process counters and histograms. Idempotent; call it at start-up,
+/// before the runners, since the facade drops what is recorded before a
+/// recorder exists. Called inside a tokio runtime, it also starts the
+/// recorder's upkeep task. Returns `false` when another recorder was
 /// installed first: the series then go to that one.
 ///
 /// ```
@@ -268,17 +142,32 @@ static RECORDER: OnceLock<Option<Arc<Registry>>> = OnceLock::new();
 pub fn install_metrics_recorder() -> bool {
     RECORDER
         .get_or_init(|| {
-            let registry = Arc::new(Registry::default());
-            match metrics::set_global_recorder(ProcessRecorder(registry.clone())) {
+            let recorder = process_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
                 Ok(()) => {
                     for (name, help) in HELP {
-                        lock(&registry.help).insert((*name).to_owned(), (*help).to_owned());
+                        if name.ends_with("_total") {
+                            metrics::describe_counter!(*name, *help);
+                        } else {
+                            metrics::describe_histogram!(*name, *help);
+                        }
                     }
-                    Some(registry)
+                    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                        let upkeep = handle.clone();
+                        runtime.spawn(async move {
+                            loop {
+                                tokio::time::sleep(UPKEEP).await;
+                                upkeep.run_upkeep();
+                            }
+                        });
+                    }
+                    Some(handle)
                 }
                 Err(_) => {
                     tracing::warn!(
-                        "another metrics recorder is installed; the runtime's process metrics go                          to it and /metrics shows only the database-derived figures"
+                        "another metrics recorder is installed; the runtime's process metrics go \
+                         to it and /metrics shows only the database-derived figures"
                     );
                     None
                 }
@@ -287,82 +176,16 @@ pub fn install_metrics_recorder() -> bool {
         .is_some()
 }
 
-/// This process's recorded metrics in the Prometheus text format (empty
-/// when this crate's recorder is not installed).
-fn render_process(out: &mut String) {
-    let Some(Some(registry)) = RECORDER.get() else {
-        return;
-    };
-    let help = lock(&registry.help).clone();
-    let header = |out: &mut String, name: &str, kind: &str| {
-        let text = help.get(name).map_or("", String::as_str);
-        let _ = writeln!(out, "# HELP {name} {text}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-    };
-    let labels = |pairs: &[(String, String)], extra: Option<(&str, String)>| {
-        let mut all: Vec<String> = pairs
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-            .collect();
-        if let Some((k, v)) = extra {
-            all.push(format!("{k}=\"{v}\""));
-        }
-        if all.is_empty() {
-            String::new()
-        } else {
-            format!("{{{}}}", all.join(","))
-        }
-    };
-    let mut last = None;
-    for ((name, pairs), c) in lock(&registry.counters).iter() {
-        if last != Some(name) {
-            header(out, name, "counter");
-            last = Some(name);
-        }
-        let _ = writeln!(
-            out,
-            "{name}{} {}",
-            labels(pairs, None),
-            c.0.load(Ordering::Relaxed)
-        );
-    }
-    let mut last = None;
-    for ((name, pairs), g) in lock(&registry.gauges).iter() {
-        if last != Some(name) {
-            header(out, name, "gauge");
-            last = Some(name);
-        }
-        let value = f64::from_bits(g.0.load(Ordering::Relaxed));
-        let _ = writeln!(out, "{name}{} {value}", labels(pairs, None));
-    }
-    let mut last = None;
-    for ((name, pairs), h) in lock(&registry.histograms).iter() {
-        if last != Some(name) {
-            header(out, name, "histogram");
-            last = Some(name);
-        }
-        let state = lock(&h.state);
-        let mut cumulative = 0;
-        for (i, n) in state.buckets.iter().enumerate() {
-            cumulative += n;
-            let le = h.bounds.get(i).map_or("+Inf".to_owned(), f64::to_string);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{} {cumulative}",
-                labels(pairs, Some(("le", le)))
-            );
-        }
-        let _ = writeln!(out, "{name}_sum{} {}", labels(pairs, None), state.sum);
-        let _ = writeln!(out, "{name}_count{} {}", labels(pairs, None), state.count);
-    }
-}
-
 /// Renders every projection's metrics in the Prometheus text format:
 /// from the database, events processed, failures, lag in events and
 /// seconds (per projection and partition), dead-lettered and parked events,
 /// and the age of the oldest parked event (per projection); then this
 /// process's `chronicle_runner_*` counters and histograms, when
 /// [`install_metrics_recorder`] installed this crate's recorder.
+///
+/// The database-derived figures go through a recorder of their own, built
+/// for each call, so a projection that no longer exists leaves no series
+/// behind.
 ///
 /// ```no_run
 /// # async fn demo(pool: chronicle_postgres::PgPool) -> chronicle_projections::Result<()> {
@@ -393,145 +216,179 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String> {
             &[],
         )
         .await?;
-    let mut out = String::new();
-    let mut family =
-        |name: &str, kind: &str, help: &str, samples: &mut dyn Iterator<Item = String>| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for sample in samples {
-                let _ = writeln!(out, "{name}{sample}");
-            }
-        };
-    let per_partition = |column: usize, float: bool| {
-        partitions.iter().map(move |r| {
-            let value = if float {
-                r.get::<_, f64>(column).to_string()
-            } else {
-                r.get::<_, i64>(column).to_string()
+    drop(client);
+    let database = PrometheusBuilder::new().build_recorder();
+    metrics::with_local_recorder(&database, || {
+        use metrics::{counter, describe_counter, describe_gauge, gauge};
+        describe_counter!(
+            "chronicle_projection_events_processed_total",
+            "Events handled (applied or skipped)."
+        );
+        describe_counter!(
+            "chronicle_projection_failures_total",
+            "Failed handler attempts (retries and dead letters)."
+        );
+        describe_gauge!(
+            "chronicle_projection_lag_events",
+            "Events after the checkpoint when last measured."
+        );
+        describe_gauge!(
+            "chronicle_projection_lag_seconds",
+            "Age of the oldest event not yet handled."
+        );
+        describe_gauge!(
+            "chronicle_projection_up",
+            "1 when the partition is running or rebuilding."
+        );
+        describe_gauge!(
+            "chronicle_projection_dead_lettered",
+            "Events waiting in the dead-letter queue after failing."
+        );
+        describe_gauge!(
+            "chronicle_projection_parked",
+            "Events parked behind a dead-lettered event of their aggregate."
+        );
+        describe_gauge!(
+            "chronicle_projection_oldest_parked_seconds",
+            "Age of the oldest parked event (0: none)."
+        );
+        for r in &partitions {
+            let projection: String = r.get(0);
+            let partition = r.get::<_, i32>(1).to_string();
+            let labels = || {
+                vec![
+                    Label::new("projection", projection.clone()),
+                    Label::new("partition", partition.clone()),
+                ]
             };
-            format!(
-                "{{projection=\"{}\",partition=\"{}\"}} {value}",
-                escape(r.get(0)),
-                r.get::<_, i32>(1)
-            )
-        })
-    };
-    family(
-        "chronicle_projection_events_processed_total",
-        "counter",
-        "Events handled (applied or skipped).",
-        &mut per_partition(2, false),
-    );
-    family(
-        "chronicle_projection_failures_total",
-        "counter",
-        "Failed handler attempts (retries and dead letters).",
-        &mut per_partition(3, false),
-    );
-    family(
-        "chronicle_projection_lag_events",
-        "gauge",
-        "Events after the checkpoint when last measured.",
-        &mut per_partition(4, false),
-    );
-    family(
-        "chronicle_projection_lag_seconds",
-        "gauge",
-        "Age of the oldest event not yet handled.",
-        &mut per_partition(5, true),
-    );
-    family(
-        "chronicle_projection_up",
-        "gauge",
-        "1 when the partition is running or rebuilding.",
-        &mut partitions.iter().map(|r| {
-            let status: &str = r.get(6);
-            format!(
-                "{{projection=\"{}\",partition=\"{}\",status=\"{status}\"}} {}",
-                escape(r.get(0)),
-                r.get::<_, i32>(1),
-                u8::from(matches!(status, "running" | "rebuilding"))
-            )
-        }),
-    );
-    let per_projection = |column: usize, float: bool| {
-        letters.iter().map(move |r| {
-            let value = if float {
-                r.get::<_, f64>(column).to_string()
-            } else {
-                r.get::<_, i64>(column).to_string()
-            };
-            format!("{{projection=\"{}\"}} {value}", escape(r.get(0)))
-        })
-    };
-    family(
-        "chronicle_projection_dead_lettered",
-        "gauge",
-        "Events waiting in the dead-letter queue after failing.",
-        &mut per_projection(1, false),
-    );
-    family(
-        "chronicle_projection_parked",
-        "gauge",
-        "Events parked behind a dead-lettered event of their aggregate.",
-        &mut per_projection(2, false),
-    );
-    family(
-        "chronicle_projection_oldest_parked_seconds",
-        "gauge",
-        "Age of the oldest parked event (0: none).",
-        &mut per_projection(3, true),
-    );
-    render_process(&mut out);
+            let count = |column: usize| u64::try_from(r.get::<_, i64>(column)).unwrap_or(0);
+            counter!("chronicle_projection_events_processed_total", labels()).absolute(count(2));
+            counter!("chronicle_projection_failures_total", labels()).absolute(count(3));
+            gauge!("chronicle_projection_lag_events", labels()).set(r.get::<_, i64>(4) as f64);
+            gauge!("chronicle_projection_lag_seconds", labels()).set(r.get::<_, f64>(5));
+            let status: String = r.get(6);
+            let up = matches!(status.as_str(), "running" | "rebuilding");
+            let mut with_status = labels();
+            with_status.push(Label::new("status", status));
+            gauge!("chronicle_projection_up", with_status).set(f64::from(u8::from(up)));
+        }
+        for r in &letters {
+            let labels = vec![Label::new("projection", r.get::<_, String>(0))];
+            gauge!("chronicle_projection_dead_lettered", labels.clone())
+                .set(r.get::<_, i64>(1) as f64);
+            gauge!("chronicle_projection_parked", labels.clone()).set(r.get::<_, i64>(2) as f64);
+            gauge!("chronicle_projection_oldest_parked_seconds", labels).set(r.get::<_, f64>(3));
+        }
+    });
+    let mut out = database.handle().render();
+    if let Some(Some(process)) = RECORDER.get() {
+        out.push_str(&process.render());
+    }
     Ok(out)
 }
 
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The Prometheus text format's content type.
+const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `GET /metrics` ([`render_metrics`]; `503` when the database cannot be
+/// read) and `GET /health` (`200 ok` when the database answers, else
+/// `503`); anything else `404`.
+fn router(pool: PgPool) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/health", get(health))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics or /health\n") })
+        .with_state(pool)
 }
 
-/// Serves `GET /metrics` ([`render_metrics`]) on `listener` until the
-/// future is dropped; anything else gets `404`. Installs this crate's
-/// metrics recorder first ([`install_metrics_recorder`]).
+async fn metrics_page(State(pool): State<PgPool>) -> Response {
+    match render_metrics(&pool).await {
+        Ok(text) => ([(header::CONTENT_TYPE, EXPOSITION)], text).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read projection state: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn health(State(pool): State<PgPool>) -> Response {
+    let answer = async {
+        let client = pool.get().await?;
+        client.query_typed("SELECT 1", &[]).await?;
+        Ok::<_, crate::Error>(())
+    };
+    match answer.await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the database does not answer: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// Serves `GET /metrics` ([`render_metrics`]) and `GET /health` (`200`
+/// when the database answers, `503` when it does not) on `listener` with
+/// axum, until the future is dropped; anything else gets `404`. Installs
+/// this crate's metrics recorder first ([`install_metrics_recorder`]).
+///
+/// ```no_run
+/// # async fn demo(pool: chronicle_postgres::PgPool) -> std::io::Result<()> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:9464").await?;
+/// chronicle_projections::serve_metrics(listener, pool).await
+/// # }
+/// ```
 pub async fn serve_metrics(listener: TcpListener, pool: PgPool) -> std::io::Result<()> {
     install_metrics_recorder();
-    loop {
-        let (mut stream, _) = listener.accept().await?;
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let request = String::from_utf8_lossy(&buf);
-            let target = request.split(' ').nth(1).unwrap_or("");
-            let is_metrics = request.starts_with("GET ")
-                && (target == "/metrics" || target.starts_with("/metrics?"));
-            let (status, content_type, body) = if is_metrics {
-                match render_metrics(&pool).await {
-                    Ok(text) => ("200 OK", "text/plain; version=0.0.4", text),
-                    Err(e) => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        format!("cannot read projection state: {e}\n"),
-                    ),
-                }
-            } else {
-                ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+    axum::serve(listener, router(pool)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// A pool whose server is not there: nothing listens on port 1.
+    fn unreachable_pool() -> PgPool {
+        chronicle_postgres::PgOptions::from_url("postgres://nobody@127.0.0.1:1/none")
+            .unwrap()
+            .connect_timeout(Duration::from_millis(100))
+            .pool()
+            .unwrap()
+    }
+
+    async fn get(path: &str) -> (StatusCode, String) {
+        let answer = router(unreachable_pool())
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = answer.status();
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn without_a_database_health_and_metrics_say_503() {
+        let (status, body) = get("/health").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("does not answer"), "{body}");
+        let (status, body) = get("/metrics").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("cannot read projection state"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn other_paths_are_not_found() {
+        let (status, body) = get("/").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("/metrics"), "{body}");
+        let (status, _) = get("/metrics/x").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
     }
 }

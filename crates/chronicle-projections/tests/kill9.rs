@@ -1,8 +1,9 @@
 //! kill -9 a worker process mid-batch, repeatedly, during a catch-up; the
 //! read model ends equal to the history's fold: no loss, no double effect.
 //!
-//! The worker is this test binary itself, re-run with `CHRONICLE_KILL9_URL`
-//! set so that [`kill9_worker_process`] runs a [`Runner`] until killed.
+//! The worker is this test binary itself, re-run with `--ignored --exact
+//! kill9::kill9_worker_process` and `CHRONICLE_KILL9_URL` set, so that
+//! [`kill9_worker_process`] runs a [`Runner`] until killed.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -31,9 +32,10 @@ fn options() -> ProjectionOptions {
     }
 }
 
-/// Not a test on its own: the worker process of the test below (passes at
-/// once when the variable is not set).
+/// Not a test on its own: the worker process of the test below, which
+/// starts it with `--ignored`; a normal run lists it as ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process for kill_dash_nine_mid_batch_repeatedly_loses_nothing_and_applies_nothing_twice"]
 async fn kill9_worker_process() {
     let Ok(url) = std::env::var(URL_VAR) else {
         return;
@@ -61,7 +63,12 @@ struct Worker(Child);
 impl Worker {
     fn spawn(url: &str) -> Worker {
         let child = Command::new(std::env::current_exe().unwrap())
-            .args(["kill9::kill9_worker_process", "--exact", "--test-threads=1"])
+            .args([
+                "kill9::kill9_worker_process",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+            ])
             .env(URL_VAR, url)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -2,7 +2,6 @@
 //! rendered and served over real HTTP.
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use chronicle_projections::{PgProjection, ProjectionOptions, render_metrics, serve_metrics};
@@ -76,21 +75,25 @@ async fn metrics_report_progress_dead_letters_and_parked_events() {
     let port = listener.local_addr().unwrap().port();
     let server = tokio::spawn(serve_metrics(listener, db.pool.clone()));
     let get = |path: &'static str| async move {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        reqwest::get(format!("http://127.0.0.1:{port}{path}"))
             .await
-            .unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).await.unwrap();
-        answer
+            .unwrap()
     };
     let answer = get("/metrics").await;
-    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-    assert!(answer.contains("text/plain; version=0.0.4"));
-    assert!(answer.contains("chronicle_projection_parked{projection=\"metered\"} 2"));
-    assert!(get("/other").await.starts_with("HTTP/1.1 404"));
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let body = answer.text().await.unwrap();
+    assert!(
+        body.contains("chronicle_projection_parked{projection=\"metered\"} 2"),
+        "{body}"
+    );
+    let health = get("/health").await;
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.unwrap(), "ok\n");
+    assert_eq!(get("/other").await.status(), 404);
     server.abort();
 }
 
@@ -163,16 +166,12 @@ async fn a_runner_records_retries_and_dead_letters_served_on_metrics() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = tokio::spawn(serve_metrics(listener, db.pool.clone()));
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let answer = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
         .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let answer = answer.text().await.unwrap();
     server.abort();
-    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
 
     // Summed over the partitions of this projection.
     let total = |name: &str| -> f64 {

@@ -1,14 +1,21 @@
-//! The webhook alert sink against local HTTP and HTTPS servers.
+//! The webhook alert sink against axum servers on loopback, over HTTP and
+//! HTTPS.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use chronicle_core::{Alert, AlertSink};
 use chronicle_projections::{RetryPolicy, WebhookAlertSink};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use uuid::Uuid;
 
 fn alert() -> Alert {
@@ -29,57 +36,92 @@ fn fast_retries() -> RetryPolicy {
     }
 }
 
-/// Requests received: (head, body).
-type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
-/// Reads one request, records it, and answers with `status`.
-async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    status: u16,
-    received: &Received,
-) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    let (head, body) = loop {
-        let n = stream.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "connection closed before the request was complete");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8(buf[..end].to_vec()).unwrap();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .unwrap()
-                .parse()
-                .unwrap();
-            while buf.len() < end + 4 + length {
-                let n = stream.read(&mut chunk).await.unwrap();
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            break (head, buf[end + 4..end + 4 + length].to_vec());
-        }
-    };
-    received.lock().unwrap().push((head, body));
-    let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    stream.write_all(answer.as_bytes()).await.unwrap();
-    stream.shutdown().await.unwrap();
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+struct Request {
+    /// Path and query.
+    target: String,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
-/// An HTTP server answering the i-th request with `statuses[i]` (the last
-/// one repeats).
-async fn http_server(statuses: Vec<u16>) -> (u16, Received) {
+/// What the hook answers and what it received.
+#[derive(Clone, Default)]
+struct Hook {
+    /// The i-th request gets `statuses[i]` (the last one repeats).
+    statuses: Arc<Vec<u16>>,
+    answered: Arc<AtomicUsize>,
+    received: Arc<Mutex<Vec<Request>>>,
+}
+
+impl Hook {
+    fn new(statuses: Vec<u16>) -> Hook {
+        Hook {
+            statuses: Arc::new(statuses),
+            ..Hook::default()
+        }
+    }
+
+    fn received(&self) -> Vec<Request> {
+        self.received.lock().unwrap().clone()
+    }
+
+    fn router(&self) -> Router {
+        async fn post(
+            State(hook): State<Hook>,
+            uri: Uri,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> StatusCode {
+            hook.received.lock().unwrap().push(Request {
+                target: uri.path_and_query().map_or("/".into(), |p| p.to_string()),
+                headers,
+                body,
+            });
+            let i = hook.answered.fetch_add(1, Ordering::SeqCst);
+            let status = hook.statuses[i.min(hook.statuses.len() - 1)];
+            StatusCode::from_u16(status).unwrap()
+        }
+        Router::new().fallback(post).with_state(self.clone())
+    }
+}
+
+/// An HTTP server on loopback answering the i-th request with
+/// `statuses[i]` (the last one repeats).
+async fn http_server(statuses: Vec<u16>) -> (u16, Hook) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let received = Received::default();
-    let log = received.clone();
-    tokio::spawn(async move {
-        for i in 0.. {
-            let (stream, _) = listener.accept().await.unwrap();
-            let status = statuses[i.min(statuses.len() - 1)];
-            serve_one(stream, status, &log).await;
+    let hook = Hook::new(statuses);
+    let router = hook.router();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (port, hook)
+}
+
+/// TLS over a TCP listener, for axum: connections whose handshake fails
+/// (a client that does not trust the certificate) are dropped.
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
         }
-    });
-    (port, received)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }
 
 #[tokio::test]
@@ -90,20 +132,20 @@ async fn webhook_posts_json_and_retries_server_errors() {
         .with_retry(fast_retries());
     let alert = alert();
     sink.alert(&alert).await.unwrap();
-    let received = received.lock().unwrap();
+    let received = received.received();
     assert_eq!(
         received.len(),
         3,
         "two server errors retried, then delivered"
     );
-    for (head, body) in received.iter() {
-        assert!(
-            head.starts_with("POST /hooks/chronicle?team=ops HTTP/1.1\r\n"),
-            "{head}"
+    for request in &received {
+        assert_eq!(request.target, "/hooks/chronicle?team=ops");
+        assert_eq!(
+            request.headers["host"],
+            format!("127.0.0.1:{port}").as_str()
         );
-        assert!(head.contains(&format!("Host: 127.0.0.1:{port}")), "{head}");
-        assert!(head.contains("Content-Type: application/json"), "{head}");
-        let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(request.headers["content-type"], "application/json");
+        let json: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
         assert_eq!(json, serde_json::to_value(&alert).unwrap());
         assert_eq!(json["kind"], "dead_lettered");
     }
@@ -117,7 +159,7 @@ async fn webhook_gives_up_on_client_errors_and_after_its_retries() {
         .with_retry(fast_retries());
     let err = sink.alert(&alert()).await.unwrap_err();
     assert!(err.to_string().contains("HTTP 400"), "{err}");
-    assert_eq!(received.lock().unwrap().len(), 1, "a 400 is not retried");
+    assert_eq!(received.received().len(), 1, "a 400 is not retried");
 
     let (port, received) = http_server(vec![502]).await;
     let sink = WebhookAlertSink::new(&format!("http://127.0.0.1:{port}/"))
@@ -125,7 +167,7 @@ async fn webhook_gives_up_on_client_errors_and_after_its_retries() {
         .with_retry(fast_retries());
     let err = sink.alert(&alert()).await.unwrap_err();
     assert!(err.to_string().contains("after 4 attempts"), "{err}");
-    assert_eq!(received.lock().unwrap().len(), 4);
+    assert_eq!(received.received().len(), 4);
 
     // Nothing listening: connection refused, retried, then an error.
     let port = {
@@ -156,20 +198,14 @@ async fn webhook_over_https_verifies_the_server() {
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let received = Received::default();
-    let log = received.clone();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            // A client that does not trust the CA aborts the handshake.
-            if let Ok(tls) = acceptor.accept(tcp).await {
-                serve_one(tls, 200, &log).await;
-            }
-        }
-    });
+    let listener = TlsListener {
+        tcp: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+    };
+    let port = listener.tcp.local_addr().unwrap().port();
+    let hook = Hook::new(vec![200]);
+    let router = hook.router();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     let ca = std::fs::read(&certs_on_disk.ca).unwrap();
     let url = format!("https://localhost:{port}/tls");
     let sink = WebhookAlertSink::new(&url)
@@ -178,12 +214,9 @@ async fn webhook_over_https_verifies_the_server() {
         .unwrap()
         .with_retry(fast_retries());
     sink.alert(&alert()).await.unwrap();
-    assert_eq!(received.lock().unwrap().len(), 1);
-    assert!(
-        received.lock().unwrap()[0]
-            .0
-            .starts_with("POST /tls HTTP/1.1")
-    );
+    let received = hook.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].target, "/tls");
 
     // Without the test CA the server is not trusted: nothing is delivered.
     let untrusting = WebhookAlertSink::new(&url)
@@ -194,6 +227,6 @@ async fn webhook_over_https_verifies_the_server() {
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
     );
-    assert_eq!(received.lock().unwrap().len(), 1);
+    assert_eq!(hook.received().len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

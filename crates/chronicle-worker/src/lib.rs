@@ -1,20 +1,21 @@
 //! Run a Chronicle projection in a Cloudflare Worker.
 //!
 //! The Worker runs the same portable step as every other runtime
-//! ([`chronicle_step::ProjectionStep`]), on one PostgreSQL connection
+//! (`chronicle_step::ProjectionStep`), on one PostgreSQL connection
 //! opened per invocation over `worker::Socket`: through the Hyperdrive
 //! binding `DB` when the Worker has one (production), else to the secret
 //! `DATABASE_URL` (local runs). Leases are rows and locks are
 //! transaction-scoped, so Hyperdrive's transaction pooling is safe.
 //!
 //! A user's Worker is a small crate of theirs that hands its handler to
-//! [`run_scheduled`] (a cron trigger: every partition, as long as the
-//! invocation's budget allows) and [`run_queue`] (a queue message wakes it
+//! `run_scheduled` (a cron trigger: every partition, as long as the
+//! invocation's budget allows) and `run_queue` (a queue message wakes it
 //! for the partitions it names). An invocation killed midway loses nothing:
 //! its transaction never commits, the lease expires, and the next
 //! invocation redoes the window.
 //!
-//! This crate is empty outside `wasm32`.
+//! This crate is empty outside `wasm32` (its items, and the links to
+//! them, exist only there).
 #![cfg_attr(not(target_arch = "wasm32"), allow(unused))]
 #![deny(missing_docs)]
 
@@ -29,9 +30,9 @@ pub use wasm::*;
 pub use worker as __worker;
 
 /// The Worker's entry points for one projection: a cron trigger
-/// (`scheduled`) and a queue consumer (`queue`, messages of [`Wake`]),
-/// both running `$handler` with `$options` through [`run_scheduled`] and
-/// [`run_queue`]. The crate that calls it needs `worker` as a dependency
+/// (`scheduled`) and a queue consumer (`queue`, messages of `Wake`),
+/// both running `$handler` with `$options` through `run_scheduled` and
+/// `run_queue`. The crate that calls it needs `worker` as a dependency
 /// (the event macros refer to it) and `crate-type = ["cdylib"]`.
 ///
 /// ```ignore
