@@ -8,7 +8,6 @@ use chronicle_projections::{
     Error, PgProjection, ProjectionOptions, Runner, RunnerOptions, load_state,
 };
 use serde_json::json;
-use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::ledger::{
@@ -198,24 +197,7 @@ async fn out_of_order_versions_stop_the_partition() {
     let db = fresh_db().await;
     create_read_model(&db).await;
     let account = Uuid::now_v7();
-    // T1 takes an xid (as if it had written something) before T2 appends
-    // version 1; T1 then appends version 2 and commits: the feed, ordered by
-    // xid, hands out version 2 first.
-    let mut c1 = db.pool.get().await.unwrap();
-    let t1 = c1.transaction().await.unwrap();
-    t1.query_typed("SELECT pg_current_xact_id()", &[])
-        .await
-        .unwrap();
-    crate::ledger::append_one(&db, account, json!({ "amount": 1 })).await;
-    t1.query_typed(
-        "SELECT status FROM chronicle_append($1, 'account', NULL, ARRAY[$2]::uuid[], ARRAY['Deposited'],
-                ARRAY['{\"amount\": 2}'::jsonb], ARRAY['{}'::jsonb], ARRAY[NULL::jsonb])",
-        &[(&account, Type::UUID), (&Uuid::now_v7(), Type::UUID)],
-    )
-    .await
-    .unwrap();
-    t1.commit().await.unwrap();
-    wait_for_horizon(&db).await;
+    crate::ledger::append_out_of_order(&db, account).await;
 
     let options = ProjectionOptions {
         partitions: 1,

@@ -233,6 +233,28 @@ pub async fn append_one(db: &TestDb, account: Uuid, data: serde_json::Value) -> 
     id
 }
 
+/// Stores `account`'s versions 1 and 2 so that the feed hands out version
+/// 2 first: a transaction T1 takes an xid (as if it had written something)
+/// before T2 appends version 1; T1 then appends version 2 and commits, and
+/// the feed is ordered by xid. Waits until both are below the horizon.
+pub async fn append_out_of_order(db: &TestDb, account: Uuid) {
+    let mut c1 = db.pool.get().await.unwrap();
+    let t1 = c1.transaction().await.unwrap();
+    t1.query_typed("SELECT pg_current_xact_id()", &[])
+        .await
+        .unwrap();
+    append_one(db, account, json!({ "amount": 1 })).await;
+    t1.query_typed(
+        "SELECT status FROM chronicle_append($1, 'account', NULL, ARRAY[$2]::uuid[], ARRAY['Deposited'],
+                ARRAY['{\"amount\": 2}'::jsonb], ARRAY['{}'::jsonb], ARRAY[NULL::jsonb])",
+        &[(&account, Type::UUID), (&Uuid::now_v7(), Type::UUID)],
+    )
+    .await
+    .unwrap();
+    t1.commit().await.unwrap();
+    wait_for_horizon(db).await;
+}
+
 /// Waits until `projection` has handled `events` events in total and
 /// every partition has no lag; panics after `timeout`.
 /// Events the projection's partitions have handled, summed.

@@ -365,24 +365,7 @@ async fn out_of_order_versions_stop_a_subscribed_partition() {
     ] {
         let db = fresh_db().await;
         let account = Uuid::now_v7();
-        let mut c1 = db.pool.get().await.unwrap();
-        let t1 = c1.transaction().await.unwrap();
-        t1.query_typed("SELECT pg_current_xact_id()", &[])
-            .await
-            .unwrap();
-        crate::ledger::append_one(&db, account, json!({ "amount": 1 })).await;
-        t1.query_typed(
-            "SELECT status FROM chronicle_append($1, 'account', NULL, ARRAY[$2]::uuid[], ARRAY['Deposited'],
-                    ARRAY['{\"amount\": 2}'::jsonb], ARRAY['{}'::jsonb], ARRAY[NULL::jsonb])",
-            &[
-                (&account, tokio_postgres::types::Type::UUID),
-                (&Uuid::now_v7(), tokio_postgres::types::Type::UUID),
-            ],
-        )
-        .await
-        .unwrap();
-        t1.commit().await.unwrap();
-        wait_for_horizon(&db).await;
+        crate::ledger::append_out_of_order(&db, account).await;
 
         let recorder = Recorder::new(name, subscription);
         let options = ProjectionOptions {
