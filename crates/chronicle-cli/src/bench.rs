@@ -1041,7 +1041,7 @@ async fn run_cases(
         theirs = theirs.best(raw_stream_loads(&pool, id, rounds).await?);
     }
     cases.push(Case::new(
-        "load a 1,000-event aggregate (vs raw prepared SELECT, rows decoded)".into(),
+        "load a 1,000-event aggregate (vs raw prepared SELECT, rows streamed and decoded)".into(),
         ours,
         theirs,
         None,
@@ -1144,8 +1144,22 @@ impl<'a> tokio_postgres::types::FromSql<'a> for RawXid8 {
     }
 }
 
+/// The metadata a hand-written client keeps: the fields it knows, decoded
+/// straight from the JSON (serde derive), unknown ones skipped.
+#[derive(serde::Deserialize)]
+#[allow(
+    dead_code,
+    reason = "decoded as a client would; the benchmark reads no field"
+)]
+struct RawMetadata {
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    actor: Option<String>,
+    schema_version: Option<u32>,
+}
+
 /// One event as a hand-written client would hold it: every column the
-/// store reads, decoded (the JSON columns parsed).
+/// store reads, decoded (the data as a JSON tree, the metadata typed).
 #[allow(
     dead_code,
     reason = "decoded as a client would; the benchmark reads no field"
@@ -1156,7 +1170,7 @@ struct RawEvent {
     aggregate_type: String,
     event_type: String,
     event_data: serde_json::Value,
-    metadata: serde_json::Value,
+    metadata: RawMetadata,
     version: i32,
     timestamp: chrono::DateTime<chrono::Utc>,
     encrypted_fields: Option<Vec<String>>,
@@ -1164,9 +1178,9 @@ struct RawEvent {
     global_position: i64,
 }
 
-/// `rounds` loads of aggregate `id` by hand: the store's statement,
-/// prepared once on the connection (as the store's is), each row decoded
-/// into a [`RawEvent`]. Events/s, with the events loaded.
+/// `rounds` loads of aggregate `id` by hand, the fastest natural way: the
+/// store's statement, prepared once on the connection, rows decoded into
+/// [`RawEvent`]s as they stream in. Events/s, with the events loaded.
 async fn raw_stream_loads(pool: &PgPool, id: Uuid, rounds: usize) -> Result<Side> {
     let client = pool.get().await?;
     let statement = client
@@ -1182,26 +1196,27 @@ async fn raw_stream_loads(pool: &PgPool, id: Uuid, rounds: usize) -> Result<Side
     let started = Instant::now();
     let mut rows = 0u64;
     for _ in 0..rounds {
-        let events = client
-            .query(&statement, &[&id, &1i32, &i32::MAX])
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(RawEvent {
-                    event_id: r.try_get(0)?,
-                    aggregate_id: r.try_get(1)?,
-                    aggregate_type: r.try_get(2)?,
-                    event_type: r.try_get(3)?,
-                    event_data: r.try_get(4)?,
-                    metadata: r.try_get(5)?,
-                    version: r.try_get(6)?,
-                    timestamp: r.try_get(7)?,
-                    encrypted_fields: r.try_get(8)?,
-                    transaction_id: r.try_get(9)?,
-                    global_position: r.try_get(10)?,
-                })
-            })
-            .collect::<Result<Vec<RawEvent>, tokio_postgres::Error>>()?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&id, &1i32, &i32::MAX];
+        let stream = client.query_raw(&statement, params).await?;
+        futures_util::pin_mut!(stream);
+        let mut events = Vec::new();
+        while let Some(r) = stream.try_next().await? {
+            events.push(RawEvent {
+                event_id: r.try_get(0)?,
+                aggregate_id: r.try_get(1)?,
+                aggregate_type: r.try_get(2)?,
+                event_type: r.try_get(3)?,
+                event_data: r.try_get(4)?,
+                metadata: r
+                    .try_get::<_, tokio_postgres::types::Json<RawMetadata>>(5)?
+                    .0,
+                version: r.try_get(6)?,
+                timestamp: r.try_get(7)?,
+                encrypted_fields: r.try_get(8)?,
+                transaction_id: r.try_get(9)?,
+                global_position: r.try_get(10)?,
+            });
+        }
         rows += events.len() as u64;
     }
     Ok(Side::new(

@@ -62,7 +62,7 @@ fn append_cases_touch_the_same_rows_on_both_sides() {
     for prefix in [
         "append 1 event, 1 writers",
         "append 100-event batch, 4 writers",
-        "load a 1,000-event aggregate (vs raw prepared SELECT, rows decoded)",
+        "load a 1,000-event aggregate (vs raw prepared SELECT, rows streamed and decoded)",
         "read the global feed",
     ] {
         assert!(

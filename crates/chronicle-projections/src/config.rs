@@ -498,26 +498,12 @@ fn subscription(
     Ok(subscription)
 }
 
-/// `30s`, `500ms`, `2m`, `1h`: more than zero, at most an hour.
+/// `30s`, `500ms`, `2m`, `1m 30s` (humantime's syntax): more than zero,
+/// at most an hour.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration; write e.g. 30s, 500ms, 2m"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        "" => return Err(format!("`{s}` has no unit; write e.g. {n}s")),
-        other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{s}`; use ms, s, m or h"
-            ));
-        }
-    };
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 30s, 500ms, 2m, 1m 30s"))?;
     if d.is_zero() || d > Duration::from_secs(3600) {
         return Err(format!(
             "`{s}` is impossible; a timeout is more than 0 and at most 1h"
@@ -842,7 +828,9 @@ projections:
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("0s").is_err());
         assert!(parse_duration("30").is_err());
     }
 }

@@ -19,7 +19,7 @@ pub enum Error {
     /// The projection is registered with another partition count.
     #[error(
         "projection `{projection}` is registered with {registered} partitions, not {requested}; \
-         rebuild it to change the partition count"
+         its partition count is fixed once registered (a rebuild keeps it): ask for {registered}"
     )]
     PartitionMismatch {
         /// The projection.
