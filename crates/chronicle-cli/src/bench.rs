@@ -1063,6 +1063,30 @@ async fn run_cases(
         .await?
         .batch_execute("VACUUM ANALYZE events")
         .await?;
+    // The feed stops at the horizon: wait until every append is below it
+    // (a transaction open anywhere in the cluster holds it back).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let visible: bool = pool
+            .get()
+            .await?
+            .query_typed_one(
+                "SELECT coalesce(max(transaction_id) < pg_snapshot_xmin(pg_current_snapshot()), true)
+                   FROM events",
+                &[],
+            )
+            .await?
+            .get(0);
+        if visible {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the feed horizon stayed behind the appends for 30 s: a transaction open in the \
+             cluster holds it back (`chronicle status` shows which)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     progress.set_message("reading the feed");
     let (mut ours, mut theirs) = (Side::default(), Side::default());
     for _ in 0..2 {
