@@ -305,7 +305,9 @@ fn split_own_params(url: &str) -> Result<(String, OwnParams)> {
             "sslmode" => own.ssl_mode = value.parse()?,
             "sslrootcert" => {
                 own.ssl_root_cert = Some(PathBuf::from(if decode {
-                    percent_decode(value)
+                    percent_encoding::percent_decode_str(value)
+                        .decode_utf8_lossy()
+                        .into_owned()
                 } else {
                     value.to_owned()
                 }))
@@ -360,25 +362,6 @@ fn split_own_params(url: &str) -> Result<(String, OwnParams)> {
         kept.join(" ")
     };
     Ok((rest, own))
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub(crate) enum Tls {
