@@ -4,7 +4,7 @@
 //!
 //! Needs `worker-build` and `wasm-bindgen` (at the version of the
 //! workspace's `wasm-bindgen` crate) on the PATH or in `WASM_BINDGEN_BIN`,
-//! and `npm ci` run in `tests/js` (`.ci/run` does both). A missing tool
+//! and `npm ci` run in `tools/cloudflare-local` (`.ci/run` does both). A missing tool
 //! fails the test with the command that installs it.
 
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ fn workspace() -> PathBuf {
 }
 
 fn js_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/cloudflare-local")
 }
 
 /// Builds `examples/user-profile-worker` with worker-build (no download:
