@@ -153,6 +153,33 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Deploy the projections of a deployment file to their provider
+    /// (Cloudflare Workers): upload, cron trigger, queue consumer.
+    #[command(after_help = "Examples:
+  chronicle deploy -c chronicle.yaml --dry-run
+  chronicle deploy -c chronicle.yaml --projection user-profile
+  CHRONICLE_SECRETS_DIR=/run/secrets chronicle deploy --output json
+
+Credentials come from the secret store, never from flags: cloudflare-account-id,
+cloudflare-api-token and (without config.hyperdrive) cloudflare-database-url,
+as files in --secrets-dir or as CHRONICLE_CLOUDFLARE_ACCOUNT_ID, ...")]
+    Deploy(crate::deploy::DeployArgs),
+    /// How many invocations run a deployed projection at once.
+    #[command(after_help = "Examples:
+  chronicle scale user-profile 4
+  chronicle scale user-profile 1 -c deploy/chronicle.yaml --output json")]
+    Scale(crate::deploy::ScaleArgs),
+    /// Health, lag and dead letters of a projection, and what its provider
+    /// reports of it.
+    #[command(after_help = "Examples:
+  chronicle monitor user-profile
+  chronicle monitor user-profile --watch --interval 5s --output json")]
+    Monitor(crate::deploy::MonitorArgs),
+    /// Remove a deployed projection from its provider (its state, read
+    /// model and dead letters stay in the database).
+    #[command(after_help = "Examples:
+  chronicle undeploy user-profile -c chronicle.yaml")]
+    Undeploy(crate::deploy::UndeployArgs),
     /// A shell completion script, on standard output (needs no database).
     #[command(after_help = "Examples:
   chronicle completions bash > ~/.local/share/bash-completion/completions/chronicle
@@ -428,6 +455,7 @@ pub(crate) fn without_database(command: &Command) -> Option<&'static str> {
         Command::Dev { .. } => Some("dev"),
         Command::Completions { .. } => Some("completions"),
         Command::Man { .. } => Some("man"),
+        Command::Deploy(args) if args.dry_run() => Some("deploy --dry-run"),
         _ => None,
     }
 }
@@ -447,6 +475,9 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
             ));
         }
         Command::Demo => return crate::demo::run(cli.database_url.as_deref()).await,
+        Command::Deploy(args) if args.dry_run() => {
+            return crate::deploy::dry_run(args, registry, format).await;
+        }
         Command::Bench { what } => {
             let db = Database::resolve(cli.database_url.as_deref())?;
             tracing::info!("database: {}", db.describe());
@@ -498,6 +529,10 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
             crate::audit::seal_written(&db).await;
         }
         Command::Audit(args) => crate::audit::run(&db, args, format).await?,
+        Command::Deploy(args) => crate::deploy::deploy(&db, args, registry, format).await?,
+        Command::Scale(args) => crate::deploy::scale(&db, args, format).await?,
+        Command::Monitor(args) => crate::deploy::monitor(&db, args, format).await?,
+        Command::Undeploy(args) => crate::deploy::undeploy(&db, args, format).await?,
         Command::Upcast(args) => {
             crate::upcast::run(&db, registry, args, format).await?;
             crate::audit::seal_written(&db).await;
@@ -557,6 +592,8 @@ struct Deployed {
     /// `FILE:LINE: projections.NAME.config.concurrency` when a deployment
     /// file sets the partition count (or leaves it at its default).
     partitions_from: Option<String>,
+    /// Where the deployment file runs it (`local` without a file).
+    provider: chronicle_projections::Provider,
 }
 
 impl Deployed {
@@ -568,6 +605,7 @@ impl Deployed {
             ""
         };
         Deployed {
+            provider: p.provider,
             options: p.options(),
             partitions_from: Some(format!(
                 "{origin}:{line}: projections.{}.config.concurrency{default}",
@@ -628,22 +666,40 @@ async fn open_projection(
         // Validates the name before it goes into SQL.
         projection = projection.with_read_model_schema(schema)?;
     }
-    if let Some(sql) = registry.setup_sql(name) {
-        let mut client = pool.get().await?;
-        let tx = client.transaction().await?;
-        if let Some(schema) = projection.read_model_schema() {
-            tx.batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema};
-                 SELECT set_config('search_path', '{schema}, ' || current_setting('search_path'), true)"
-            ))
-            .await?;
-        }
-        tx.batch_execute(sql)
-            .await
-            .with_context(|| format!("setting up the read model of `{name}`"))?;
-        tx.commit().await?;
-    }
+    setup_read_model(pool, registry, name).await?;
     Ok(std::sync::Arc::new(projection))
+}
+
+/// Runs the setup SQL of the handler `name` (its read model's tables),
+/// with its read model's schema, created if missing, first on the search
+/// path.
+pub(crate) async fn setup_read_model(
+    pool: &chronicle_postgres::PgPool,
+    registry: &Registry,
+    name: &str,
+) -> Result<()> {
+    let Some(sql) = registry.setup_sql(name) else {
+        return Ok(());
+    };
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    if let Some(schema) = registry.read_model_schema(name) {
+        if !chronicle_sql::is_plain_identifier(schema, 63) {
+            bail!(UsageError(format!(
+                "the read model schema `{schema}` of `{name}` is not a plain identifier"
+            )));
+        }
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             SELECT set_config('search_path', '{schema}, ' || current_setting('search_path'), true)"
+        ))
+        .await?;
+    }
+    tx.batch_execute(sql)
+        .await
+        .with_context(|| format!("setting up the read model of `{name}`"))?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// A rebuild's progress bar in events (see [`crate::ui::progress`]).
@@ -767,11 +823,26 @@ async fn run_projections(
                     .join(", ")
             )));
         }
-        selected.extend(
-            deployed
-                .into_iter()
-                .filter(|(name, _)| names.is_empty() || names.contains(name)),
-        );
+        for (name, deployed) in deployed {
+            if !names.is_empty() && !names.contains(&name) {
+                continue;
+            }
+            if deployed.provider != chronicle_projections::Provider::Local {
+                let why = format!(
+                    "{name} has provider `{}` in {}: it runs there (`chronicle deploy`), not here",
+                    deployed.provider,
+                    path.display()
+                );
+                if names.contains(&name) {
+                    bail!(UsageError(format!(
+                        "{why}; run it here with `chronicle projections run {name}` without --config"
+                    )));
+                }
+                note!("{why}");
+                continue;
+            }
+            selected.push((name, deployed));
+        }
     } else {
         let all: Vec<String> = if names.is_empty() {
             registry.handlers().names().map(str::to_owned).collect()

@@ -19,6 +19,7 @@ mod bench_upcast;
 mod commands;
 mod database;
 mod demo;
+mod deploy;
 mod dlq_show;
 mod generate;
 mod keys;

@@ -40,7 +40,7 @@ pub use event::{EventEnvelope, Metadata, NewEvent};
 pub use position::{Position, PositionParseError};
 pub use projection::{
     Alert, AlertSink, BoxError, DeploymentResult, HealthStatus, ProjectionAdapter,
-    ProjectionHandler, ProjectionResult, ProjectionState, ProjectionStatus,
+    ProjectionHandler, ProjectionResult, ProjectionState, ProjectionStatus, ProviderStatus,
 };
 pub use queue::{Delivery, MemoryQueue, Message, MessageQueue, QueueDepth, Receipt};
 pub use repository::{CommandError, Repository};

@@ -302,6 +302,23 @@ pub struct HealthStatus {
     pub dead_letters: u64,
     /// Every partition's state.
     pub partitions: Vec<ProjectionState>,
+    /// What the provider reports of the deployment (`None`: the adapter
+    /// runs it in this process, or was not asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderStatus>,
+}
+
+/// What a serverless provider reports of a deployed projection: whether
+/// its code is deployed, and facts by name (the script's last change, its
+/// triggers, the consumer's settings).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderStatus {
+    /// The provider (`cloudflare`, ...).
+    pub provider: String,
+    /// Whether the provider runs the projection's code.
+    pub deployed: bool,
+    /// Facts by name, in the provider's terms.
+    pub details: std::collections::BTreeMap<String, String>,
 }
 
 /// Runs projection handlers somewhere: in this process, on a serverless
@@ -320,6 +337,11 @@ pub trait ProjectionAdapter<C: Send + ?Sized>: Send + Sync {
 
     /// The health and lag of `projection`.
     async fn monitor(&self, projection: &str) -> Result<HealthStatus, BoxError>;
+
+    /// Stops all work on `projection` and removes what `deploy` set up to
+    /// run it. Its state, read model and dead letters stay in the
+    /// database: a later `deploy` takes up where it stopped.
+    async fn undeploy(&self, projection: &str) -> Result<(), BoxError>;
 }
 
 /// Something an operator should look at.

@@ -151,6 +151,38 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A URL for this database over TCP on loopback, for clients that
+    /// speak only TCP (a Worker in workerd): a port forwarding to the
+    /// throwaway cluster's Unix socket, for as long as the test process
+    /// runs. The password is a placeholder (the cluster trusts local
+    /// connections; some clients need one).
+    pub async fn tcp_url(&self) -> String {
+        let config: tokio_postgres::Config = self.url.parse().expect("the test URL parses");
+        let user = config.get_user().unwrap_or("postgres").to_owned();
+        let socket = match (config.get_hosts().first(), config.get_ports().first()) {
+            (Some(tokio_postgres::config::Host::Unix(dir)), Some(port)) => {
+                dir.join(format!(".s.PGSQL.{port}"))
+            }
+            // Already on TCP (DATABASE_URL): use it as it is.
+            _ => return self.url.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let port = listener.local_addr().expect("a bound port").port();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                    }
+                });
+            }
+        });
+        format!("postgresql://{user}:unused@127.0.0.1:{port}/{}", self.name)
+    }
+
     /// A store over another pool on this database, with the statement
     /// cache as the URL says (off through PgBouncer).
     pub fn store_on(&self, pool: PgPool) -> PgEventStore {

@@ -5,7 +5,7 @@
 //! projections:
 //!   user-profile:
 //!     handler: './src/projections/user-profile'
-//!     provider: 'local'      # the only provider with an adapter in this build
+//!     provider: 'local'      # or 'cloudflare'
 //!     config:
 //!       timeout: '30s'
 //!       concurrency: 10
@@ -21,15 +21,28 @@
 //! - `handler` names a handler registered in the binary
 //!   ([`HandlerRegistry`]); a path is matched by its last segment, so the
 //!   spec's `./src/projections/user-profile` finds `user-profile`.
-//! - `provider` is `local` (the default): the workers run in this process.
-//!   `cloudflare`, `lambda` and `vercel` are refused until their adapters
-//!   exist ("provider `lambda` has no adapter in this build; use `local`").
-//! - `config.concurrency` is the partition count (default 4);
-//!   `config.timeout` bounds one handler call (default 30s);
+//! - `provider` is `local` (the default: the workers run in this process)
+//!   or `cloudflare` (a Worker on a cron trigger and a queue consumer,
+//!   deployed by `chronicle deploy`). `lambda` and `vercel` are refused
+//!   until their adapters exist ("provider `lambda` has no adapter in this
+//!   build; use `local` or `cloudflare`").
+//! - `config.concurrency` is the partition count (default 4), and on
+//!   Cloudflare also the queue consumer's `max_concurrency` (at most 250);
+//!   `config.timeout` bounds one handler call (default 30s), and on
+//!   Cloudflare is the Worker's CPU limit (at most 30s: the limit of a
+//!   Cron Trigger that fires more often than hourly);
 //!   `config.retries` is the retries before dead-lettering (default 3);
 //!   `config.batch_size` is the events per step (default 500).
-//! - `config.memory` is refused: it sizes a serverless worker, and a local
-//!   worker runs in this process.
+//! - `config.memory` is refused for `local` (a local worker runs in this
+//!   process); on Cloudflare every Worker has 128 MB, so `128MB` is
+//!   accepted and any other size refused.
+//! - `worker` (Cloudflare only) is the folder of the Worker's crate, the
+//!   small crate that hands the handler to
+//!   `chronicle_worker::projection_worker!`; `chronicle deploy` uploads its
+//!   worker-build output (`<worker>/build`).
+//! - `config.hyperdrive` (Cloudflare only) is the id of the Hyperdrive
+//!   configuration the Worker reaches PostgreSQL through; without it the
+//!   Worker gets the database URL as a secret.
 //! - `subscribe` overrides the handler's
 //!   [`ProjectionHandler::subscription`]: the events it lists are the ones
 //!   the projection reads (either list may be left out; one of them is
@@ -64,15 +77,17 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// Where a projection runs. Only [`Provider::Local`] has an adapter in this
-/// build ([`Provider::has_adapter`]); a configuration naming another one is
+/// Where a projection runs. [`Provider::Local`] and
+/// [`Provider::Cloudflare`] have adapters in this build
+/// ([`Provider::has_adapter`]); a configuration naming another one is
 /// refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Provider {
     /// In this process ([`crate::LocalAdapter`]).
+    #[default]
     Local,
-    /// Cloudflare Workers.
+    /// Cloudflare Workers (`chronicle_cloudflare::CloudflareWorkerAdapter`).
     Cloudflare,
     /// AWS Lambda.
     Lambda,
@@ -88,17 +103,17 @@ impl Provider {
         ("vercel", Provider::Vercel),
     ];
 
-    /// Whether this build can run a projection on this provider: only
-    /// [`Provider::Local`] for now.
+    /// Whether this build can run a projection on this provider:
+    /// [`Provider::Local`] and [`Provider::Cloudflare`].
     ///
     /// ```
     /// use chronicle_projections::Provider;
     ///
-    /// assert!(Provider::Local.has_adapter());
+    /// assert!(Provider::Cloudflare.has_adapter());
     /// assert!(!Provider::Lambda.has_adapter());
     /// ```
     pub fn has_adapter(self) -> bool {
-        matches!(self, Provider::Local)
+        matches!(self, Provider::Local | Provider::Cloudflare)
     }
 
     /// The provider's name in the configuration.
@@ -123,12 +138,22 @@ pub struct ProjectionConfig {
     pub name: String,
     /// The handler, as written.
     pub handler: String,
-    /// Where it runs (default `local`, the only one accepted in this build).
+    /// Where it runs (default `local`).
     pub provider: Provider,
     /// How long one handler call may take (default 30 s).
     pub timeout: Duration,
     /// Partitions, the most workers in parallel (default 4).
     pub concurrency: u32,
+    /// The worker's memory in MB, where the provider sizes it (`None`: the
+    /// provider's default; Cloudflare's only size is 128).
+    pub memory_mb: Option<u32>,
+    /// The Hyperdrive configuration a Cloudflare Worker reaches PostgreSQL
+    /// through (`None`: the database URL, as a secret).
+    pub hyperdrive: Option<String>,
+    /// The crate of a Cloudflare Worker that runs the handler, as written
+    /// (relative to the file); `deploy` uploads its worker-build output,
+    /// `<worker>/build`.
+    pub worker: Option<String>,
     /// Retries before dead-lettering (default 3).
     pub retries: u32,
     /// Events per step (default 500).
@@ -227,6 +252,8 @@ struct RawProjection {
     #[serde(default)]
     provider: Option<Spanned<String>>,
     #[serde(default)]
+    worker: Option<Spanned<String>>,
+    #[serde(default)]
     config: Option<Spanned<RawSettings>>,
     #[serde(default)]
     subscribe: Option<Spanned<RawSubscription>>,
@@ -244,17 +271,27 @@ struct RawSubscription {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSettings {
-    /// Refused for a local worker; read only to say so where it is.
     #[serde(default)]
-    memory: Option<Spanned<serde::de::IgnoredAny>>,
+    memory: Option<Spanned<Scalar>>,
     #[serde(default)]
     timeout: Option<Spanned<String>>,
     #[serde(default)]
     concurrency: Option<Spanned<i64>>,
     #[serde(default)]
+    hyperdrive: Option<Spanned<String>>,
+    #[serde(default)]
     retries: Option<Spanned<i64>>,
     #[serde(default)]
     batch_size: Option<Spanned<i64>>,
+}
+
+/// A YAML scalar read as written (`128` or `'128MB'`), to be judged with
+/// its line in hand.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Number(i64),
+    Text(String),
 }
 
 impl DeploymentConfig {
@@ -274,7 +311,12 @@ impl DeploymentConfig {
     ///
     /// let err = DeploymentConfig::from_yaml("chronicle.yaml", &yaml.replace("'local'", "'lambda'")).unwrap_err();
     /// assert_eq!((err.line, err.key.as_str()), (4, "projections.user-profile.provider"));
-    /// assert_eq!(err.message, "provider `lambda` has no adapter in this build; use `local`");
+    /// assert_eq!(err.message, "provider `lambda` has no adapter in this build; use `local` or `cloudflare`");
+    ///
+    /// let cloudflare = yaml.replace("'local'", "'cloudflare'").replace("30s", "45s");
+    /// let err = DeploymentConfig::from_yaml("chronicle.yaml", &cloudflare).unwrap_err();
+    /// assert_eq!((err.line, err.key.as_str()), (6, "projections.user-profile.config.timeout"));
+    /// assert!(err.message.contains("30s"), "{}", err.message);
     /// ```
     pub fn from_yaml(origin: &str, yaml: &str) -> Result<Self, ConfigError> {
         let at = |loc: &Location, key: &str, message: String| ConfigError {
@@ -327,8 +369,8 @@ impl DeploymentConfig {
                             &s.referenced,
                             &key(".provider"),
                             format!(
-                                "unknown provider `{}`; use `local` (cloudflare, lambda and vercel \
-                                 are known but have no adapter in this build)",
+                                "unknown provider `{}`; use `local` or `cloudflare` (lambda and \
+                                 vercel are known but have no adapter in this build)",
                                 s.value
                             ),
                         )
@@ -342,7 +384,9 @@ impl DeploymentConfig {
                 return Err(at(
                     at_provider,
                     &key(".provider"),
-                    format!("provider `{provider}` has no adapter in this build; use `local`"),
+                    format!(
+                        "provider `{provider}` has no adapter in this build; use `local` or `cloudflare`"
+                    ),
                 ));
             }
             let mut projection = ProjectionConfig {
@@ -351,31 +395,112 @@ impl DeploymentConfig {
                 provider,
                 timeout: Duration::from_secs(30),
                 concurrency: 4,
+                memory_mb: None,
+                hyperdrive: None,
+                worker: None,
                 retries: 3,
                 batch_size: 500,
                 subscription: None,
                 line: spanned.referenced.line(),
                 concurrency_line: None,
             };
+            if let Some(worker) = p.worker {
+                if provider != Provider::Cloudflare {
+                    return Err(at(
+                        &worker.referenced,
+                        &key(".worker"),
+                        format!(
+                            "does not apply to provider `{provider}`: it names the crate of a \
+                             Cloudflare Worker. Remove the key"
+                        ),
+                    ));
+                }
+                if worker.value.trim().is_empty() {
+                    return Err(at(
+                        &worker.referenced,
+                        &key(".worker"),
+                        "is empty; name the folder of the Worker's crate".to_owned(),
+                    ));
+                }
+                projection.worker = Some(worker.value.trim().to_owned());
+            }
             if let Some(subscribe) = p.subscribe {
                 projection.subscription =
                     Some(subscription(subscribe, &|loc, k, m| at(loc, &key(k), m))?);
             }
             if let Some(settings) = p.config.map(|c| c.value) {
-                if let Some(m) = settings.memory {
-                    return Err(at(
-                        &m.referenced,
-                        &key(".config.memory"),
-                        format!(
-                            "does not apply to provider `{provider}`: a local worker runs in this \
-                             process and has its memory; `memory` sizes a serverless worker \
-                             (cloudflare, lambda, vercel). Remove the key"
-                        ),
-                    ));
+                let cloudflare = provider == Provider::Cloudflare;
+                if let Some(m) = &settings.memory {
+                    let k = key(".config.memory");
+                    if !cloudflare {
+                        return Err(at(
+                            &m.referenced,
+                            &k,
+                            format!(
+                                "does not apply to provider `{provider}`: a local worker runs in \
+                                 this process and has its memory; `memory` sizes a serverless \
+                                 worker (cloudflare, lambda, vercel). Remove the key"
+                            ),
+                        ));
+                    }
+                    let mb = match &m.value {
+                        Scalar::Text(text) => parse_megabytes(text),
+                        Scalar::Number(n) => Err(format!("`{n}` has no unit; write e.g. '128MB'")),
+                    }
+                    .map_err(|e| at(&m.referenced, &k, e))?;
+                    if mb != CLOUDFLARE_MEMORY_MB {
+                        return Err(at(
+                            &m.referenced,
+                            &k,
+                            format!(
+                                "is {mb}MB, but Cloudflare gives every Worker {CLOUDFLARE_MEMORY_MB}MB, \
+                                 no more and no less; write '{CLOUDFLARE_MEMORY_MB}MB' or remove the key"
+                            ),
+                        ));
+                    }
+                    projection.memory_mb = Some(mb);
+                }
+                if let Some(h) = settings.hyperdrive {
+                    let k = key(".config.hyperdrive");
+                    if !cloudflare {
+                        return Err(at(
+                            &h.referenced,
+                            &k,
+                            format!(
+                                "does not apply to provider `{provider}`: Hyperdrive is how a \
+                                 Cloudflare Worker reaches PostgreSQL. Remove the key"
+                            ),
+                        ));
+                    }
+                    let id = h.value.trim();
+                    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(at(
+                            &h.referenced,
+                            &k,
+                            format!(
+                                "`{id}` is not a Hyperdrive configuration id (32 hexadecimal \
+                                 digits, as `wrangler hyperdrive list` shows)"
+                            ),
+                        ));
+                    }
+                    projection.hyperdrive = Some(id.to_ascii_lowercase());
                 }
                 if let Some(t) = settings.timeout {
-                    projection.timeout = parse_duration(&t.value)
-                        .map_err(|e| at(&t.referenced, &key(".config.timeout"), e))?;
+                    let k = key(".config.timeout");
+                    projection.timeout =
+                        parse_duration(&t.value).map_err(|e| at(&t.referenced, &k, e))?;
+                    if cloudflare && projection.timeout > CLOUDFLARE_CRON_CPU {
+                        return Err(at(
+                            &t.referenced,
+                            &k,
+                            format!(
+                                "is {}, above Cloudflare's ceiling: a Worker on a Cron Trigger that \
+                                 fires more often than hourly gets at most 30s of CPU time; write \
+                                 '30s' or less",
+                                t.value.trim()
+                            ),
+                        ));
+                    }
                 }
                 let bounded = |v: &Spanned<i64>, k: &str, min: i64, max: i64| {
                     if (min..=max).contains(&v.value) {
@@ -389,6 +514,17 @@ impl DeploymentConfig {
                     }
                 };
                 if let Some(c) = &settings.concurrency {
+                    if cloudflare && c.value > i64::from(CLOUDFLARE_MAX_CONCURRENCY) {
+                        return Err(at(
+                            &c.referenced,
+                            &key(".config.concurrency"),
+                            format!(
+                                "is {}, above Cloudflare's limit: a queue consumer runs at most \
+                                 {CLOUDFLARE_MAX_CONCURRENCY} invocations at once (max_concurrency)",
+                                c.value
+                            ),
+                        ));
+                    }
                     projection.concurrency = bounded(c, ".config.concurrency", 1, 4096)?;
                     projection.concurrency_line = Some(c.referenced.line());
                 }
@@ -498,6 +634,35 @@ fn subscription(
     Ok(subscription)
 }
 
+/// The memory of every Cloudflare Worker, in MB (fixed by the platform).
+pub const CLOUDFLARE_MEMORY_MB: u32 = 128;
+
+/// The CPU time of one invocation of a Worker whose Cron Trigger fires more
+/// often than hourly (Workers Paid).
+pub const CLOUDFLARE_CRON_CPU: Duration = Duration::from_secs(30);
+
+/// The most concurrent invocations of a Cloudflare Queues consumer.
+pub const CLOUDFLARE_MAX_CONCURRENCY: u32 = 250;
+
+/// `128MB`, `128 MB`, `128MiB`, `1GB`: a size in megabytes (MB and MiB are
+/// both taken as 2^20 bytes, as the providers' limits are).
+fn parse_megabytes(s: &str) -> Result<u32, String> {
+    let text = s.trim();
+    let digits = text.len() - text.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let (number, unit) = text.split_at(digits);
+    let factor = match unit.trim().to_ascii_uppercase().as_str() {
+        "MB" | "MIB" | "M" => 1,
+        "GB" | "GIB" | "G" => 1024,
+        _ => 0,
+    };
+    match number.parse::<u32>() {
+        Ok(n) if factor > 0 && n > 0 => n
+            .checked_mul(factor)
+            .ok_or_else(|| format!("`{text}` is too large")),
+        _ => Err(format!("`{text}` is not a size; write e.g. '128MB'")),
+    }
+}
+
 /// `30s`, `500ms`, `2m`, `1m 30s` (humantime's syntax): more than zero,
 /// at most an hour.
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -604,12 +769,16 @@ projections:
     }
 
     #[test]
-    fn key_provider_local_is_honoured_and_the_others_are_refused() {
+    fn key_provider_local_and_cloudflare_are_honoured_and_the_others_are_refused() {
         assert_eq!(
             load("projections:\n  a:\n    handler: a\n    provider: local\n").provider,
             Provider::Local
         );
-        for name in ["cloudflare", "lambda", "vercel"] {
+        assert_eq!(
+            load(&SPEC.replace("'local'", "'cloudflare'")).provider,
+            Provider::Cloudflare
+        );
+        for name in ["lambda", "vercel"] {
             let e = err(&SPEC.replace("'local'", &format!("'{name}'")));
             assert_eq!(
                 (e.line, e.key.as_str()),
@@ -618,7 +787,9 @@ projections:
             );
             assert_eq!(
                 e.message,
-                format!("provider `{name}` has no adapter in this build; use `local`")
+                format!(
+                    "provider `{name}` has no adapter in this build; use `local` or `cloudflare`"
+                )
             );
             assert!(e.to_string().starts_with("chronicle.yaml:4:"), "{e}");
         }
@@ -629,6 +800,98 @@ projections:
             "{e}"
         );
         assert!(e.message.contains("unknown provider `azure`"), "{e}");
+    }
+
+    /// The spec's YAML on Cloudflare, with `extra` lines added under
+    /// `config:` and `timeout` and `concurrency` as given.
+    fn cloudflare(extra: &str, timeout: &str, concurrency: u32) -> String {
+        SPEC.replace("'local'", "'cloudflare'")
+            .replace("'20s'", timeout)
+            .replace("concurrency: 10", &format!("concurrency: {concurrency}"))
+            .replace("    config:\n", &format!("    config:\n{extra}"))
+    }
+
+    #[test]
+    fn cloudflare_limits_are_mapped_or_refused_where_they_are_written() {
+        let p = load(&cloudflare("      memory: '128MB'\n", "'30s'", 250));
+        assert_eq!(
+            (p.memory_mb, p.timeout, p.concurrency),
+            (Some(128), Duration::from_secs(30), 250)
+        );
+        let refused = [
+            (
+                cloudflare("      memory: '256MB'\n", "'20s'", 10),
+                6,
+                "config.memory",
+                "Cloudflare gives every Worker 128MB",
+            ),
+            (
+                cloudflare("      memory: 128\n", "'20s'", 10),
+                6,
+                "config.memory",
+                "has no unit",
+            ),
+            (
+                cloudflare("", "'31s'", 10),
+                6,
+                "config.timeout",
+                "at most 30s of CPU time",
+            ),
+            (
+                cloudflare("", "'20s'", 251),
+                7,
+                "config.concurrency",
+                "at most 250 invocations at once",
+            ),
+            (
+                cloudflare("      hyperdrive: 'not-an-id'\n", "'20s'", 10),
+                6,
+                "config.hyperdrive",
+                "32 hexadecimal digits",
+            ),
+            (
+                SPEC.replace(
+                    "    config:\n",
+                    "    config:\n      hyperdrive: '0123456789abcdef0123456789abcdef'\n",
+                ),
+                6,
+                "config.hyperdrive",
+                "does not apply to provider `local`",
+            ),
+        ];
+        for (yaml, line, k, message) in refused {
+            let e = err(&yaml);
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (line, format!("projections.user-profile.{k}").as_str()),
+                "{e}"
+            );
+            assert!(e.message.contains(message), "{e}");
+        }
+        let e = err(&SPEC.replace("    config:\n", "    worker: ./w\n    config:\n"));
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (5, "projections.user-profile.worker"),
+            "{e}"
+        );
+        assert!(
+            e.message.contains("does not apply to provider `local`"),
+            "{e}"
+        );
+        let p = load(
+            &cloudflare("", "'20s'", 10).replace("    config:\n", "    worker: ./w\n    config:\n"),
+        );
+        assert_eq!(p.worker.as_deref(), Some("./w"));
+        let p = load(&cloudflare(
+            "      hyperdrive: '0123456789ABCDEF0123456789abcdef'\n",
+            "'20s'",
+            10,
+        ));
+        assert_eq!(
+            p.hyperdrive.as_deref(),
+            Some("0123456789abcdef0123456789abcdef")
+        );
+        assert_eq!(parse_megabytes("1 GiB"), Ok(1024));
     }
 
     #[test]

@@ -68,17 +68,21 @@ mod sql;
 mod state;
 mod webhook;
 
+pub use chronicle_step::vars;
 pub use chronicle_step::{
     Error, LAG_COUNT_CAP, LogAlertSink, PgContext, ProjectionOptions, ProjectionStep, Result,
     RetryPolicy, StepOutcome,
 };
-pub use config::{ConfigError, DeploymentConfig, HandlerRegistry, ProjectionConfig, Provider};
+pub use config::{
+    CLOUDFLARE_CRON_CPU, CLOUDFLARE_MAX_CONCURRENCY, CLOUDFLARE_MEMORY_MB, ConfigError,
+    DeploymentConfig, HandlerRegistry, ProjectionConfig, Provider,
+};
 pub use dlq::{DeadLetter, DeadLetterDetail, DeadLetterState, ReplayReport};
 pub use metrics::{install_metrics_recorder, render_metrics, serve_metrics};
 pub use projection::{BlueGreenReport, PgProjection, PoolSource, TokioRuntime};
 pub use queue::{PgDeadLetterQueue, QueueError};
 pub use runner::{LocalAdapter, Runner, RunnerOptions};
-pub use state::load as load_state;
+pub use state::{health, load as load_state};
 pub use webhook::WebhookAlertSink;
 
 /// A projection handler on PostgreSQL, shared between tasks.

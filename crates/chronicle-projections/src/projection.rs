@@ -189,29 +189,12 @@ impl PgProjection {
 
     /// Health and lag from the state table and the dead-letter queue.
     pub async fn health(&self) -> Result<HealthStatus> {
-        let partitions = self.state().await?;
-        if partitions.is_empty() {
-            return Err(Error::NotRegistered(self.portable.name().to_owned()));
-        }
-        let dead_letters = crate::dlq::count(self.pool(), self.portable.name()).await?;
-        let threshold = self.portable.options().lag_alert_after.as_secs_f64();
-        let lag_events = partitions.iter().map(|p| p.lag_events).max().unwrap_or(0);
-        let lag_seconds = partitions.iter().map(|p| p.lag_seconds).fold(0.0, f64::max);
-        let healthy = lag_seconds < threshold
-            && partitions.iter().all(|p| {
-                matches!(
-                    p.status,
-                    ProjectionStatus::Running | ProjectionStatus::Rebuilding
-                )
-            });
-        Ok(HealthStatus {
-            projection: self.portable.name().to_owned(),
-            healthy,
-            lag_events,
-            lag_seconds,
-            dead_letters,
-            partitions,
-        })
+        crate::state::health(
+            self.pool(),
+            self.portable.name(),
+            self.portable.options().lag_alert_after,
+        )
+        .await
     }
 
     /// Stops processing (status `paused`) until [`PgProjection::resume`].

@@ -321,13 +321,16 @@ impl PartitionTask {
     }
 }
 
-/// The in-process [`ProjectionAdapter`]: `deploy` starts a [`Runner`],
-/// `scale` changes how many partitions it holds, `monitor` reads health and
-/// lag from `projection_state`.
+/// The in-process [`ProjectionAdapter`]: `deploy` starts a [`Runner`]
+/// (replacing the projection's running one, after its current steps,
+/// when it is deployed already), `scale` changes how many partitions it
+/// holds, `monitor` reads health and lag from `projection_state`,
+/// `undeploy` stops it.
 pub struct LocalAdapter {
     pool: PgPool,
     options: ProjectionOptions,
     runner: RunnerOptions,
+    schemas: HashMap<String, String>,
     running: Mutex<HashMap<String, Runner>>,
 }
 
@@ -347,8 +350,17 @@ impl LocalAdapter {
             pool,
             options,
             runner,
+            schemas: HashMap::new(),
             running: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Deploys `projection` with its read model in `schema`
+    /// ([`PgProjection::with_read_model_schema`]).
+    pub fn with_read_model_schema(mut self, projection: &str, schema: &str) -> Self {
+        self.schemas
+            .insert(projection.to_owned(), schema.to_owned());
+        self
     }
 
     /// Stops a deployed projection (after its current steps commit);
@@ -388,32 +400,26 @@ impl ProjectionAdapter<PgContext> for LocalAdapter {
         handler: Arc<dyn ProjectionHandler<PgContext>>,
     ) -> Result<DeploymentResult, BoxError> {
         let name = handler.name().to_owned();
-        if self
-            .running
-            .lock()
-            .expect("adapter lock")
-            .contains_key(&name)
-        {
-            return Err(format!("projection `{name}` is already deployed").into());
+        let mut projection = PgProjection::new(self.pool.clone(), handler, self.options.clone())?;
+        if let Some(schema) = self.schemas.get(&name) {
+            projection = projection.with_read_model_schema(schema)?;
         }
-        let projection = PgProjection::new(self.pool.clone(), handler, self.options.clone())?;
+        // A redeploy: the running handler finishes its current steps
+        // (they commit or roll back whole) before the new one starts.
+        self.stop(&name).await;
         let runner = Runner::start(Arc::new(projection), self.runner.clone()).await?;
         let instances = self
             .options
             .partitions
             .min(u32::try_from(self.runner.max_partitions).unwrap_or(u32::MAX));
-        let duplicate = {
-            let mut running = self.running.lock().expect("adapter lock");
-            if running.contains_key(&name) {
-                Some(runner)
-            } else {
-                running.insert(name.clone(), runner);
-                None
-            }
-        };
-        if let Some(runner) = duplicate {
-            runner.stop().await;
-            return Err(format!("projection `{name}` is already deployed").into());
+        let replaced = self
+            .running
+            .lock()
+            .expect("adapter lock")
+            .insert(name.clone(), runner);
+        if let Some(other) = replaced {
+            // Two deploys of one projection raced: the last one runs.
+            other.stop().await;
         }
         Ok(DeploymentResult {
             projection: name,
@@ -429,5 +435,13 @@ impl ProjectionAdapter<PgContext> for LocalAdapter {
     async fn monitor(&self, projection: &str) -> Result<HealthStatus, BoxError> {
         let runner = self.with_runner(projection, |r| r.projection().clone())?;
         Ok(runner.health().await?)
+    }
+
+    async fn undeploy(&self, projection: &str) -> Result<(), BoxError> {
+        if self.stop(projection).await {
+            Ok(())
+        } else {
+            Err(format!("projection `{projection}` is not deployed here").into())
+        }
     }
 }

@@ -1,11 +1,13 @@
 //! Reading `projection_state`.
 
-use chronicle_core::{Position, ProjectionState, ProjectionStatus};
+use std::time::Duration;
+
+use chronicle_core::{HealthStatus, Position, ProjectionState, ProjectionStatus};
 use chronicle_postgres::PgPool;
 use tokio_postgres::types::Type;
 
-use crate::Result;
 use crate::sql::Xid8;
+use crate::{Error, Result};
 
 /// The state of every partition of `projection` (`None`: of every
 /// projection), ordered by projection and partition.
@@ -52,4 +54,47 @@ pub async fn load(pool: &PgPool, projection: Option<&str>) -> Result<Vec<Project
             })
         })
         .collect()
+}
+
+/// The health of `projection` from `projection_state` and the dead-letter
+/// queue, wherever it runs: healthy when every partition is running or
+/// rebuilding and none is `lag_alert_after` or more behind.
+///
+/// ```no_run
+/// # async fn demo(pool: chronicle_postgres::PgPool) -> chronicle_projections::Result<()> {
+/// use std::time::Duration;
+///
+/// let health = chronicle_projections::health(&pool, "user-profile", Duration::from_secs(60)).await?;
+/// println!("{} events behind, {} dead letters", health.lag_events, health.dead_letters);
+/// # Ok(()) }
+/// ```
+pub async fn health(
+    pool: &PgPool,
+    projection: &str,
+    lag_alert_after: Duration,
+) -> Result<HealthStatus> {
+    let partitions = load(pool, Some(projection)).await?;
+    if partitions.is_empty() {
+        return Err(Error::NotRegistered(projection.to_owned()));
+    }
+    let dead_letters = crate::dlq::count(pool, projection).await?;
+    let threshold = lag_alert_after.as_secs_f64();
+    let lag_events = partitions.iter().map(|p| p.lag_events).max().unwrap_or(0);
+    let lag_seconds = partitions.iter().map(|p| p.lag_seconds).fold(0.0, f64::max);
+    let healthy = lag_seconds < threshold
+        && partitions.iter().all(|p| {
+            matches!(
+                p.status,
+                ProjectionStatus::Running | ProjectionStatus::Rebuilding
+            )
+        });
+    Ok(HealthStatus {
+        projection: projection.to_owned(),
+        healthy,
+        lag_events,
+        lag_seconds,
+        dead_letters,
+        partitions,
+        provider: None,
+    })
 }

@@ -52,7 +52,8 @@ async fn local_adapter_deploys_scales_and_monitors() {
         ),
         ("adapted", "local", 3)
     );
-    assert!(adapter.deploy(handler).await.is_err(), "deployed twice");
+    // Deploying again replaces the running handler (a redeploy).
+    assert_eq!(adapter.deploy(handler).await.unwrap().projection, "adapted");
     wait_until_processed(&db, "adapted", 200, Duration::from_secs(60)).await;
     let health = adapter.monitor("adapted").await.unwrap();
     assert!(health.healthy, "{health:#?}");

@@ -58,6 +58,7 @@ mod feed;
 mod retry;
 mod runtime;
 mod step;
+pub mod vars;
 
 pub use alert::LogAlertSink;
 pub use context::PgContext;

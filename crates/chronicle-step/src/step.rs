@@ -90,7 +90,7 @@ impl Default for ProjectionOptions {
 }
 
 impl ProjectionOptions {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |option, reason: &str| {
             Err(Error::Config {
                 option,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chronicle_core::ProjectionHandler;
 use chronicle_sql::SingleConnection;
+use chronicle_step::vars::{BUDGET_MS, WORKER_ID};
 use chronicle_step::{OneConnection, PgContext, ProjectionOptions, ProjectionStep, Runtime};
 use futures_util::future::join;
 use serde::{Deserialize, Serialize};
@@ -56,29 +57,32 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
-    /// Settings for `options`, the budget from the variable
-    /// `CHRONICLE_BUDGET_MS` when the Worker has it (the adapter sets it
-    /// from the deployment's `timeout`).
+    /// Settings for `options`, overridden by the Worker's variables: the
+    /// projection's options as a deployment sets them
+    /// (`chronicle_step::vars`: partitions, batch size, retries, handler
+    /// timeout, subscription), the budget from `CHRONICLE_BUDGET_MS` (the
+    /// adapter sets it from the deployment's `timeout`) and the lease owner
+    /// from `CHRONICLE_WORKER_ID`. A variable that does not parse is an
+    /// error naming it.
     pub fn from_env(env: &Env, options: ProjectionOptions) -> worker::Result<Self> {
-        let budget = match env.var("CHRONICLE_BUDGET_MS") {
-            Ok(v) => {
-                let text = v.to_string();
+        let var = |name: &str| env.var(name).ok().map(|v| v.to_string());
+        let options =
+            chronicle_step::vars::from_vars(options, var).map_err(worker::Error::RustError)?;
+        let budget = match var(BUDGET_MS) {
+            Some(text) => {
                 let ms: u64 = text.parse().map_err(|_| {
                     worker::Error::RustError(format!(
-                        "CHRONICLE_BUDGET_MS is `{text}`, not a number of milliseconds"
+                        "{BUDGET_MS} is `{text}`, not a number of milliseconds"
                     ))
                 })?;
                 Duration::from_millis(ms)
             }
-            Err(_) => Duration::from_secs(20),
+            None => Duration::from_secs(20),
         };
         Ok(WorkerSettings {
             options,
             budget,
-            worker_id: env
-                .var("CHRONICLE_WORKER_ID")
-                .map(|v| v.to_string())
-                .unwrap_or_else(|_| "cloudflare-worker".to_owned()),
+            worker_id: var(WORKER_ID).unwrap_or_else(|| "cloudflare-worker".to_owned()),
             read_model_schema: None,
         })
     }

@@ -7,105 +7,21 @@
 //! and `npm ci` run in `tools/cloudflare-local` (`.ci/run` does both). A missing tool
 //! fails the test with the command that installs it.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
+use chronicle_adapter_contract::cloudflare::{Variant, build_worker, tools_dir};
 use chronicle_core::{EventAppender, ExpectedVersion, NewEvent};
 use chronicle_postgres::testing::{TestDb, fresh_db};
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, UnixStream};
 use uuid::Uuid;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn js_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/cloudflare-local")
-}
-
-/// Builds `examples/user-profile-worker` with worker-build (no download:
-/// wasm-bindgen and esbuild come from this machine) into a folder of its
-/// own; returns the folder.
-fn build_worker() -> PathBuf {
-    let wasm_bindgen = std::env::var_os("WASM_BINDGEN_BIN")
-        .map(PathBuf::from)
-        .or_else(|| which("wasm-bindgen"))
-        .expect(
-            "wasm-bindgen is not installed: cargo install wasm-bindgen-cli --version <the \
-             wasm-bindgen version in Cargo.lock> (or set WASM_BINDGEN_BIN)",
-        );
-    let worker_build = which("worker-build")
-        .expect("worker-build is not installed: cargo install worker-build --version 0.8.7");
-    let esbuild = js_dir().join("node_modules/@esbuild/linux-x64/bin/esbuild");
-    assert!(
-        esbuild.exists(),
-        "the test's npm packages are missing: (cd {} && npm ci)",
-        js_dir().display()
-    );
-    let crate_dir = workspace().join("examples/user-profile-worker");
-    let out = Command::new(worker_build)
-        .args(["--release"])
-        .current_dir(&crate_dir)
-        .env("WASM_BINDGEN_BIN", wasm_bindgen)
-        .env("ESBUILD_BIN", esbuild)
-        .output()
-        .expect("run worker-build");
-    assert!(
-        out.status.success(),
-        "worker-build failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let build = crate_dir.join("build");
-    assert!(
-        build.join("index_bg.wasm").exists(),
-        "no wasm in {}",
-        build.display()
-    );
-    build
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin")))
-        .map(|dir| dir.join(tool))
-        .find(|p| p.exists())
-}
-
-/// A TCP port on loopback that forwards to the test cluster's Unix socket
-/// (the throwaway clusters listen on a socket only; a Worker speaks TCP).
-async fn tcp_to(db: &TestDb) -> u16 {
-    let config: tokio_postgres::Config = db.url.parse().expect("the test URL parses");
-    let socket = match (config.get_hosts().first(), config.get_ports().first()) {
-        (Some(tokio_postgres::config::Host::Unix(dir)), Some(port)) => {
-            dir.join(format!(".s.PGSQL.{port}"))
-        }
-        other => panic!("the test cluster is not on a Unix socket: {other:?}"),
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let socket = socket.clone();
-            tokio::spawn(async move {
-                if let Ok(mut unix) = UnixStream::connect(&socket).await {
-                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
-                }
-            });
-        }
-    });
-    port
-}
 
 /// Runs the built Worker in Miniflare: `rounds` cron triggers, then the
 /// queue `messages`. Returns the script's JSON report.
 async fn run_worker(build: &Path, url: &str, rounds: u32, messages: Value) -> Value {
     let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(js_dir().join("run-worker.mjs"))
-        .current_dir(js_dir())
+    cmd.arg(tools_dir().join("run-worker.mjs"))
+        .current_dir(tools_dir())
         .env("BUILD_DIR", build)
         .env("DATABASE_URL", url)
         .env("ROUNDS", rounds.to_string())
@@ -124,6 +40,24 @@ async fn run_worker(build: &Path, url: &str, rounds: u32, messages: Value) -> Va
     serde_json::from_str(line).expect("the report is JSON")
 }
 
+/// The example's read model (user_profile::projection::READ_MODEL_DDL in
+/// its schema; a product crate does not depend on an example), with
+/// `constraint` added to the table.
+async fn read_model(db: &TestDb, constraint: &str) {
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "CREATE SCHEMA user_profile;
+             CREATE TABLE user_profile.user_profiles (
+                 user_id UUID PRIMARY KEY, email TEXT NOT NULL, name TEXT NOT NULL,
+                 closed BOOLEAN NOT NULL DEFAULT false, version INTEGER NOT NULL {constraint})"
+        ))
+        .await
+        .unwrap();
+}
+
 async fn scalar(db: &TestDb, sql: &str) -> i64 {
     db.pool
         .get()
@@ -137,22 +71,11 @@ async fn scalar(db: &TestDb, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_user_profile_worker_projects_real_events_exactly_once_in_miniflare() {
-    let build = tokio::task::spawn_blocking(build_worker).await.unwrap();
-    let db = fresh_db().await;
-    // The example's read model (user_profile::projection::READ_MODEL_DDL
-    // in its schema; a product crate does not depend on an example).
-    db.pool
-        .get()
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE SCHEMA user_profile;
-             CREATE TABLE user_profile.user_profiles (
-                 user_id UUID PRIMARY KEY, email TEXT NOT NULL, name TEXT NOT NULL,
-                 closed BOOLEAN NOT NULL DEFAULT false, version INTEGER NOT NULL)",
-        )
+    let build = tokio::task::spawn_blocking(|| build_worker(Variant::Default))
         .await
         .unwrap();
+    let db = fresh_db().await;
+    read_model(&db, "").await;
     let users: Vec<Uuid> = (0..25).map(|_| Uuid::now_v7()).collect();
     for (i, user) in users.iter().enumerate() {
         db.store
@@ -184,10 +107,7 @@ async fn the_user_profile_worker_projects_real_events_exactly_once_in_miniflare(
         )
         .await
         .unwrap();
-    let port = tcp_to(&db).await;
-    let config: tokio_postgres::Config = db.url.parse().unwrap();
-    let user = config.get_user().unwrap_or("postgres");
-    let url = format!("postgresql://{user}:unused@127.0.0.1:{port}/{}", db.name);
+    let url = db.tcp_url().await;
 
     // The cron trigger, twice: the second finds nothing new.
     let report = run_worker(&build, &url, 2, json!([])).await;
@@ -260,5 +180,104 @@ async fn the_user_profile_worker_projects_real_events_exactly_once_in_miniflare(
     assert_eq!(
         scalar(&db, "SELECT count(*) FROM projection_dead_letters").await,
         0
+    );
+}
+
+/// A handler failure inside the Worker takes the same path as in a local
+/// runner: retried with exponential backoff (3 retries), then
+/// dead-lettered, the aggregate's later events parked behind it, the other
+/// aggregates going on; the dead-letter queue the CLI lists shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_handler_in_the_worker_retries_with_backoff_then_dead_letters_in_sequence() {
+    let build = tokio::task::spawn_blocking(|| build_worker(Variant::Default))
+        .await
+        .unwrap();
+    let db = fresh_db().await;
+    // The read model refuses one address: the handler's INSERT fails with
+    // a database error, which it reports as retryable.
+    read_model(&db, ", CHECK (email NOT LIKE '%@refused.test')").await;
+    let poisoned = Uuid::now_v7();
+    let healthy = Uuid::now_v7();
+    for (user, email) in [
+        (poisoned, "ada@refused.test"),
+        (healthy, "grace@example.com"),
+    ] {
+        db.store
+            .append(
+                user,
+                "user",
+                ExpectedVersion::NoStream,
+                vec![
+                    NewEvent::new("UserRegistered", json!({ "email": email, "name": "N" })),
+                    NewEvent::new("NameChanged", json!({ "name": "Later" })),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    let url = db.tcp_url().await;
+    let report = run_worker(&build, &url, 1, json!([])).await;
+    assert_eq!(report["outcomes"][0]["outcome"], "ok", "{report}");
+
+    let letters = chronicle_projections::dlq::list(&db.pool, "user-profile", None)
+        .await
+        .unwrap();
+    let failed: Vec<_> = letters
+        .iter()
+        .filter(|l| l.state == chronicle_projections::DeadLetterState::Failed)
+        .collect();
+    let parked: Vec<_> = letters
+        .iter()
+        .filter(|l| l.state == chronicle_projections::DeadLetterState::Parked)
+        .collect();
+    assert_eq!(failed.len(), 1, "{letters:?}");
+    assert_eq!(
+        (
+            failed[0].aggregate_id,
+            failed[0].version,
+            failed[0].attempts
+        ),
+        (poisoned, 1, 4),
+        "the first try and 3 retries: {letters:?}"
+    );
+    assert!(
+        failed[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("user_profiles_email_check"),
+        "the database's reason is kept: {letters:?}"
+    );
+    assert_eq!(
+        parked
+            .iter()
+            .map(|l| (l.aggregate_id, l.version))
+            .collect::<Vec<_>>(),
+        vec![(poisoned, 2)],
+        "the aggregate's later event waits behind it"
+    );
+    assert_eq!(
+        scalar(&db, &format!("SELECT count(*) FROM user_profile.user_profiles WHERE user_id = '{healthy}' AND version = 2")).await,
+        1,
+        "the other aggregate went on"
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            &format!(
+                "SELECT count(*) FROM user_profile.user_profiles WHERE user_id = '{poisoned}'"
+            )
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT sum(failure_count)::int8 FROM projection_state WHERE projection = 'user-profile'"
+        )
+        .await,
+        4,
+        "every failed try is counted"
     );
 }

@@ -141,7 +141,7 @@ impl ProjectionHandler<PgContext> for UserProfileProjection {
                     .await;
                 return match result {
                     Ok(_) => ProjectionResult::Done,
-                    Err(e) => ProjectionResult::retry(e),
+                    Err(e) => ProjectionResult::retry(chronicle_step::describe(&e)),
                 };
             }
             ProfileEvent::EmailChanged { email } => (
@@ -170,7 +170,7 @@ impl ProjectionHandler<PgContext> for UserProfileProjection {
             .await
         {
             Ok(_) => ProjectionResult::Done,
-            Err(e) => ProjectionResult::retry(e),
+            Err(e) => ProjectionResult::retry(chronicle_step::describe(&e)),
         }
     }
 }
