@@ -241,6 +241,11 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         {
             return EXIT_NOT_FOUND;
         }
+        match cause.downcast_ref::<chronicle_cloudflare::Error>() {
+            Some(chronicle_cloudflare::Error::Invalid(_)) => return EXIT_USAGE,
+            Some(chronicle_cloudflare::Error::NotDeployed(..)) => return EXIT_NOT_FOUND,
+            _ => {}
+        }
         if cause.downcast_ref::<commands::UsageError>().is_some() {
             return EXIT_USAGE;
         }
