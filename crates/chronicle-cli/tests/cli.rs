@@ -479,7 +479,7 @@ fn deployment_keys_and_flags_are_honoured_or_refused() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
 
-    for provider in ["cloudflare", "lambda", "vercel"] {
+    for provider in ["lambda", "vercel"] {
         let path = file(
             &format!("{provider}.yaml"),
             &deployment(&format!("    provider: {provider}\n")),
@@ -488,11 +488,28 @@ fn deployment_keys_and_flags_are_honoured_or_refused() {
         assert!(
             stderr.contains(&format!(
                 "{path}:4:15: projections.user-profile.provider: provider `{provider}` has no \
-                 adapter in this build; use `local`"
+                 adapter in this build; use `local` or `cloudflare`"
             )),
             "{stderr}"
         );
     }
+    // A Cloudflare projection runs on Cloudflare: `projections run` leaves
+    // it to `chronicle deploy`, saying so.
+    let cloudflare = file("cloudflare.yaml", &deployment("    provider: cloudflare\n"));
+    let stderr = refused(&["projections", "run", "--config", &cloudflare]);
+    assert!(
+        stderr.contains("user-profile has provider `cloudflare`")
+            && stderr.contains("chronicle deploy"),
+        "{stderr}"
+    );
+    let stderr = refused(&[
+        "projections",
+        "run",
+        "user-profile",
+        "--config",
+        &cloudflare,
+    ]);
+    assert!(stderr.contains("without --config"), "{stderr}");
     let memory = file(
         "memory.yaml",
         &deployment("    config:\n      memory: 128MB\n"),

@@ -215,12 +215,30 @@ fn garbage() -> Vec<OsString> {
 /// A value each positional of `cmd` accepts: its first possible value, or
 /// [`ID`].
 fn valid_positionals(cmd: &clap::Command) -> Vec<OsString> {
-    cmd.get_positionals()
-        .map(|a| match a.get_possible_values().first() {
+    let mut valid: Vec<OsString> = Vec::new();
+    for a in cmd.get_positionals() {
+        let value = match a.get_possible_values().first() {
             Some(value) => OsString::from(value.get_name()),
-            None => OsString::from(ID),
-        })
-        .collect()
+            // An id where one parses (most positionals), else a count: a
+            // candidate is wrong when clap says the value is invalid.
+            None => [ID, "1"]
+                .into_iter()
+                .map(OsString::from)
+                .find(|candidate| {
+                    let args = std::iter::once(OsString::from("chronicle"))
+                        .chain(valid.iter().cloned())
+                        .chain([candidate.clone()]);
+                    !matches!(
+                        cmd.clone().try_get_matches_from(args).map_err(|e| e.kind()),
+                        Err(clap::error::ErrorKind::ValueValidation
+                            | clap::error::ErrorKind::InvalidValue)
+                    )
+                })
+                .unwrap_or_else(|| OsString::from(ID)),
+        };
+        valid.push(value);
+    }
+    valid
 }
 
 /// One invocation of the no-panic test.
@@ -452,6 +470,27 @@ fn every_command_prints_json_objects() {
     let upcasters = upcasters.to_str().unwrap();
     let pages = dir.path().join("man");
     let pages = pages.to_str().unwrap();
+    // A Cloudflare deployment whose plan can be printed (a bundle's files
+    // are listed, not run), and a local one the provider commands refuse.
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    std::fs::write(bundle.join("index.js"), "export default {}").unwrap();
+    std::fs::write(bundle.join("index_bg.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    let bundle = bundle.to_str().unwrap();
+    let cloudflare = dir.path().join("cloudflare.yaml");
+    std::fs::write(
+        &cloudflare,
+        "projections:\n  user-profile:\n    handler: user-profile\n    provider: cloudflare\n",
+    )
+    .unwrap();
+    let cloudflare = cloudflare.to_str().unwrap();
+    let local = dir.path().join("local.yaml");
+    std::fs::write(
+        &local,
+        "projections:\n  user-profile:\n    handler: user-profile\n",
+    )
+    .unwrap();
+    let local = local.to_str().unwrap();
     let line = format!(
         r#"{{"aggregate_id":"{ID}","aggregate_type":"user","event_type":"Renamed","data":{{"name":"Grace"}}}}"#
     );
@@ -471,6 +510,15 @@ fn every_command_prints_json_objects() {
         // Nothing queued for that aggregate: not found, nothing on stdout.
         (vec!["dlq", "retry", "user-profile", ID], None, 4),
         (vec!["dlq", "discard", "user-profile", ID], None, 4),
+        (vec!["monitor", "user-profile"], None, 0),
+        (
+            vec!["deploy", "-c", cloudflare, "--bundle", bundle, "--dry-run"],
+            None,
+            0,
+        ),
+        // A local projection has no provider to scale or undeploy it.
+        (vec!["scale", "user-profile", "2", "-c", local], None, 2),
+        (vec!["undeploy", "user-profile", "-c", local], None, 2),
     ];
     let after: Vec<Run> = vec![
         (

@@ -40,7 +40,7 @@ use crate::plan::{DATABASE_URL_SECRET, Database, WorkerPlan, queue_names, script
 /// #     pool: chronicle_postgres::PgPool,
 /// #     config: chronicle_projections::ProjectionConfig,
 /// #     handler: std::sync::Arc<dyn ProjectionHandler<PgContext>>,
-/// # ) -> Result<(), Box<dyn std::error::Error>> {
+/// # ) -> Result<(), chronicle_core::BoxError> {
 /// use std::sync::Arc;
 /// use chronicle_cloudflare::{CloudflareApi, CloudflareWorkerAdapter, WorkerPlan};
 /// use chronicle_core::ProjectionAdapter;
