@@ -47,17 +47,6 @@ fn json_line(out: &Output) -> Value {
     serde_json::from_str(stdout.lines().last().expect("a line")).expect("JSON")
 }
 
-fn failed(out: &Output, code: i32) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_scale_monitor_and_undeploy_a_cloudflare_projection() {
     let db = fresh_db().await;
@@ -84,6 +73,19 @@ async fn deploy_scale_monitor_and_undeploy_a_cloudflare_projection() {
         }
     };
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // `a` against the file with the secrets folder, in JSON.
+    let with_secrets = |a: &[&str]| {
+        let mut v = args(a);
+        v.extend(args(&[
+            "-c",
+            file,
+            "--secrets-dir",
+            &secrets,
+            "--output",
+            "json",
+        ]));
+        v
+    };
 
     // The plan, with no credentials and no database.
     let out = run(args(&["deploy", "-c", file, "--dry-run"])).await;
@@ -111,7 +113,7 @@ async fn deploy_scale_monitor_and_undeploy_a_cloudflare_projection() {
 
     // Credentials come from the secret store; a missing one is named.
     let out = run(args(&["deploy", "-c", file])).await;
-    let err = failed(&out, 1);
+    let err = support::fails(&out, 1);
     assert!(
         err.contains("cloudflare-account-id") && err.contains("CHRONICLE_CLOUDFLARE_ACCOUNT_ID"),
         "{err}"
@@ -122,8 +124,8 @@ async fn deploy_scale_monitor_and_undeploy_a_cloudflare_projection() {
     ] {
         std::fs::write(Path::new(&secrets).join(name), value).unwrap();
     }
-    let out = run(args(&["deploy", "-c", file, "--secrets-dir", &secrets])).await;
-    let err = failed(&out, 1);
+    let out = run(with_secrets(&["deploy"])).await;
+    let err = support::fails(&out, 1);
     assert!(err.contains("cloudflare-database-url"), "{err}");
     std::fs::write(
         Path::new(&secrets).join("cloudflare-database-url"),
@@ -132,16 +134,7 @@ async fn deploy_scale_monitor_and_undeploy_a_cloudflare_projection() {
     .unwrap();
 
     // Deploy; appended events reach the read model through the Worker.
-    let out = run(args(&[
-        "deploy",
-        "-c",
-        file,
-        "--secrets-dir",
-        &secrets,
-        "--output",
-        "json",
-    ]))
-    .await;
+    let out = run(with_secrets(&["deploy"])).await;
     let deployed = json_line(&out);
     assert_eq!(
         (
@@ -167,16 +160,7 @@ async fn deploy_scale_monitor_and_undeploy_a_cloudflare_projection() {
             .await
             .unwrap();
     }
-    let monitor = args(&[
-        "monitor",
-        "user-profile",
-        "-c",
-        file,
-        "--secrets-dir",
-        &secrets,
-        "--output",
-        "json",
-    ]);
+    let monitor = with_secrets(&["monitor", "user-profile"]);
     let started = Instant::now();
     let health = loop {
         let health = json_line(&run(monitor.clone()).await);
@@ -209,30 +193,10 @@ async fn deploy_scale_monitor_and_undeploy_a_cloudflare_projection() {
     );
 
     // Scale within the partitions; beyond them is refused with the range.
-    let out = run(args(&[
-        "scale",
-        "user-profile",
-        "1",
-        "-c",
-        file,
-        "--secrets-dir",
-        &secrets,
-        "--output",
-        "json",
-    ]))
-    .await;
+    let out = run(with_secrets(&["scale", "user-profile", "1"])).await;
     assert_eq!(json_line(&out)["max_concurrency"], 1);
-    let out = run(args(&[
-        "scale",
-        "user-profile",
-        "3",
-        "-c",
-        file,
-        "--secrets-dir",
-        &secrets,
-    ]))
-    .await;
-    let err = failed(&out, 2);
+    let out = run(with_secrets(&["scale", "user-profile", "3"])).await;
+    let err = support::fails(&out, 2);
     assert!(err.contains("ask for 1 to 2"), "{err}");
     let health = json_line(&run(monitor.clone()).await);
     assert_eq!(
@@ -241,18 +205,9 @@ async fn deploy_scale_monitor_and_undeploy_a_cloudflare_projection() {
     );
 
     // Undeploy, then nothing left to undeploy.
-    let undeploy = args(&[
-        "undeploy",
-        "user-profile",
-        "-c",
-        file,
-        "--secrets-dir",
-        &secrets,
-        "--output",
-        "json",
-    ]);
+    let undeploy = with_secrets(&["undeploy", "user-profile"]);
     assert_eq!(json_line(&run(undeploy.clone()).await)["undeployed"], true);
-    let err = failed(&run(undeploy).await, 4);
+    let err = support::fails(&run(undeploy).await, 4);
     assert!(err.contains("nothing to undeploy"), "{err}");
     assert_eq!(
         local.script("chronicle-user-profile").await["deployed"],
@@ -270,7 +225,7 @@ fn limits_above_cloudflares_are_refused_where_they_are_written() {
         &["deploy", "-c", file.to_str().unwrap(), "--dry-run"],
         None,
     );
-    let err = failed(&out, 2);
+    let err = support::fails(&out, 2);
     assert!(
         err.contains(":9:")
             && err.contains("projections.user-profile.config.memory")
@@ -290,6 +245,6 @@ fn limits_above_cloudflares_are_refused_where_they_are_written() {
         &["deploy", "-c", local.to_str().unwrap(), "--dry-run"],
         None,
     );
-    let err = failed(&out, 2);
+    let err = support::fails(&out, 2);
     assert!(err.contains("no projection to a provider"), "{err}");
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{fresh_database, json_lines, ok, psql_value};
+use support::{fails, fresh_database, json_lines, ok, psql_value};
 
 fn command(url: &str, args: &[&str]) -> Command {
     support::command(Some(url), args)
@@ -15,17 +15,6 @@ fn command(url: &str, args: &[&str]) -> Command {
 
 fn chronicle(url: &str, args: &[&str], stdin: Option<&str>) -> Output {
     support::run(command(url, args), stdin)
-}
-
-fn fails(out: &Output, code: i32) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `n` ItemAdded v1 events as JSON lines, 10 per aggregate.

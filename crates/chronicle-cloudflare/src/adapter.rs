@@ -180,9 +180,9 @@ impl CloudflareWorkerAdapter {
         let dead_letter_queue = consumer.dead_letter_queue.unwrap_or(dead_letter_queue);
         let updated = self
             .api
-            .update_consumer(
+            .set_consumer(
                 &queue.queue_id,
-                &consumer.consumer_id,
+                Some(&consumer.consumer_id),
                 &script,
                 &settings,
                 &dead_letter_queue,
@@ -332,27 +332,18 @@ impl CloudflareWorkerAdapter {
                 other.script_name.as_deref().unwrap_or("?")
             )));
         }
-        match consumers
+        let existing = consumers
             .into_iter()
-            .find(|c| c.script_name.as_deref() == Some(script))
-        {
-            Some(c) => {
-                self.api
-                    .update_consumer(
-                        &queue.queue_id,
-                        &c.consumer_id,
-                        script,
-                        settings,
-                        dead_letter_queue,
-                    )
-                    .await
-            }
-            None => {
-                self.api
-                    .create_consumer(&queue.queue_id, script, settings, dead_letter_queue)
-                    .await
-            }
-        }
+            .find(|c| c.script_name.as_deref() == Some(script));
+        self.api
+            .set_consumer(
+                &queue.queue_id,
+                existing.as_ref().map(|c| c.consumer_id.as_str()),
+                script,
+                settings,
+                dead_letter_queue,
+            )
+            .await
     }
 
     async fn registered_partitions(&self, projection: &str) -> Result<u32> {

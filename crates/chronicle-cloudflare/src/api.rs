@@ -350,39 +350,27 @@ impl CloudflareApi {
             .collect())
     }
 
-    /// Makes the Worker `script` the queue's consumer.
-    pub async fn create_consumer(
+    /// Makes the Worker `script` the queue's consumer with `settings`:
+    /// creates the consumer, or changes the one with `consumer_id`.
+    pub async fn set_consumer(
         &self,
         queue_id: &str,
+        consumer_id: Option<&str>,
         script: &str,
         settings: &ConsumerSettings,
         dead_letter_queue: &str,
     ) -> Result<Consumer> {
-        let body = consumer_body(script, settings, dead_letter_queue);
-        self.json(
-            Method::POST,
-            &format!("queues/{queue_id}/consumers"),
-            Some(body),
-        )
-        .await
-    }
-
-    /// Changes a consumer's settings.
-    pub async fn update_consumer(
-        &self,
-        queue_id: &str,
-        consumer_id: &str,
-        script: &str,
-        settings: &ConsumerSettings,
-        dead_letter_queue: &str,
-    ) -> Result<Consumer> {
-        let body = consumer_body(script, settings, dead_letter_queue);
-        self.json(
-            Method::PUT,
-            &format!("queues/{queue_id}/consumers/{consumer_id}"),
-            Some(body),
-        )
-        .await
+        let body = serde_json::json!({
+            "script_name": script,
+            "type": "worker",
+            "settings": settings,
+            "dead_letter_queue": dead_letter_queue,
+        });
+        let (method, path) = match consumer_id {
+            Some(id) => (Method::PUT, format!("queues/{queue_id}/consumers/{id}")),
+            None => (Method::POST, format!("queues/{queue_id}/consumers")),
+        };
+        self.json(method, &path, Some(body)).await
     }
 
     /// Removes a consumer.
@@ -493,15 +481,6 @@ impl CloudflareApi {
             .map_err(|e| unexpected(format!("the result does not read: {e}")))?;
         Ok((t, envelope.result_info))
     }
-}
-
-fn consumer_body(script: &str, settings: &ConsumerSettings, dead_letter_queue: &str) -> Value {
-    serde_json::json!({
-        "script_name": script,
-        "type": "worker",
-        "settings": settings,
-        "dead_letter_queue": dead_letter_queue,
-    })
 }
 
 /// The secret `name` as text, or an error naming it and saying what it is

@@ -85,6 +85,18 @@ pub fn chronicle(url: Option<&str>, args: &[&str], stdin: Option<&str>) -> Outpu
     run(command(url, args), stdin)
 }
 
+/// The standard error of a run that must have failed with `code`.
+pub fn fails(out: &Output, code: i32) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// The standard output of a run that must have succeeded.
 pub fn ok(out: &Output) -> String {
     assert!(
