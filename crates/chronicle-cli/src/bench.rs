@@ -152,7 +152,7 @@ pub(crate) struct Scratch {
 impl Scratch {
     pub(crate) async fn create(db: &Database) -> Result<Scratch> {
         let schema = format!("chronicle_bench_{}", std::process::id());
-        let admin = PgOptions::from_url(&db.url)?.connect().await?;
+        let admin = db.options()?.connect().await?;
         admin
             .get()
             .await?
@@ -163,7 +163,7 @@ impl Scratch {
             .context(
                 "cannot create the benchmark's scratch schema (needs CREATE on the database)",
             )?;
-        let options = PgOptions::from_url(&db.url)?;
+        let options = db.options()?;
         let scratch = Scratch { options, schema };
         migrate(&scratch.pool(true, 1, None)?, MigrateOptions::default()).await?;
         Ok(scratch)

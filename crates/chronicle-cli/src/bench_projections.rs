@@ -14,7 +14,7 @@ use chronicle_core::{
     EventAppender, EventEnvelope, ExpectedVersion, NewEvent, ProjectionHandler, ProjectionResult,
     Subscription,
 };
-use chronicle_postgres::{EVENTS_CHANNEL, PgEventStore, PgOptions, PgPool};
+use chronicle_postgres::{EVENTS_CHANNEL, PgEventStore, PgPool};
 use chronicle_projections::{
     PgContext, PgProjection, ProjectionOptions, Runner, RunnerOptions, load_state,
 };
@@ -440,7 +440,8 @@ async fn lag_under_load(
               WHERE projection = 'lag'",
         )
         .await?;
-    let listener = PgOptions::from_url(&db.url)?
+    let listener = db
+        .options()?
         .listen(EVENTS_CHANNEL)
         .await
         .context("LISTEN for the lag case")?;

@@ -11,7 +11,6 @@ use chronicle_embedded::EmbeddedPostgres;
 use chronicle_postgres::{MigrateOptions, PgEventStore, migrate};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -58,8 +57,10 @@ pub enum Command {
   chronicle append --aggregate-id 0193a1b2-0000-7000-8000-000000000001 \
       --aggregate-type user --event-type UserRegistered --data '{"name":"Ada"}' \
       --expected-version no-stream
-  chronicle append --file events.jsonl
-  chronicle append --output json < events.jsonl"#)]
+  chronicle append --file events.jsonl              # one transaction: all or nothing
+  chronicle append --output json < events.jsonl
+  chronicle append --file big.jsonl --batch-size 10000
+  chronicle append --file big.jsonl --batch-size 10000 --resume-from 40001"#)]
     Append(AppendArgs),
     /// Read events: one aggregate's stream, the global feed, or one type.
     #[command(after_help = "Examples:
@@ -230,9 +231,23 @@ pub struct AppendArgs {
     expected_version: ExpectedVersion,
     /// Read JSON lines from this file (`-` for stdin) instead of flags. Each
     /// line: {"aggregate_id", "aggregate_type", "event_type", "data",
-    /// "metadata"?, "event_id"?, "expected_version"?}.
+    /// "metadata"?, "event_id"?, "expected_version"?}. Every line is checked
+    /// first, then the import commits as one transaction: all of it or
+    /// nothing. Give lines an event_id to make a rerun store nothing twice.
     #[arg(long, conflicts_with_all = ["aggregate_id", "aggregate_type", "event_type", "data"])]
     file: Option<PathBuf>,
+    /// Commit the import in transactions of N lines instead of one (for
+    /// imports too large for one transaction). On a failure the batches
+    /// before it stay committed and the last committed line is printed.
+    #[arg(long, value_name = "N", value_parser = at_least_one,
+          conflicts_with_all = ["aggregate_id", "aggregate_type", "event_type", "data", "metadata", "event_id"])]
+    batch_size: Option<usize>,
+    /// Start the import at this line of the input (1-based, blank lines
+    /// counted), skipping the lines before it: what a failed --batch-size
+    /// import prints.
+    #[arg(long, value_name = "LINE", value_parser = at_least_one,
+          conflicts_with_all = ["aggregate_id", "aggregate_type", "event_type", "data", "metadata", "event_id"])]
+    resume_from: Option<usize>,
 }
 
 /// `chronicle read` subcommands.
@@ -474,12 +489,15 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
                     .into()
             ));
         }
-        Command::Demo => return crate::demo::run(cli.database_url.as_deref()).await,
+        Command::Demo => {
+            return crate::demo::run(cli.database_url.as_deref(), cli.connect_timeout).await;
+        }
         Command::Deploy(args) if args.dry_run() => {
             return crate::deploy::dry_run(args, registry, format).await;
         }
         Command::Bench { what } => {
-            let db = Database::resolve(cli.database_url.as_deref())?;
+            let mut db = Database::resolve(cli.database_url.as_deref())?;
+            db.connect_timeout = cli.connect_timeout;
             tracing::info!("database: {}", db.describe());
             return match what {
                 BenchCommand::Append(args) => crate::bench::append(&db, args, format).await,
@@ -492,7 +510,14 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         }
         _ => {}
     }
-    let db = Database::resolve(cli.database_url.as_deref())?;
+    let mut db = Database::resolve(cli.database_url.as_deref())?;
+    db.connect_timeout = cli.connect_timeout;
+    db.worker = matches!(
+        cli.command,
+        Command::Projections {
+            action: ProjectionsCommand::Run { .. }
+        }
+    );
     tracing::info!("database: {}", db.describe());
     match cli.command {
         Command::Migrate { partitions } => {
@@ -1155,24 +1180,7 @@ async fn dlq(
     Ok(())
 }
 
-/// One JSON line of `chronicle append --file`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AppendLine {
-    aggregate_id: Uuid,
-    aggregate_type: String,
-    event_type: String,
-    #[serde(alias = "event_data")]
-    data: Value,
-    #[serde(default)]
-    metadata: Option<Value>,
-    #[serde(default)]
-    event_id: Option<Uuid>,
-    #[serde(default)]
-    expected_version: Option<Value>,
-}
-
-fn parse_metadata(raw: Option<Value>, what: &str) -> Result<Metadata> {
+pub(crate) fn parse_metadata(raw: Option<Value>, what: &str) -> Result<Metadata> {
     match raw {
         None | Some(Value::Null) => Ok(Metadata::default()),
         Some(v @ Value::Object(_)) => serde_json::from_value(v).map_err(|e| {
@@ -1182,7 +1190,7 @@ fn parse_metadata(raw: Option<Value>, what: &str) -> Result<Metadata> {
     }
 }
 
-fn parse_expected(raw: Option<Value>, what: &str) -> Result<ExpectedVersion> {
+pub(crate) fn parse_expected(raw: Option<Value>, what: &str) -> Result<ExpectedVersion> {
     Ok(match raw {
         None | Some(Value::Null) => ExpectedVersion::Any,
         Some(Value::Number(n)) => n
@@ -1245,64 +1253,41 @@ async fn append(db: &Database, args: AppendArgs, format: OutputFormat) -> Result
             args.expected_version,
             event,
         ));
-    } else {
-        if args.file.is_none() && std::io::stdin().is_terminal() {
-            bail!(UsageError(
-                "no events given: pass --aggregate-id, --aggregate-type, --event-type and --data, or --file PATH, or pipe JSON lines to stdin".into()
-            ));
+        let store = db.store().await?;
+        for (what, aggregate_id, aggregate_type, expected, event) in batch {
+            let event_id = event.event_id;
+            let outcome = store
+                .append(aggregate_id, &aggregate_type, expected, vec![event])
+                .await
+                .with_context(|| format!("{what}: append to aggregate {aggregate_id} failed"))?;
+            write_record(
+                &json!({
+                    "aggregate_id": aggregate_id,
+                    "event_id": event_id,
+                    "version": outcome.version,
+                    "appended": outcome.appended,
+                }),
+                format,
+            )?;
         }
-        let reader: Box<dyn BufRead> = match args.file.as_deref() {
-            Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
-                std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
-            )),
-            _ => Box::new(std::io::stdin().lock()),
-        };
-        for (i, line) in reader.lines().enumerate() {
-            let line = line.context("cannot read input")?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let what = format!("line {}", i + 1);
-            let parsed: AppendLine =
-                serde_json::from_str(&line).map_err(|e| UsageError(format!("{what}: {e}")))?;
-            let metadata = parse_metadata(parsed.metadata, &what)?;
-            let expected = parse_expected(parsed.expected_version, &what)?;
-            let mut event = NewEvent::new(parsed.event_type, parsed.data).with_metadata(metadata);
-            if let Some(id) = parsed.event_id {
-                event = event.with_id(id);
-            }
-            batch.push((
-                what,
-                parsed.aggregate_id,
-                parsed.aggregate_type,
-                expected,
-                event,
-            ));
-        }
-        if batch.is_empty() {
-            bail!(UsageError(
-                "no events given: pass --aggregate-id, --aggregate-type, --event-type and --data, or JSON lines on stdin / --file".into()
-            ));
-        }
+        return Ok(());
     }
-    let store = db.store().await?;
-    for (what, aggregate_id, aggregate_type, expected, event) in batch {
-        let event_id = event.event_id;
-        let outcome = store
-            .append(aggregate_id, &aggregate_type, expected, vec![event])
-            .await
-            .with_context(|| format!("{what}: append to aggregate {aggregate_id} failed"))?;
-        write_record(
-            &json!({
-                "aggregate_id": aggregate_id,
-                "event_id": event_id,
-                "version": outcome.version,
-                "appended": outcome.appended,
-            }),
-            format,
-        )?;
+    if args.file.is_none() && std::io::stdin().is_terminal() {
+        bail!(UsageError(
+            "no events given: pass --aggregate-id, --aggregate-type, --event-type and --data, or --file PATH, or pipe JSON lines to stdin".into()
+        ));
     }
-    Ok(())
+    let reader: Box<dyn BufRead> = match args.file.as_deref() {
+        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
+        )),
+        _ => Box::new(std::io::stdin().lock()),
+    };
+    let options = crate::import::ImportOptions {
+        batch_size: args.batch_size,
+        resume_from: args.resume_from,
+    };
+    crate::import::import(db, reader, options, format).await
 }
 
 async fn read(db: &Database, what: ReadCommand, format: OutputFormat) -> Result<()> {

@@ -1,6 +1,8 @@
 //! Which database a command talks to: `--database-url`, or the embedded
 //! default cluster.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use chronicle_embedded::EmbeddedPostgres;
 use chronicle_postgres::{PgEventStore, PgOptions, PgPool, ensure_schema};
@@ -12,7 +14,17 @@ pub struct Database {
     pub url: String,
     /// Whether it is the embedded default cluster.
     pub embedded: bool,
+    /// `--connect-timeout`: how long connecting may take (default: the
+    /// URL's `connect_timeout`, else [`INTERACTIVE_CONNECT_TIMEOUT`], or 30 s
+    /// for a [`Database::worker`]).
+    pub connect_timeout: Option<Duration>,
+    /// Whether a long-running worker uses it (`projections run`): then
+    /// connecting keeps retrying for 30 s by default, warning each time.
+    pub worker: bool,
 }
+
+/// How long an interactive command waits for the database by default.
+pub const INTERACTIVE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Database {
     /// `url` if given, else the embedded default cluster (started if it is
@@ -22,6 +34,8 @@ impl Database {
             Some(url) => Ok(Database {
                 url: url.to_owned(),
                 embedded: false,
+                connect_timeout: None,
+                worker: false,
             }),
             None => {
                 let dir = EmbeddedPostgres::default_dir();
@@ -34,6 +48,8 @@ impl Database {
                 Ok(Database {
                     url: pg.url(),
                     embedded: true,
+                    connect_timeout: None,
+                    worker: false,
                 })
             }
         }
@@ -68,10 +84,28 @@ impl Database {
         )
     }
 
+    /// The connection settings: the URL's, with the connect timeout this
+    /// command waits ([`Database::connect_timeout`]). Interactive commands
+    /// log retries at `debug` and fail with one line; workers warn on each.
+    pub fn options(&self) -> Result<PgOptions> {
+        let mut options = PgOptions::from_url(&self.url)?;
+        match (self.connect_timeout, options.connect_timeout_in_url()) {
+            (Some(timeout), _) => {
+                options.connect_timeout(timeout);
+            }
+            (None, Some(_)) => {}
+            (None, None) if self.worker => {}
+            (None, None) => {
+                options.connect_timeout(INTERACTIVE_CONNECT_TIMEOUT);
+            }
+        }
+        options.retry_warnings(self.worker);
+        Ok(options)
+    }
+
     /// A connected pool.
     pub async fn pool(&self) -> Result<PgPool> {
-        let options = PgOptions::from_url(&self.url)?;
-        Ok(options.connect().await?)
+        Ok(self.options()?.connect().await?)
     }
 
     /// A store on a schema at this binary's version.
@@ -88,6 +122,6 @@ impl Database {
     /// Whether connections may keep prepared statements: the URL's
     /// `statement_cache`, on unless it says off.
     pub fn statement_cache(&self) -> Result<bool> {
-        Ok(PgOptions::from_url(&self.url)?.statement_cache())
+        Ok(self.options()?.statement_cache())
     }
 }

@@ -29,9 +29,14 @@ pub(crate) fn print_try(commands: &[String]) -> crate::output::Result {
     Ok(())
 }
 
-/// Runs the walkthrough.
-pub async fn run(database_url: Option<&str>) -> Result<()> {
-    let db = Database::resolve(database_url)?;
+/// Runs the walkthrough, waiting `connect_timeout` (`--connect-timeout`)
+/// for the database.
+pub async fn run(
+    database_url: Option<&str>,
+    connect_timeout: Option<std::time::Duration>,
+) -> Result<()> {
+    let mut db = Database::resolve(database_url)?;
+    db.connect_timeout = connect_timeout;
     outln!(
         "Chronicle demo on {}",
         if db.embedded {

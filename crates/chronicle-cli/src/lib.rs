@@ -22,6 +22,7 @@ mod demo;
 mod deploy;
 mod dlq_show;
 mod generate;
+mod import;
 mod keys;
 mod output;
 mod registry;
@@ -81,6 +82,10 @@ Examples:
 Output: results on standard output (--output table|json; JSON lists are one
 object per line), everything else (progress, notes, logs) on standard error.
 
+Connecting: an unreachable database fails after 5 s (the URL's
+connect_timeout, or --connect-timeout 30s, sets it; `projections run`
+retries for 30 s). A Neon compute scaled to zero may need 15 s or more.
+
 Exit codes: 0 success, 1 failure, 2 usage, 3 concurrency conflict,
 4 not found, 141 standard output closed before the end (| head).
 
@@ -108,6 +113,14 @@ pub struct Cli {
     /// (or $CHRONICLE_HOME) is started and used.
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// How long to wait for the database to accept a connection (e.g. `5s`,
+    /// `30s`): retrying while it is unreachable or starting, then failing
+    /// with one line naming the host and port. Default: the URL's
+    /// `connect_timeout` (seconds), else 5s; `projections run` keeps
+    /// retrying for 30s by default. A Neon compute scaled to zero may need
+    /// `--connect-timeout 15s` or more to wake.
+    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Option<std::time::Duration>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -163,6 +176,13 @@ pub fn run(registry: Registry) -> ExitCode {
     // opens no database is refused. DATABASE_URL in the environment is
     // ambient, for the commands that use it; `dev` says it leaves it alone.
     if let Some(command) = commands::without_database(&cli.command) {
+        if matches.value_source("connect_timeout") == Some(ValueSource::CommandLine) {
+            ui::notice!(
+                "error: --connect-timeout does not apply to `chronicle {command}`, which opens no \
+                 database; leave it out"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
         if matches.value_source("database_url") == Some(ValueSource::CommandLine) {
             ui::notice!(
                 "error: --database-url does not apply to `chronicle {command}`, which opens no \

@@ -8,7 +8,11 @@
 //!
 //! Connecting retries with exponential backoff and jitter while the server
 //! is unreachable or starting up (a Neon compute waking from scale-to-zero),
-//! up to [`PgOptions::connect_timeout`]. Checkouts from the pool do not ping.
+//! up to [`PgOptions::connect_timeout`]: 30 s by default, or the URL's
+//! `connect_timeout` (seconds, as libpq reads it). A Neon compute scaled to
+//! zero usually wakes within a few seconds; give short-lived clients
+//! `connect_timeout=15` or more in the URL to cover a cold start.
+//! Checkouts from the pool do not ping.
 //! Appends keep prepared statements on their connections unless the URL says
 //! `statement_cache=off`; with it off, every statement is sent unnamed, so
 //! the store works behind any pooler in transaction mode (PgBouncer before
@@ -92,6 +96,8 @@ pub struct PgOptions {
     statement_cache: bool,
     max_connections: usize,
     connect_timeout: Duration,
+    connect_timeout_in_url: Option<Duration>,
+    retry_warnings: bool,
 }
 
 impl PgOptions {
@@ -124,9 +130,7 @@ impl PgOptions {
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
         });
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
+        let connect_timeout_in_url = config.get_connect_timeout().copied();
         if config.get_application_name().is_none() {
             config.application_name("chronicle");
         }
@@ -136,7 +140,9 @@ impl PgOptions {
             ssl_root_cert,
             statement_cache,
             max_connections: 16,
-            connect_timeout: Duration::from_secs(30),
+            connect_timeout: connect_timeout_in_url.unwrap_or(Duration::from_secs(30)),
+            connect_timeout_in_url,
+            retry_warnings: true,
         })
     }
 
@@ -178,10 +184,60 @@ impl PgOptions {
     }
 
     /// How long to keep retrying while the database is unreachable or
-    /// starting (default 30 s; a Neon compute usually wakes within a few).
+    /// starting: the URL's `connect_timeout` (seconds) when it has one, else
+    /// 30 s. A Neon compute scaled to zero usually wakes within a few
+    /// seconds. One attempt waits at most 10 s of it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use chronicle_postgres::PgOptions;
+    ///
+    /// let mut options = PgOptions::from_url("postgres://app@db/app?connect_timeout=15").unwrap();
+    /// assert_eq!(options.get_connect_timeout(), Duration::from_secs(15));
+    /// options.connect_timeout(Duration::from_secs(3));
+    /// assert_eq!(options.get_connect_timeout(), Duration::from_secs(3));
+    /// ```
     pub fn connect_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.connect_timeout = timeout;
         self
+    }
+
+    /// The time connecting may take ([`PgOptions::connect_timeout`]).
+    pub fn get_connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The URL's own `connect_timeout`, if it has one.
+    pub fn connect_timeout_in_url(&self) -> Option<Duration> {
+        self.connect_timeout_in_url
+    }
+
+    /// Whether each retry of a connection is logged as a warning (default
+    /// on, for long-running workers); off, retries are logged at `debug`
+    /// and only the final error speaks (for interactive commands).
+    pub fn retry_warnings(&mut self, on: bool) -> &mut Self {
+        self.retry_warnings = on;
+        self
+    }
+
+    /// Where connections go, for messages: `host:port` of each host.
+    pub fn address(&self) -> String {
+        let ports = self.config.get_ports();
+        self.config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                match h {
+                    tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                    tokio_postgres::config::Host::Unix(dir) => {
+                        format!("{}/.s.PGSQL.{port}", dir.display())
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Builds the pool; connections are opened on first use.
@@ -189,6 +245,7 @@ impl PgOptions {
         let connector = RetryingConnect {
             tls: self.tls()?,
             deadline: self.connect_timeout,
+            warn: self.retry_warnings,
         };
         self.pool_with(connector)
     }
@@ -215,10 +272,16 @@ impl PgOptions {
     /// the database to accept it.
     pub async fn connect(&self) -> Result<PgPool> {
         let pool = self.pool()?;
+        let started = Instant::now();
         drop(pool.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Backend(e) => Error::Connect(format!(
-                "{}; check the URL, that the server runs, and its TLS settings",
-                crate::error::describe(&e)
+                "{} (at {}, gave up after {:.1} s); check that the server runs and listens on \
+                 that host and port, the host, port and credentials in the URL, firewalls, and \
+                 sslmode; a database waking from scale-to-zero may need a longer connect_timeout \
+                 (seconds) in the URL",
+                crate::error::describe(&e),
+                self.address(),
+                started.elapsed().as_secs_f64()
             )),
             other => Error::Pool(other.to_string()),
         })?);
@@ -374,6 +437,7 @@ pub(crate) enum Tls {
 struct RetryingConnect {
     tls: Tls,
     deadline: Duration,
+    warn: bool,
 }
 
 impl Connect for RetryingConnect {
@@ -381,11 +445,16 @@ impl Connect for RetryingConnect {
         &self,
         config: &Config,
     ) -> BoxFuture<'_, std::result::Result<(Client, JoinHandle<()>), tokio_postgres::Error>> {
-        let config = config.clone();
+        let mut config = config.clone();
         Box::pin(async move {
             let started = Instant::now();
             let mut delay = Duration::from_millis(100);
             loop {
+                // One attempt waits at most 10 s, and never past the deadline.
+                let left = self.deadline.saturating_sub(started.elapsed());
+                config.connect_timeout(
+                    left.clamp(Duration::from_millis(100), Duration::from_secs(10)),
+                );
                 let attempt = match &self.tls {
                     Tls::None => config
                         .connect(NoTls)
@@ -399,7 +468,11 @@ impl Connect for RetryingConnect {
                 match attempt {
                     Ok(ok) => return Ok(ok),
                     Err(e) if is_transient(&e) && started.elapsed() + delay < self.deadline => {
-                        tracing::warn!(error = %crate::error::describe(&e), retry_in = ?delay, "database not reachable yet, retrying");
+                        if self.warn {
+                            tracing::warn!(error = %crate::error::describe(&e), retry_in = ?delay, "database not reachable yet, retrying");
+                        } else {
+                            tracing::debug!(error = %crate::error::describe(&e), retry_in = ?delay, "database not reachable yet, retrying");
+                        }
                         tokio::time::sleep(crate::backoff::jitter(delay)).await;
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }

@@ -121,12 +121,7 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
                 s.push_str("; hint: ");
                 s.push_str(h);
             }
-            // A statement prepared on one server connection and bound on
-            // another: a pooler in transaction mode between us and it.
-            let lost = *db.code() == tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME
-                || (*db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION
-                    && db.message().starts_with("bind message"));
-            if lost && db.message().contains("prepared statement") {
+            if is_lost_prepared_statement(e) {
                 s.push_str(
                     "; the connection goes through a pooler in transaction mode that cannot keep \
                      prepared statements (PgBouncer before 1.21, or without max_prepared_statements): \
@@ -143,4 +138,21 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
             }
         }
     }
+}
+
+/// Whether `e` says a named prepared statement was lost or clashes: a
+/// statement prepared on one server connection and bound on another, or
+/// prepared again on a server connection that has one of that name (a
+/// pooler in transaction mode between us and the server). The statement was
+/// not executed.
+pub(crate) fn is_lost_prepared_statement(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    let Some(db) = e.as_db_error() else {
+        return false;
+    };
+    let code = db.code();
+    let lost = *code == SqlState::INVALID_SQL_STATEMENT_NAME
+        || *code == SqlState::DUPLICATE_PSTATEMENT
+        || (*code == SqlState::PROTOCOL_VIOLATION && db.message().starts_with("bind message"));
+    lost && db.message().contains("prepared statement")
 }

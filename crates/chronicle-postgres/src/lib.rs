@@ -32,6 +32,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod append_all;
 mod audit;
 mod backoff;
 mod connect;
@@ -46,6 +47,7 @@ mod store;
 pub mod testing;
 mod types;
 
+pub use append_all::{AppendAllError, AppendRequest};
 pub use audit::{AUDIT_CHAINS, AuditQuery, DEFAULT_VERIFY_PAGE, PgAuditSink};
 pub use chronicle_sql::Statements;
 pub use connect::{PgOptions, PgPool, SslMode};
@@ -55,7 +57,7 @@ pub use listen::{EVENTS_CHANNEL, Listener};
 pub use migrate::{MigrateOptions, MigrateReport, ensure_schema, migrate};
 pub use reencrypt::{PgReencryptor, ReencryptProgress};
 pub use status::{OpenTransaction, StoreStatus};
-pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, PgEventStore};
+pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_JSON_DEPTH, PgEventStore};
 
 /// Wire types and row decoding for crates that query the store's tables
 /// themselves (from `chronicle-sql`).

@@ -1,6 +1,8 @@
 //! [`PgEventStore`]: appends and reads on the `events` table.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::TryStreamExt;
 
@@ -23,7 +25,7 @@ use chronicle_sql::{EVENT_COLUMNS, Xid8, decode_event};
 
 /// Raised by `chronicle_append` when only part of a batch could be
 /// inserted; the statement is aborted, so nothing of the batch is kept.
-const PARTIAL_APPEND: &str = "CH409";
+pub(crate) const PARTIAL_APPEND: &str = "CH409";
 
 /// One event at version `$7 + 1` when version `$7` is stored (or `$7` is
 /// 0), the text shared by [`FAST_APPEND_ONE`] and
@@ -116,25 +118,27 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
 pub struct PgEventStore {
     pool: PgPool,
     max_payload_bytes: usize,
-    statement_cache: bool,
+    /// Shared by the store's clones, so that a pooler found losing
+    /// prepared statements turns them off for all of them at once.
+    statement_cache: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for PgEventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgEventStore")
             .field("max_payload_bytes", &self.max_payload_bytes)
-            .field("statement_cache", &self.statement_cache)
+            .field("statement_cache", &self.caches_statements())
             .finish_non_exhaustive()
     }
 }
 
 /// One event's columns, checked and serialized, ready to bind.
-struct Prepared {
-    ids: Vec<Uuid>,
-    types: Vec<String>,
-    data: Vec<JsonbText>,
-    metadata: Vec<JsonbText>,
-    encrypted: Vec<Option<JsonbText>>,
+pub(crate) struct Prepared {
+    pub(crate) ids: Vec<Uuid>,
+    pub(crate) types: Vec<String>,
+    pub(crate) data: Vec<JsonbText>,
+    pub(crate) metadata: Vec<JsonbText>,
+    pub(crate) encrypted: Vec<Option<JsonbText>>,
 }
 
 impl PgEventStore {
@@ -144,7 +148,7 @@ impl PgEventStore {
         PgEventStore {
             pool,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
-            statement_cache: true,
+            statement_cache: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -160,14 +164,45 @@ impl PgEventStore {
     /// store.statement_cache(false); // behind PgBouncer 1.18 in transaction mode
     /// # }
     /// ```
+    ///
+    /// With it on, the store notices when a pooler loses its prepared
+    /// statements (`prepared statement "s0" already exists`, SQLSTATE
+    /// 42P05, or `... does not exist`, 26000): it logs one warning, turns the
+    /// cache off for itself and its clones, and sends the failed statement
+    /// again unnamed (it was not executed).
     pub fn statement_cache(&mut self, on: bool) -> &mut Self {
-        self.statement_cache = on;
+        self.statement_cache = Arc::new(AtomicBool::new(on));
         self
     }
 
-    /// Whether appends use prepared statements ([`PgEventStore::statement_cache`]).
+    /// Whether appends use prepared statements ([`PgEventStore::statement_cache`]);
+    /// false after a pooler was found losing them.
     pub fn caches_statements(&self) -> bool {
-        self.statement_cache
+        self.statement_cache.load(Ordering::Relaxed)
+    }
+
+    /// Whether `e` says the statement cache does not work on this pool (a
+    /// pooler in transaction mode moved us to a server connection with
+    /// other prepared statements); if so, turns it off for this store and
+    /// its clones, saying so once. The statement was not executed, so the
+    /// caller may send it again unnamed.
+    fn lost_prepared_statement(&self, e: &tokio_postgres::Error) -> bool {
+        if !crate::error::is_lost_prepared_statement(e) {
+            return false;
+        }
+        if self
+            .statement_cache
+            .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::warn!(
+                error = %crate::error::describe(e),
+                "a pooler in transaction mode loses prepared statements on this connection \
+                 (PgBouncer before 1.21, or without max_prepared_statements): sending unnamed \
+                 statements from now on; add statement_cache=off to the database URL to start so"
+            );
+        }
+        true
     }
 
     /// A data-key store on this store's pool, preparing statements as this
@@ -180,13 +215,13 @@ impl PgEventStore {
     /// # let _ = (keys, audit); }
     /// ```
     pub fn data_key_store(&self) -> crate::PgDataKeyStore {
-        crate::PgDataKeyStore::new(self.pool.clone()).statement_cache(self.statement_cache)
+        crate::PgDataKeyStore::new(self.pool.clone()).statement_cache(self.caches_statements())
     }
 
     /// An audit sink on this store's pool, preparing statements as this
     /// store does ([`crate::PgAuditSink::statement_cache`]).
     pub fn audit_sink(&self) -> crate::PgAuditSink {
-        crate::PgAuditSink::new(self.pool.clone()).statement_cache(self.statement_cache)
+        crate::PgAuditSink::new(self.pool.clone()).statement_cache(self.caches_statements())
     }
 
     /// The largest serialized `event_data` plus `metadata` of one event,
@@ -202,7 +237,7 @@ impl PgEventStore {
         &self.pool
     }
 
-    fn prepare(
+    pub(crate) fn prepare(
         &self,
         aggregate_id: AggregateId,
         aggregate_type: &str,
@@ -290,14 +325,10 @@ impl PgEventStore {
                     ),
                 ));
             }
-            for (name, text) in [("event_data", &data), ("metadata", &metadata)] {
-                if text.contains("\\u0000") {
-                    return Err(Validation::new(
-                        field(name),
-                        "contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot store; remove or encode it",
-                    ));
-                }
-            }
+            check_json(&field("event_data"), &e.data)?;
+            let metadata_value =
+                serde_json::to_value(&e.metadata).expect("metadata always serializes");
+            check_json(&field("metadata"), &metadata_value)?;
             prepared.ids.push(e.event_id);
             prepared.types.push(e.event_type.clone());
             prepared.data.push(JsonbText(data));
@@ -329,10 +360,12 @@ impl PgEventStore {
         if let [event] = events {
             let encrypted = (!event.encrypted_fields.is_empty()).then_some(&event.encrypted_fields);
             let params = one_event(&aggregate_id, &aggregate_type, &expected, p, &encrypted);
-            let rows = statements
-                .execute(&client, FAST_APPEND_ONE, &params)
-                .await?;
-            return Ok(rows == 1);
+            return match statements.execute(&client, FAST_APPEND_ONE, &params).await {
+                Ok(rows) => Ok(rows == 1),
+                // Not executed: the unnamed path below sends it again.
+                Err(e) if self.lost_prepared_statement(&e) => Ok(false),
+                Err(e) => Err(e.into()),
+            };
         }
         let result = statements
             .execute(
@@ -354,6 +387,7 @@ impl PgEventStore {
             Ok(rows) => Ok(rows == events.len() as u64),
             // Some version or id is taken: nothing of the batch was kept.
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(false),
+            Err(e) if self.lost_prepared_statement(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -378,12 +412,13 @@ impl PgEventStore {
         {
             Ok(rows) => Ok(rows == 1),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(false),
+            Err(e) if self.lost_prepared_statement(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
 
     /// The aggregate's current version (0: no events).
-    async fn current_version(&self, aggregate_id: AggregateId) -> Result<u32, Error> {
+    pub(crate) async fn current_version(&self, aggregate_id: AggregateId) -> Result<u32, Error> {
         let client = self.pool.get().await?;
         let row = client
             .query_typed_one(
@@ -396,7 +431,7 @@ impl PgEventStore {
 
     /// Which of `ids` are already stored (for the error of a partial
     /// duplicate).
-    async fn first_stored(&self, ids: &[Uuid]) -> Result<Option<Uuid>, Error> {
+    pub(crate) async fn first_stored(&self, ids: &[Uuid]) -> Result<Option<Uuid>, Error> {
         let client = self.pool.get().await?;
         let row = client
             .query_typed_opt(
@@ -448,6 +483,70 @@ fn check_name(field: &str, value: &str, max: usize) -> Result<(), Validation> {
         ));
     }
     Ok(())
+}
+
+/// How deep JSON may nest, counting every object and array: the deepest
+/// that readers can decode again (serde_json stops at 128 levels).
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// Refuses what PostgreSQL's `jsonb` cannot store, or what could not be
+/// read back, naming where it is: a NUL character in a decoded string or
+/// key (`jsonb` rejects `\u0000`; a backslash followed by `u0000` in the
+/// text is fine and passes), or nesting deeper than [`MAX_JSON_DEPTH`].
+/// Numbers need no check: every number a [`Value`] holds (an `i64`, a
+/// `u64` or a finite `f64`) fits `jsonb`'s `numeric`.
+fn check_json(field: &str, value: &Value) -> Result<(), Validation> {
+    fn walk(value: &Value, path: &mut String, depth: usize) -> Result<(), (String, String)> {
+        let nul = |path: &str, what: &str| {
+            (
+                path.to_owned(),
+                format!(
+                    "{what} contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot \
+                     store; remove it or encode the value (e.g. base64)"
+                ),
+            )
+        };
+        match value {
+            Value::String(s) if s.contains('\0') => Err(nul(path, "the string")),
+            Value::Array(_) | Value::Object(_) if depth >= MAX_JSON_DEPTH => Err((
+                path.to_owned(),
+                format!(
+                    "nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays, more than \
+                     can be read back; flatten the structure"
+                ),
+            )),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let len = path.len();
+                    path.push('/');
+                    path.push_str(&i.to_string());
+                    walk(item, path, depth + 1)?;
+                    path.truncate(len);
+                }
+                Ok(())
+            }
+            Value::Object(map) => {
+                for (key, item) in map {
+                    let len = path.len();
+                    path.push('/');
+                    // JSON pointer escaping (RFC 6901).
+                    path.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                    if key.contains('\0') {
+                        return Err(nul(path, "the key"));
+                    }
+                    walk(item, path, depth + 1)?;
+                    path.truncate(len);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    let mut path = String::new();
+    walk(value, &mut path, 0).map_err(|(pointer, reason)| {
+        let at = if pointer.is_empty() { "/" } else { &pointer };
+        Validation::new(field, format!("at {at}: {reason}"))
+    })
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -522,7 +621,7 @@ impl PgEventStore {
         // A subject's first event, its key and the key's record: one
         // prepared statement stores all, or nothing.
         if let (true, Some(audit), Some(v), [event]) = (
-            self.statement_cache,
+            self.caches_statements(),
             audit,
             expected.as_option(),
             events.as_slice(),
@@ -541,7 +640,7 @@ impl PgEventStore {
                 });
             }
         }
-        if let (true, None, Some(v)) = (self.statement_cache, audit, expected.as_option()) {
+        if let (true, None, Some(v)) = (self.caches_statements(), audit, expected.as_option()) {
             let v = v as i32;
             if self
                 .fast_append(aggregate_id, aggregate_type, v, &p, &events)
@@ -575,12 +674,15 @@ impl PgEventStore {
         let mut attempts = 0;
         let row = loop {
             let client = self.pool.get().await.map_err(Error::from)?;
-            let result = crate::Statements::new(self.statement_cache)
+            let cached = self.caches_statements();
+            let result = crate::Statements::new(cached)
                 .query_one(&client, sql, &params)
                 .await;
             drop(client);
             match result {
                 Ok(row) => break row,
+                // Not executed: send it again unnamed.
+                Err(e) if cached && self.lost_prepared_statement(&e) => continue,
                 // Only part of the batch could be inserted, so none of it was
                 // kept: some of its ids exist, or a concurrent writer took
                 // some of its versions.

@@ -7,6 +7,8 @@ mod support;
 
 mod concurrency;
 mod crypto;
+mod import;
+mod json;
 mod migrations;
 mod repository;
 mod store;
