@@ -137,9 +137,9 @@ pub struct Cli {
     pub command: commands::Command,
 }
 
-/// The stock binary: [`run`] with [`Registry::with_examples`].
+/// The stock binary: [`run`] with [`Registry::with_demo`].
 pub fn main() -> ExitCode {
-    run(Registry::with_examples())
+    run(Registry::with_demo())
 }
 
 /// Parses the process's arguments, runs the command with the projection

@@ -10,8 +10,9 @@ use chronicle_upcast::Upcaster;
 /// The handlers compiled into this binary, and the SQL each needs run
 /// before it starts (its read-model tables, idempotently).
 ///
-/// The stock `chronicle` binary carries the `user-profile` example. An
-/// application ships the same CLI with its own handlers:
+/// The stock `chronicle` binary carries the demo's `user-profile`
+/// projection ([`Registry::with_demo`]). An application ships the same CLI
+/// with its own handlers:
 ///
 /// ```no_run
 /// # use chronicle_core::{EventEnvelope, ProjectionHandler, ProjectionResult};
@@ -42,13 +43,23 @@ impl Registry {
         Registry::default()
     }
 
-    /// The stock binary's registry: the `user-profile` example projection.
-    pub fn with_examples() -> Self {
+    /// The stock binary's registry: the `user-profile` projection of
+    /// `chronicle demo`, with its read model in the schema `user_profile`
+    /// (the projection `examples/user-profile` defines and its Cloudflare
+    /// Worker runs, under the same name, subscription and table).
+    ///
+    /// ```
+    /// let registry = chronicle_cli::Registry::with_demo();
+    /// assert!(registry.handlers().get("user-profile").is_some());
+    /// assert_eq!(registry.read_model_schema("user-profile"), Some("user_profile"));
+    /// ```
+    pub fn with_demo() -> Self {
+        use crate::demo::profile;
         let mut registry = Registry::new();
         registry.projection_in_schema(
-            user_profile::projection::UserProfileProjection::default(),
-            user_profile::projection::READ_MODEL_SCHEMA,
-            user_profile::projection::READ_MODEL_DDL,
+            profile::ProfileProjection::default(),
+            profile::READ_MODEL_SCHEMA,
+            profile::READ_MODEL_DDL,
         );
         registry
     }

@@ -71,7 +71,7 @@ mod webhook;
 pub use chronicle_step::vars;
 pub use chronicle_step::{
     Error, LAG_COUNT_CAP, LogAlertSink, PgContext, ProjectionOptions, ProjectionStep, Result,
-    RetryPolicy, StepOutcome,
+    RetryPolicy, StepOutcome, describe,
 };
 pub use config::{
     CLOUDFLARE_CRON_CPU, CLOUDFLARE_MAX_CONCURRENCY, CLOUDFLARE_MEMORY_MB, ConfigError,

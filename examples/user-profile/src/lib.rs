@@ -1,5 +1,7 @@
 //! The user-profile domain: a `UserProfile` aggregate with its commands and
-//! events, used by the `chronicle demo` walkthrough and the example binary.
+//! events, and the [`projection`] that keeps its read model: a crate to copy
+//! and start from. The example binary runs both; the `user-profile-worker`
+//! example runs the projection as a Cloudflare Worker.
 //!
 //! Run with: `cargo run -p user-profile` (uses the embedded PostgreSQL
 //! default, or `DATABASE_URL`).

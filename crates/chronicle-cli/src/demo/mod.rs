@@ -1,4 +1,7 @@
-//! `chronicle demo`: a guided walkthrough on the embedded default.
+//! `chronicle demo`: a guided walkthrough on the embedded default, on the
+//! user profiles of [`profile`].
+
+pub(crate) mod profile;
 
 use anyhow::Result;
 use chronicle_core::{
@@ -9,9 +12,9 @@ use std::sync::Arc;
 use chronicle_postgres::{MigrateOptions, PgEventStore, migrate};
 use chronicle_projections::{PgProjection, ProjectionOptions, RetryPolicy, Runner, RunnerOptions};
 use serde_json::json;
-use user_profile::projection::{READ_MODEL_DDL, READ_MODEL_SCHEMA, UserProfileProjection};
-use user_profile::{ProfileCommand, UserProfile};
 use uuid::Uuid;
+
+use profile::{Command, PROJECTION, Profile, ProfileProjection, READ_MODEL_DDL, READ_MODEL_SCHEMA};
 
 use crate::Database;
 use crate::output::{OutputFormat, outln, write_events, write_record};
@@ -63,25 +66,25 @@ pub async fn run(
         "A user registers and edits their profile (aggregate + repository)",
     )?;
     let user = Uuid::now_v7();
-    repo.execute::<UserProfile>(
+    repo.execute::<Profile>(
         user,
-        ProfileCommand::Register {
+        Command::Register {
             email: "ada@example.com".into(),
             name: "Ada".into(),
         },
     )
     .await?;
-    repo.execute::<UserProfile>(
+    repo.execute::<Profile>(
         user,
-        ProfileCommand::ChangeEmail {
+        Command::ChangeEmail {
             email: "ada@lovelace.dev".into(),
         },
     )
     .await?;
     let version = repo
-        .execute::<UserProfile>(
+        .execute::<Profile>(
             user,
-            ProfileCommand::Rename {
+            Command::Rename {
                 name: "Ada Lovelace".into(),
             },
         )
@@ -98,13 +101,13 @@ pub async fn run(
     )?;
     let a = store.append(
         user,
-        UserProfile::TYPE,
+        Profile::TYPE,
         ExpectedVersion::Exact(3),
         vec![NewEvent::new("NameChanged", json!({ "name": "A. L." }))],
     );
     let b = store.append(
         user,
-        UserProfile::TYPE,
+        Profile::TYPE,
         ExpectedVersion::Exact(3),
         vec![NewEvent::new("NameChanged", json!({ "name": "Countess" }))],
     );
@@ -126,13 +129,13 @@ pub async fn run(
     let first = store
         .append(
             user,
-            UserProfile::TYPE,
+            Profile::TYPE,
             ExpectedVersion::Any,
             vec![event.clone()],
         )
         .await?;
     let retry = store
-        .append(user, UserProfile::TYPE, ExpectedVersion::Any, vec![event])
+        .append(user, Profile::TYPE, ExpectedVersion::Any, vec![event])
         .await?;
     outln!(
         "first: version {} appended={}; retry: version {} appended={} (nothing written twice)",
@@ -143,8 +146,8 @@ pub async fn run(
     )?;
 
     step(5, "Time travel: the profile as of version 1, and now")?;
-    let (then, _) = repo.load_at_version::<UserProfile>(user, 1).await?;
-    let (now, v) = repo.load::<UserProfile>(user).await?;
+    let (then, _) = repo.load_at_version::<Profile>(user, 1).await?;
+    let (now, v) = repo.load::<Profile>(user).await?;
     write_record(
         &json!({ "as of version 1": then, format!("now (version {v})"): now }),
         OutputFormat::Table,
@@ -157,7 +160,7 @@ pub async fn run(
     let bad = store
         .append(
             user,
-            UserProfile::TYPE,
+            Profile::TYPE,
             ExpectedVersion::Any,
             vec![NewEvent::new("Oops", json!(["not", "an", "object"]))],
         )
@@ -270,7 +273,7 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
         9,
         "The user-profile projection catches up (2 partitions; writes and checkpoint in one transaction)",
     )?;
-    let handler = UserProfileProjection::default();
+    let handler = ProfileProjection::default();
     let fix = handler.clone();
     let options = ProjectionOptions {
         partitions: 2,
@@ -285,9 +288,9 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     let runner = Runner::start(projection.clone(), RunnerOptions::default()).await?;
     let repo = Repository::new(store.clone());
     for i in 0..20 {
-        repo.execute::<UserProfile>(
+        repo.execute::<Profile>(
             Uuid::now_v7(),
-            ProfileCommand::Register {
+            Command::Register {
                 email: format!("user{i}@example.com"),
                 name: format!("User {i}"),
             },
@@ -317,16 +320,16 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
     )?;
     let poison = NewEvent::new("NameChanged", json!({ "name": 42 }));
     store
-        .append(user, UserProfile::TYPE, ExpectedVersion::Any, vec![poison])
+        .append(user, Profile::TYPE, ExpectedVersion::Any, vec![poison])
         .await?;
     let later = NewEvent::new("EmailChanged", json!({ "email": "ada@analytical.engine" }));
     store
-        .append(user, UserProfile::TYPE, ExpectedVersion::Any, vec![later])
+        .append(user, Profile::TYPE, ExpectedVersion::Any, vec![later])
         .await?;
     let newcomer = Uuid::now_v7();
-    repo.execute::<UserProfile>(
+    repo.execute::<Profile>(
         newcomer,
-        ProfileCommand::Register {
+        Command::Register {
             email: "grace@example.com".into(),
             name: "Grace".into(),
         },
@@ -341,11 +344,11 @@ async fn projections(store: &PgEventStore, user: Uuid) -> Result<()> {
         &format!(
             "SELECT EXISTS (SELECT 1 FROM user_profile.user_profiles WHERE user_id = '{newcomer}')
                 AND (SELECT count(*) FROM projection_dead_letters
-                      WHERE projection = 'user-profile' AND aggregate_id = '{user}') = 2"
+                      WHERE projection = '{PROJECTION}' AND aggregate_id = '{user}') = 2"
         ),
     )
     .await?;
-    for l in chronicle_projections::dlq::list(&pool, "user-profile", Some(user)).await? {
+    for l in chronicle_projections::dlq::list(&pool, PROJECTION, Some(user)).await? {
         outln!(
             "  dead-letter queue: v{} {} {:?}: {}",
             l.version,
