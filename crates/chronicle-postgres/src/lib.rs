@@ -48,7 +48,7 @@ mod types;
 
 pub use audit::{AUDIT_CHAINS, AuditQuery, DEFAULT_VERIFY_PAGE, PgAuditSink};
 pub use chronicle_sql::Statements;
-pub use connect::{PgOptions, PgPool, SslMode};
+pub use connect::{PgOptions, PgPool, SslMode, connections_closed};
 pub use error::{Error, Result};
 pub use keys::{DataKeyInfo, KEYS_CHANNEL, KeyListenerState, PgDataKeyStore, PgKeyListener};
 pub use listen::{EVENTS_CHANNEL, Listener};

@@ -21,6 +21,7 @@ fn runner(worker: &str, max_partitions: usize) -> RunnerOptions {
         poll_interval: Duration::from_millis(20),
         error_backoff: Duration::from_millis(100),
         max_partitions,
+        heartbeat_interval: None,
         listener: None,
     }
 }
