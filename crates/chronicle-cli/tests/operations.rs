@@ -118,11 +118,7 @@ fn commands_close_their_connections_before_exiting() {
     let before = server_log().len();
     ok(&chronicle(Some(&url), &["migrate"], None));
     ok(&chronicle(Some(&url), &["append"], Some(USERS)));
-    for args in [
-        &["read", "all"][..],
-        &["status"],
-        &["projections", "list"],
-    ] {
+    for args in [&["read", "all"][..], &["status"], &["projections", "list"]] {
         ok(&chronicle(Some(&url), args, None));
     }
     let log = server_log();
