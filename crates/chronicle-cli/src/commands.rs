@@ -1118,7 +1118,11 @@ async fn projections(
                 table.add_row(vec![
                     s.projection.clone(),
                     format!("{}/{}", s.partition, s.partitions),
-                    s.status.to_string(),
+                    if s.stalled {
+                        format!("{} (stalled)", s.status)
+                    } else {
+                        s.status.to_string()
+                    },
                     s.checkpoint.to_string(),
                     s.lag_events.to_string(),
                     format!("{:.1}", s.lag_seconds),
