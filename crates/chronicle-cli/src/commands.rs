@@ -319,7 +319,11 @@ pub enum ProjectionsCommand {
     /// partitions through leases with any other running process.
     #[command(after_help = "Examples:
   chronicle projections run user-profile
-  chronicle projections run --config chronicle.yaml --metrics-addr 127.0.0.1:9464")]
+  chronicle projections run --config chronicle.yaml --metrics-addr 127.0.0.1:9464
+  chronicle projections run user-profile --lease 10s --heartbeat 2s --shutdown-timeout 20s
+
+SIGTERM and SIGINT stop claiming partitions, let the steps under way commit
+(or roll them back after --shutdown-timeout), release every lease and exit 0.")]
     Run {
         /// The projections to run (default: every one in --config, or every
         /// registered handler).
@@ -339,6 +343,25 @@ pub enum ProjectionsCommand {
         /// `GET /health` (200 while the database answers, else 503).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// How long a partition lease lasts without renewal (default: the
+        /// file's config.lease, else 30s). A worker that dies is taken
+        /// over once it expires.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        lease: Option<std::time::Duration>,
+        /// How often the leases held are renewed (default: the file's
+        /// config.heartbeat, else a third of the lease); at most a third of
+        /// the lease.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        heartbeat: Option<std::time::Duration>,
+        /// How often an idle partition polls for work (default: the file's
+        /// config.poll_interval, else 250ms).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        poll_interval: Option<std::time::Duration>,
+        /// On SIGTERM or SIGINT, how long the steps under way get to commit
+        /// before they are rolled back; the leases are released either way
+        /// and the exit status is 0.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+        shutdown_timeout: std::time::Duration,
     },
     /// Replay a projection's history from a checkpoint (default: the start),
     /// with a progress bar; a failure stops the rebuild.
@@ -619,6 +642,9 @@ struct Deployed {
     partitions_from: Option<String>,
     /// Where the deployment file runs it (`local` without a file).
     provider: chronicle_projections::Provider,
+    /// The deployment file's heartbeat and poll intervals (`None`: no
+    /// file, so the runner's defaults).
+    runner: Option<(Option<std::time::Duration>, std::time::Duration)>,
 }
 
 impl Deployed {
@@ -632,6 +658,7 @@ impl Deployed {
         Deployed {
             provider: p.provider,
             options: p.options(),
+            runner: Some((p.heartbeat, p.poll_interval)),
             partitions_from: Some(format!(
                 "{origin}:{line}: projections.{}.config.concurrency{default}",
                 p.name
@@ -825,12 +852,34 @@ fn deployed_options(
         })
 }
 
+/// `projections run`'s lease and shutdown flags (`None`: the deployment
+/// file's, else the defaults).
+struct Timing {
+    lease: Option<std::time::Duration>,
+    heartbeat: Option<std::time::Duration>,
+    poll_interval: Option<std::time::Duration>,
+    shutdown: std::time::Duration,
+}
+
+/// Waits for SIGTERM (what systemd, Docker and Kubernetes send) or SIGINT
+/// (Ctrl-C); returns the signal's name.
+async fn termination() -> Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
 async fn run_projections(
     store: &PgEventStore,
     registry: &Registry,
     names: Vec<String>,
     config: Option<PathBuf>,
     listen_url: &str,
+    timing: Timing,
 ) -> Result<()> {
     use chronicle_projections::{Runner, RunnerOptions};
     let mut selected: Vec<(String, Deployed)> = Vec::new();
@@ -891,25 +940,63 @@ async fn run_projections(
             None
         }
     };
+    // Listening before the workers start: a signal that comes while they
+    // start still stops them cleanly.
+    let signalled = tokio::spawn(termination());
     let mut runners = Vec::new();
-    for (name, deployed) in selected {
-        let projection = open_projection(store, registry, &name, deployed).await?;
+    for (name, mut deployed) in selected {
+        if let Some(lease) = timing.lease {
+            deployed.options.lease_ttl = lease;
+        }
+        let defaults = RunnerOptions::default();
+        let (file_heartbeat, file_poll) = deployed
+            .runner
+            .unwrap_or((defaults.heartbeat_interval, defaults.poll_interval));
         let runner = RunnerOptions {
             listener: listener.clone(),
-            ..RunnerOptions::default()
+            heartbeat_interval: timing.heartbeat.or(file_heartbeat),
+            poll_interval: timing.poll_interval.unwrap_or(file_poll),
+            ..defaults
         };
+        if let Err(e) = runner.validate(deployed.options.lease_ttl) {
+            bail!(UsageError(format!(
+                "`{name}`: {e} (set by --lease, --heartbeat and --poll-interval, else by the \
+                 deployment file's config.lease, config.heartbeat and config.poll_interval)"
+            )));
+        }
+        if deployed.options.lease_ttl < std::time::Duration::from_secs(1) {
+            bail!(UsageError(format!(
+                "`{name}`: a lease of {} is too short; a lease must last at least 1s, or a slow \
+                 step or renewal lets it lapse",
+                humantime::format_duration(deployed.options.lease_ttl)
+            )));
+        }
+        let projection = open_projection(store, registry, &name, deployed).await?;
         runners.push(Runner::start(projection, runner).await?);
         note!("running `{name}`");
     }
     note!(
-        "Ctrl-C stops the workers and releases their partitions; `chronicle projections status` shows progress"
+        "SIGTERM or Ctrl-C stops the workers and releases their partitions; `chronicle projections status` shows progress"
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    for runner in runners {
-        runner.stop().await;
+    let signal = signalled.await.context("waiting for a signal")??;
+    note!(
+        "{signal}: stopping; the steps under way get {} to commit",
+        humantime::format_duration(timing.shutdown)
+    );
+    let stopping: Vec<_> = runners
+        .into_iter()
+        .map(|runner| tokio::spawn(runner.shutdown(timing.shutdown)))
+        .collect();
+    for stopped in stopping {
+        if !stopped.await.unwrap_or(false) {
+            notice!(
+                "warning: a step did not commit within --shutdown-timeout and was rolled back; \
+                 its events are handled again from the checkpoint"
+            );
+        }
     }
+    drop(listener);
+    note!("stopped; every lease is released");
     Ok(())
 }
 
@@ -979,7 +1066,17 @@ async fn projections(
             config,
             listen_url,
             metrics_addr,
+            lease,
+            heartbeat,
+            poll_interval,
+            shutdown_timeout,
         } => {
+            let timing = Timing {
+                lease,
+                heartbeat,
+                poll_interval,
+                shutdown: shutdown_timeout,
+            };
             let listen_url = listen_url.unwrap_or_else(|| db.url.clone());
             if let Some(addr) = metrics_addr {
                 chronicle_projections::install_metrics_recorder();
@@ -994,7 +1091,7 @@ async fn projections(
                     }
                 });
             }
-            return run_projections(&store, registry, names, config, &listen_url).await;
+            return run_projections(&store, registry, names, config, &listen_url, timing).await;
         }
         ProjectionsCommand::Rebuild {
             name,
@@ -1046,7 +1143,11 @@ async fn projections(
                 table.add_row(vec![
                     s.projection.clone(),
                     format!("{}/{}", s.partition, s.partitions),
-                    s.status.to_string(),
+                    if s.stalled {
+                        format!("{} (stalled)", s.status)
+                    } else {
+                        s.status.to_string()
+                    },
                     s.checkpoint.to_string(),
                     s.lag_events.to_string(),
                     format!("{:.1}", s.lag_seconds),

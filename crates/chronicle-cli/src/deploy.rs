@@ -394,9 +394,10 @@ fn write_health(health: &HealthStatus, format: OutputFormat) -> Result<()> {
         .iter()
         .map(|p| {
             format!(
-                "#{} {} at {}, {} behind, owner {}",
+                "#{} {}{} at {}, {} behind, owner {}",
                 p.partition,
                 p.status,
+                if p.stalled { " (stalled)" } else { "" },
                 p.checkpoint,
                 p.lag_events,
                 p.owner.as_deref().unwrap_or("-")

@@ -37,6 +37,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 pub use database::Database;
 pub use output::OutputFormat;
 pub use registry::Registry;
+pub use ui::LogFormat;
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
@@ -95,7 +96,8 @@ folder, and the default keyring's), CHRONICLE_LOG (a log filter such as
 `debug` or `chronicle_projections=trace`; it wins over --quiet and
 --verbose; one that does not parse is refused), CHRONICLE_KEYRING (keys,
 upcast), CHRONICLE_UPCASTERS (upcast, and the projections' lazy upcasting),
-CHRONICLE_LISTEN_URL (projections run), NO_COLOR (no colours in logs).";
+CHRONICLE_LISTEN_URL (projections run), NO_COLOR (no colours in logs;
+they have none either when standard error is not a terminal).";
 
 /// Chronicle: an event store on PostgreSQL.
 #[derive(Debug, Parser)]
@@ -132,6 +134,11 @@ pub struct Cli {
     /// `trace` (-vvv). CHRONICLE_LOG, when set, wins.
     #[arg(long, short, global = true, action = ArgAction::Count)]
     pub verbose: u8,
+    /// How log lines are written to standard error: `text` for people
+    /// (coloured only on a terminal, never with NO_COLOR set) or `json`,
+    /// one object per line, for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: commands::Command,
@@ -168,7 +175,10 @@ pub fn run(registry: Registry) -> ExitCode {
             };
         }
     };
-    if let Err(e) = ui::init(ui::Verbosity::from_flags(cli.quiet, cli.verbose)) {
+    if let Err(e) = ui::init(
+        ui::Verbosity::from_flags(cli.quiet, cli.verbose),
+        cli.log_format,
+    ) {
         ui::notice!("error: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
@@ -208,7 +218,13 @@ pub fn run(registry: Registry) -> ExitCode {
         }
     };
     let started = std::time::Instant::now();
-    let outcome = runtime.block_on(commands::run(cli, &registry));
+    let outcome = runtime.block_on(async {
+        let outcome = commands::run(cli, &registry).await;
+        // The command's pools are dropped: let their connections say
+        // goodbye to the server before the runtime stops.
+        chronicle_postgres::connections_closed(std::time::Duration::from_secs(2)).await;
+        outcome
+    });
     tracing::debug!("finished in {:.3} s", started.elapsed().as_secs_f64());
     match outcome {
         Ok(()) => ExitCode::from(EXIT_OK),

@@ -49,6 +49,19 @@ impl Verbosity {
     }
 }
 
+/// How log lines are written to standard error (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line per event for people: time, level, target, message and
+    /// fields; coloured only on a terminal without `NO_COLOR`.
+    #[default]
+    Text,
+    /// One JSON object per line for log shippers: `timestamp`, `level`,
+    /// `target`, `fields` (with `message`) and the enclosing `spans`; never
+    /// coloured.
+    Json,
+}
+
 static VERBOSITY: OnceLock<Verbosity> = OnceLock::new();
 
 /// This process's verbosity: what [`init`] set, else [`Verbosity::Normal`].
@@ -72,10 +85,10 @@ pub fn stderr_colours() -> bool {
 /// The log filter is `CHRONICLE_LOG` when it is set (it wins over
 /// `--quiet` and `-v`, so one module can be traced under any flags), else
 /// the flags' level ([`Verbosity::log_level`]). A `CHRONICLE_LOG` that is
-/// not a log filter is refused: the error names it and says why. Lines
-/// carry ANSI colours only when [`stderr_colours`] says so. Called once, by
-/// [`crate::run`]; later calls change nothing.
-pub fn init(verbosity: Verbosity) -> Result<(), String> {
+/// not a log filter is refused: the error names it and says why. Text
+/// lines carry ANSI colours only when [`stderr_colours`] says so; JSON lines
+/// never do. Called once, by [`crate::run`]; later calls change nothing.
+pub fn init(verbosity: Verbosity, format: LogFormat) -> Result<(), String> {
     let level = verbosity.log_level();
     let filter = match std::env::var("CHRONICLE_LOG") {
         Ok(spec) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&spec)
@@ -92,14 +105,16 @@ pub fn init(verbosity: Verbosity) -> Result<(), String> {
     }
     // A second subscriber (an application that set its own before calling
     // `run`) keeps the first.
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(stderr_colours())
         // It would report a failed write to standard error on standard
         // error, with a panicking `eprintln!`.
-        .log_internal_errors(false)
-        .try_init();
+        .log_internal_errors(false);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(stderr_colours()).try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
     Ok(())
 }
 

@@ -388,12 +388,14 @@ async fn no_plaintext_anywhere_after_the_demo_and_keys_and_audit_commands() {
     assert_eq!(code(&tampered), Some(1), "a tampered log fails verify");
     let report = json_objects(&String::from_utf8_lossy(&tampered.stdout));
     assert_eq!(report[0]["intact"], false);
+    // Named as `audit list` shows the row: chain:seq, and its id.
+    let row = format!(
+        "row {}:{} (id {first}) was edited",
+        records[0]["chain"], records[0]["seq"]
+    );
     assert!(
-        report[0]["problems"][0]
-            .as_str()
-            .unwrap()
-            .contains("was edited"),
-        "{report:?}"
+        report[0]["problems"][0].as_str().unwrap().contains(&row),
+        "{row}: {report:?}"
     );
     assert!(String::from_utf8_lossy(&tampered.stderr).contains("not intact"));
 }

@@ -254,10 +254,13 @@ pub struct ProjectionState {
     pub checkpoint: Position,
     /// The partition's status.
     pub status: ProjectionStatus,
-    /// Events of this partition after the checkpoint when last measured.
+    /// Events of this partition after the checkpoint. Read through
+    /// `chronicle_projections::load_state` (and everything built on it:
+    /// status, health, metrics), measured against the head of the feed at
+    /// the time of asking; elsewhere, as of the partition's last step.
     pub lag_events: u64,
-    /// Age in seconds of the oldest event not yet handled when last
-    /// measured (0: caught up).
+    /// Age in seconds of the oldest event not yet handled (0: caught up),
+    /// measured as [`ProjectionState::lag_events`] is.
     pub lag_seconds: f64,
     /// Events handled (applied or skipped) so far.
     pub events_processed: u64,
@@ -273,6 +276,12 @@ pub struct ProjectionState {
     pub lease_expires_at: Option<DateTime<Utc>>,
     /// When the row last changed.
     pub updated_at: DateTime<Utc>,
+    /// Whether the partition is stalled: it is running or rebuilding, but
+    /// no worker holds a live lease on it, and either its last owner's
+    /// lease expired (the worker died) or events wait behind it (nobody
+    /// runs it). `false` when not measured (older records).
+    #[serde(default)]
+    pub stalled: bool,
 }
 
 /// What [`ProjectionAdapter::deploy`] started.
@@ -291,8 +300,9 @@ pub struct DeploymentResult {
 pub struct HealthStatus {
     /// The projection.
     pub projection: String,
-    /// `true` when every partition is running or rebuilding and none is
-    /// past the lag threshold.
+    /// `true` when every partition is running or rebuilding, none is
+    /// stalled ([`ProjectionState::stalled`]) and none is past the lag
+    /// threshold.
     pub healthy: bool,
     /// The largest lag in events over the partitions.
     pub lag_events: u64,

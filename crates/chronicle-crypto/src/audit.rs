@@ -566,23 +566,54 @@ impl ChainProblem {
 
 impl fmt::Display for ChainProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.describe(f, None, None)
+    }
+}
+
+impl ChainProblem {
+    /// Writes the problem, naming rows `chain:seq` when `chain` is given
+    /// (as `audit list` shows them) and the row concerned's `id` after it.
+    fn describe(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        chain: Option<u16>,
+        id: Option<u64>,
+    ) -> fmt::Result {
+        let row = |seq: &u64| match chain {
+            Some(chain) => format!("{chain}:{seq}"),
+            None => seq.to_string(),
+        };
+        let this = |seq: &u64| match id {
+            Some(id) => format!("{} (id {id})", row(seq)),
+            None => row(seq),
+        };
         match self {
             ChainProblem::Edited { seq } => {
                 write!(
                     f,
-                    "row {seq} was edited: its contents do not match its hash"
+                    "row {} was edited: its contents do not match its hash",
+                    this(seq)
                 )
             }
             ChainProblem::Deleted {
                 first_seq,
                 last_seq,
-            } if first_seq == last_seq => write!(f, "row {first_seq} was deleted"),
+            } if first_seq == last_seq => write!(f, "row {} was deleted", row(first_seq)),
             ChainProblem::Deleted {
                 first_seq,
                 last_seq,
-            } => write!(f, "rows {first_seq} to {last_seq} were deleted"),
+            } => write!(
+                f,
+                "rows {} to {} were deleted",
+                row(first_seq),
+                row(last_seq)
+            ),
             ChainProblem::Inserted { seq } => {
-                write!(f, "row {seq} was inserted: it is not part of the chain")
+                write!(
+                    f,
+                    "row {} was inserted: it is not part of the chain",
+                    this(seq)
+                )
             }
             ChainProblem::Backdated { id } => write!(
                 f,
@@ -590,26 +621,43 @@ impl fmt::Display for ChainProblem {
             ),
             ChainProblem::BrokenLink { seq, after_seq } => write!(
                 f,
-                "row {seq} does not follow row {after_seq}: row {after_seq} was rewritten with a recomputed hash, or rows were deleted and the rest renumbered"
+                "row {} does not follow row {}: row {} was rewritten with a recomputed hash, or rows were deleted and the rest renumbered",
+                this(seq),
+                row(after_seq),
+                row(after_seq)
             ),
             ChainProblem::Truncated {
                 last_seq,
                 expected_seq,
             } => write!(
                 f,
-                "the chain ends at row {last_seq} but the anchor says {expected_seq}: rows were deleted from the end"
+                "the chain ends at row {} but the anchor says {}: rows were deleted from the end",
+                this(last_seq),
+                row(expected_seq)
             ),
             ChainProblem::HeadMismatch { seq } => write!(
                 f,
-                "row {seq} does not have the anchored hash: the chain was rewritten up to there"
+                "row {} does not have the anchored hash: the chain was rewritten up to there",
+                this(seq)
             ),
             ChainProblem::BeyondHead {
                 first_seq,
                 last_seq,
             } => write!(
                 f,
-                "rows {first_seq} to {last_seq} come after the anchored head: they were added outside the audit sink"
+                "rows {} to {} come after the anchored head: they were added outside the audit sink",
+                this(first_seq),
+                row(last_seq)
             ),
+        }
+    }
+
+    /// The `seq` of the row the problem is about, when that row exists
+    /// (not for deleted rows, nor for a backdated row, which has none).
+    pub fn row_seq(&self) -> Option<u64> {
+        match self {
+            ChainProblem::Deleted { .. } | ChainProblem::Backdated { .. } => None,
+            _ => Some(self.seq()),
         }
     }
 }
@@ -762,18 +810,29 @@ pub fn verify_chain_from(
     }
 }
 
-/// A problem in one chain of an audit log.
+/// A problem in one chain of an audit log. It displays rows as `audit
+/// list` shows them, `chain:seq`, with the id of the row concerned:
+///
+/// ```
+/// use chronicle_crypto::{AuditProblem, ChainProblem};
+///
+/// let problem = AuditProblem { chain: 2, problem: ChainProblem::Edited { seq: 7 }, id: Some(41) };
+/// assert_eq!(problem.to_string(), "row 2:7 (id 41) was edited: its contents do not match its hash");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditProblem {
     /// The chain.
     pub chain: u16,
     /// What is wrong, with rows numbered by their `seq` in that chain.
     pub problem: ChainProblem,
+    /// The id of the row concerned ([`ChainProblem::row_seq`]), when it
+    /// exists and was looked up.
+    pub id: Option<u64>,
 }
 
 impl fmt::Display for AuditProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "chain {}: {}", self.chain, self.problem)
+        self.problem.describe(f, Some(self.chain), self.id)
     }
 }
 
@@ -830,12 +889,12 @@ impl AuditReport {
             rows: report.checked,
             head: report.head,
         });
-        self.problems.extend(
-            report
-                .problems
-                .into_iter()
-                .map(|problem| AuditProblem { chain, problem }),
-        );
+        self.problems
+            .extend(report.problems.into_iter().map(|problem| AuditProblem {
+                chain,
+                problem,
+                id: None,
+            }));
     }
 }
 

@@ -635,6 +635,7 @@ impl PgAuditSink {
                 problem: ChainProblem::Backdated {
                     id: u64::try_from(id).unwrap_or(0),
                 },
+                id: u64::try_from(id).ok(),
             });
         }
         if let Some(outside) = outside {
@@ -665,9 +666,46 @@ impl PgAuditSink {
                     let problem = chronicle_crypto::AuditProblem {
                         chain: *chain,
                         problem,
+                        id: None,
                     };
                     if !report.problems.contains(&problem) {
                         report.problems.push(problem);
+                    }
+                }
+            }
+        }
+        // Name each row found wrong by its id too, as `audit list` shows
+        // it (a row inserted with a taken number: the later one).
+        let (chains, seqs): (Vec<i16>, Vec<i64>) = report
+            .problems
+            .iter()
+            .filter(|p| p.id.is_none())
+            .filter_map(|p| {
+                Some((
+                    i16::try_from(p.chain).ok()?,
+                    i64::try_from(p.problem.row_seq()?).ok()?,
+                ))
+            })
+            .unzip();
+        if !chains.is_empty() {
+            let ids = tx
+                .query_typed(
+                    "SELECT l.chain, l.seq, max(l.id)
+                       FROM chronicle_audit_log l
+                       JOIN unnest($1::int2[], $2::int8[]) AS p(chain, seq)
+                         ON l.chain = p.chain AND l.seq = p.seq
+                      GROUP BY l.chain, l.seq",
+                    &[(&chains, Type::INT2_ARRAY), (&seqs, Type::INT8_ARRAY)],
+                )
+                .await
+                .map_err(|e| failed("look up the ids of the rows found wrong", e))?;
+            for row in ids {
+                let chain = u16::try_from(row.get::<_, i16>(0)).unwrap_or(u16::MAX);
+                let seq = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
+                let id = u64::try_from(row.get::<_, i64>(2)).ok();
+                for p in report.problems.iter_mut() {
+                    if p.chain == chain && p.id.is_none() && p.problem.row_seq() == Some(seq) {
+                        p.id = id;
                     }
                 }
             }

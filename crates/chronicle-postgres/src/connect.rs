@@ -22,6 +22,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{
@@ -483,17 +484,103 @@ impl Connect for RetryingConnect {
     }
 }
 
+/// Connections of this process's pools whose tasks have not ended yet.
+static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts an open connection until dropped.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> Self {
+        OPEN_CONNECTIONS.fetch_add(1, Ordering::SeqCst);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        OPEN_CONNECTIONS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How long a connection whose client is gone may take to finish what it
+/// was sent and say goodbye before it is cut.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// The connection task, cut after [`LINGER`] if it has not ended when
+/// this is dropped.
+struct Linger(Option<JoinHandle<()>>);
+
+impl Drop for Linger {
+    fn drop(&mut self) {
+        let Some(mut task) = self.0.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if tokio::time::timeout(LINGER, &mut task).await.is_err() {
+                        task.abort();
+                    }
+                });
+            }
+            Err(_) => task.abort(),
+        }
+    }
+}
+
+/// Runs a connection's I/O in a task of its own. The pool aborts the
+/// handle it is given when it drops the client, which would cut the
+/// socket before the client says goodbye (the server then logs
+/// "connection reset by peer" or "unexpected EOF"); so it gets the handle
+/// of a watcher instead, and the connection task ends by itself once its
+/// client is dropped, after sending PostgreSQL's Terminate message (or is
+/// cut [`LINGER`] after the watcher is aborted).
 fn spawn<F>(connection: F) -> JoinHandle<()>
 where
     F: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>
         + Send
         + 'static,
 {
-    tokio::spawn(async move {
+    let open = OpenConnection::new();
+    let task = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection closed");
         }
+        drop(open);
+    });
+    tokio::spawn(async move {
+        let mut linger = Linger(Some(task));
+        if let Some(task) = linger.0.as_mut() {
+            let _ = task.await;
+        }
+        linger.0 = None;
     })
+}
+
+/// Waits, at most `within`, until every connection this process's pools
+/// opened has closed (its client dropped and its Terminate message sent);
+/// returns whether they all did. Call it after dropping the pools and
+/// before the tokio runtime shuts down, so the server sees every session
+/// end cleanly rather than its socket cut.
+///
+/// ```no_run
+/// # async fn demo(pool: chronicle_postgres::PgPool) {
+/// use std::time::Duration;
+///
+/// drop(pool);
+/// chronicle_postgres::connections_closed(Duration::from_secs(2)).await;
+/// # }
+/// ```
+pub async fn connections_closed(within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while OPEN_CONNECTIONS.load(Ordering::SeqCst) > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
 }
 
 /// Whether a failed connection attempt is worth retrying: the server is

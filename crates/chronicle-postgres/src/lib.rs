@@ -50,7 +50,7 @@ mod types;
 pub use append_all::{AppendAllError, AppendRequest};
 pub use audit::{AUDIT_CHAINS, AuditQuery, DEFAULT_VERIFY_PAGE, PgAuditSink};
 pub use chronicle_sql::Statements;
-pub use connect::{PgOptions, PgPool, SslMode};
+pub use connect::{PgOptions, PgPool, SslMode, connections_closed};
 pub use error::{Error, Result};
 pub use keys::{DataKeyInfo, KEYS_CHANNEL, KeyListenerState, PgDataKeyStore, PgKeyListener};
 pub use listen::{EVENTS_CHANNEL, Listener};

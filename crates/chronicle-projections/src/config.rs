@@ -33,6 +33,15 @@
 //!   Cron Trigger that fires more often than hourly);
 //!   `config.retries` is the retries before dead-lettering (default 3);
 //!   `config.batch_size` is the events per step (default 500).
+//! - `config.lease` is how long a partition's lease lasts without renewal
+//!   (default 30s): a worker that dies is taken over once it expires, at
+//!   the other workers' next poll. `config.heartbeat` is how often a
+//!   worker renews its leases (default and most: a third of the lease),
+//!   `config.poll_interval` how often an idle partition looks for work
+//!   (default 250ms). All three are for `local` only (a Cloudflare Worker
+//!   runs its steps on its triggers with the default lease), and are
+//!   refused for `cloudflare`. A shorter lease means a faster takeover
+//!   and more renewals; see docs/operations.md.
 //! - `config.memory` is refused for `local` (a local worker runs in this
 //!   process); on Cloudflare every Worker has 128 MB, so `128MB` is
 //!   accepted and any other size refused.
@@ -59,7 +68,7 @@ use chronicle_core::{ProjectionHandler, Subscription};
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
-use crate::{PgContext, ProjectionOptions, RetryPolicy, SharedHandler};
+use crate::{PgContext, ProjectionOptions, RetryPolicy, RunnerOptions, SharedHandler};
 
 /// A refused deployment configuration: where and what.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -161,6 +170,13 @@ pub struct ProjectionConfig {
     /// The events it consumes, in place of the handler's own (`None`: the
     /// handler's).
     pub subscription: Option<Subscription>,
+    /// How long a partition lease lasts without renewal (default 30 s).
+    pub lease: Duration,
+    /// How often a worker renews the leases it holds (`None`: a third of
+    /// `lease`; at most that).
+    pub heartbeat: Option<Duration>,
+    /// How often an idle partition polls for work (default 250 ms).
+    pub poll_interval: Duration,
     /// The line where the projection is defined.
     pub line: u64,
     /// The line of `config.concurrency` (`None`: not set, so the default).
@@ -179,7 +195,18 @@ impl ProjectionConfig {
                 ..RetryPolicy::default()
             },
             subscription: self.subscription.clone(),
+            lease_ttl: self.lease,
             ..ProjectionOptions::default()
+        }
+    }
+
+    /// The runner options this deployment asks for (its heartbeat and poll
+    /// intervals), over `base` for the rest.
+    pub fn runner_options(&self, base: RunnerOptions) -> RunnerOptions {
+        RunnerOptions {
+            heartbeat_interval: self.heartbeat,
+            poll_interval: self.poll_interval,
+            ..base
         }
     }
 
@@ -283,6 +310,12 @@ struct RawSettings {
     retries: Option<Spanned<i64>>,
     #[serde(default)]
     batch_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    lease: Option<Spanned<String>>,
+    #[serde(default)]
+    heartbeat: Option<Spanned<String>>,
+    #[serde(default)]
+    poll_interval: Option<Spanned<String>>,
 }
 
 /// A YAML scalar read as written (`128` or `'128MB'`), to be judged with
@@ -401,6 +434,9 @@ impl DeploymentConfig {
                 retries: 3,
                 batch_size: 500,
                 subscription: None,
+                lease: LEASE,
+                heartbeat: None,
+                poll_interval: POLL_INTERVAL,
                 line: spanned.referenced.line(),
                 concurrency_line: None,
             };
@@ -534,6 +570,58 @@ impl DeploymentConfig {
                 if let Some(b) = &settings.batch_size {
                     projection.batch_size = bounded(b, ".config.batch_size", 1, 100_000)?;
                 }
+                let lease_keys = [
+                    ("lease", &settings.lease),
+                    ("heartbeat", &settings.heartbeat),
+                    ("poll_interval", &settings.poll_interval),
+                ];
+                for (name, value) in lease_keys {
+                    let Some(v) = value else { continue };
+                    let k = key(&format!(".config.{name}"));
+                    if cloudflare {
+                        return Err(at(
+                            &v.referenced,
+                            &k,
+                            format!(
+                                "does not apply to provider `{provider}`: a Cloudflare Worker steps \
+                                 on its cron trigger and queue with the default lease (30s) and no \
+                                 polling loop. Remove the key"
+                            ),
+                        ));
+                    }
+                    let d = parse_duration(&v.value).map_err(|e| at(&v.referenced, &k, e))?;
+                    match name {
+                        "lease" if d < Duration::from_secs(1) => {
+                            return Err(at(
+                                &v.referenced,
+                                &k,
+                                format!(
+                                    "is {}; a lease must last at least 1s, or a slow step or \
+                                     renewal lets it lapse",
+                                    v.value.trim()
+                                ),
+                            ));
+                        }
+                        "lease" => projection.lease = d,
+                        "heartbeat" => projection.heartbeat = Some(d),
+                        _ => projection.poll_interval = d,
+                    }
+                }
+                if let (Some(heartbeat), Some(h)) = (projection.heartbeat, &settings.heartbeat)
+                    && heartbeat * 3 > projection.lease
+                {
+                    return Err(at(
+                        &h.referenced,
+                        &key(".config.heartbeat"),
+                        format!(
+                            "the heartbeat ({}) must be at most a third of the lease ({}), so \
+                             that a late renewal does not let a live worker's lease lapse; \
+                             shorten the heartbeat or lengthen the lease",
+                            humantime::format_duration(heartbeat),
+                            humantime::format_duration(projection.lease)
+                        ),
+                    ));
+                }
             }
             config.projections.insert(name, projection);
         }
@@ -665,13 +753,19 @@ fn parse_megabytes(s: &str) -> Result<u32, String> {
 
 /// `30s`, `500ms`, `2m`, `1m 30s` (humantime's syntax): more than zero,
 /// at most an hour.
+/// The default lease (`config.lease`), as [`ProjectionOptions::lease_ttl`].
+const LEASE: Duration = Duration::from_secs(30);
+/// The default poll interval (`config.poll_interval`), as
+/// [`RunnerOptions::poll_interval`].
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 30s, 500ms, 2m, 1m 30s"))?;
     if d.is_zero() || d > Duration::from_secs(3600) {
         return Err(format!(
-            "`{s}` is impossible; a timeout is more than 0 and at most 1h"
+            "`{s}` is impossible; a duration here is more than 0 and at most 1h"
         ));
     }
     Ok(d)
@@ -754,6 +848,75 @@ projections:
 
     // One test per key: honoured (it reaches the runtime's options) or
     // refused where it is written.
+
+    #[test]
+    fn keys_lease_heartbeat_and_poll_interval_are_honoured_and_checked() {
+        let p = load("projections:\n  a:\n    handler: a\n");
+        assert_eq!(
+            (p.lease, p.heartbeat, p.poll_interval),
+            (LEASE, None, POLL_INTERVAL)
+        );
+        let base = RunnerOptions::default();
+        assert_eq!(
+            p.options().lease_ttl,
+            ProjectionOptions::default().lease_ttl
+        );
+        assert_eq!(
+            p.runner_options(base.clone()).heartbeat_interval,
+            base.heartbeat_interval
+        );
+        let p = load(
+            "projections:\n  a:\n    handler: a\n    config:\n      lease: '6s'\n      \
+             heartbeat: '2s'\n      poll_interval: '100ms'\n",
+        );
+        assert_eq!(p.options().lease_ttl, Duration::from_secs(6));
+        let r = p.runner_options(RunnerOptions::default());
+        assert_eq!(
+            (r.heartbeat_interval, r.poll_interval),
+            (Some(Duration::from_secs(2)), Duration::from_millis(100))
+        );
+        r.validate(p.options().lease_ttl).unwrap();
+
+        // A lease alone: the heartbeat follows it (a third).
+        let p = load("projections:\n  a:\n    handler: a\n    config:\n      lease: '3s'\n");
+        assert_eq!((p.lease, p.heartbeat), (Duration::from_secs(3), None));
+        let refused = [
+            // Not well under the default lease (30s).
+            (
+                "      heartbeat: '15s'\n",
+                5,
+                "heartbeat",
+                "at most a third",
+            ),
+            ("      lease: '500ms'\n", 5, "lease", "at least 1s"),
+            (
+                "      poll_interval: 'soon'\n",
+                5,
+                "poll_interval",
+                "not a duration",
+            ),
+            (
+                "      lease: '10s'\n      heartbeat: '4s'\n",
+                6,
+                "heartbeat",
+                "at most a third",
+            ),
+        ];
+        for (settings, line, name, says) in refused {
+            let e = err(&format!(
+                "projections:\n  a:\n    handler: a\n    config:\n{settings}"
+            ));
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (line, format!("projections.a.config.{name}").as_str()),
+                "{e}"
+            );
+            assert!(e.message.contains(says), "{e}");
+        }
+        let e = err(&cloudflare("      lease: '10s'\n", "'20s'", 10));
+        assert_eq!(e.key, "projections.user-profile.config.lease", "{e}");
+        assert!(e.message.contains("does not apply"), "{e}");
+    }
 
     #[test]
     fn key_handler_is_honoured() {

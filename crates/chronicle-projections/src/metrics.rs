@@ -194,15 +194,9 @@ pub fn install_metrics_recorder() -> bool {
 /// # Ok(()) }
 /// ```
 pub async fn render_metrics(pool: &PgPool) -> Result<String> {
+    // The lag as of now, against the head of the feed.
+    let partitions = crate::state::load(pool, None).await?;
     let client = pool.get().await?;
-    let partitions = client
-        .query_typed(
-            "SELECT projection, partition, events_processed, failure_count, lag_events,
-                    lag_seconds, status
-               FROM projection_state ORDER BY projection, partition",
-            &[],
-        )
-        .await?;
     let letters = client
         .query_typed(
             "SELECT s.projection,
@@ -230,15 +224,20 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String> {
         );
         describe_gauge!(
             "chronicle_projection_lag_events",
-            "Events after the checkpoint when last measured."
+            "Events of the partition waiting after its checkpoint, measured at the scrape."
         );
         describe_gauge!(
             "chronicle_projection_lag_seconds",
-            "Age of the oldest event not yet handled."
+            "Age of the partition's oldest event not yet handled, at the scrape."
         );
         describe_gauge!(
             "chronicle_projection_up",
             "1 when the partition is running or rebuilding."
+        );
+        describe_gauge!(
+            "chronicle_projection_stalled",
+            "1 when the partition is running but no worker holds its lease while its last \
+             owner's lease expired or events wait."
         );
         describe_gauge!(
             "chronicle_projection_dead_lettered",
@@ -252,24 +251,26 @@ pub async fn render_metrics(pool: &PgPool) -> Result<String> {
             "chronicle_projection_oldest_parked_seconds",
             "Age of the oldest parked event (0: none)."
         );
-        for r in &partitions {
-            let projection: String = r.get(0);
-            let partition = r.get::<_, i32>(1).to_string();
+        for p in &partitions {
             let labels = || {
                 vec![
-                    Label::new("projection", projection.clone()),
-                    Label::new("partition", partition.clone()),
+                    Label::new("projection", p.projection.clone()),
+                    Label::new("partition", p.partition.to_string()),
                 ]
             };
-            let count = |column: usize| u64::try_from(r.get::<_, i64>(column)).unwrap_or(0);
-            counter!("chronicle_projection_events_processed_total", labels()).absolute(count(2));
-            counter!("chronicle_projection_failures_total", labels()).absolute(count(3));
-            gauge!("chronicle_projection_lag_events", labels()).set(r.get::<_, i64>(4) as f64);
-            gauge!("chronicle_projection_lag_seconds", labels()).set(r.get::<_, f64>(5));
-            let status: String = r.get(6);
-            let up = matches!(status.as_str(), "running" | "rebuilding");
+            counter!("chronicle_projection_events_processed_total", labels())
+                .absolute(p.events_processed);
+            counter!("chronicle_projection_failures_total", labels()).absolute(p.failure_count);
+            gauge!("chronicle_projection_lag_events", labels()).set(p.lag_events as f64);
+            gauge!("chronicle_projection_lag_seconds", labels()).set(p.lag_seconds);
+            gauge!("chronicle_projection_stalled", labels()).set(f64::from(u8::from(p.stalled)));
+            let up = matches!(
+                p.status,
+                chronicle_core::ProjectionStatus::Running
+                    | chronicle_core::ProjectionStatus::Rebuilding
+            );
             let mut with_status = labels();
-            with_status.push(Label::new("status", status));
+            with_status.push(Label::new("status", p.status.as_str()));
             gauge!("chronicle_projection_up", with_status).set(f64::from(u8::from(up)));
         }
         for r in &letters {

@@ -24,8 +24,19 @@ pub struct RunnerOptions {
     pub worker_id: String,
     /// How long a caught-up or unclaimed partition waits before polling
     /// again (default 250 ms). Polling is the truth: nothing relies on a
-    /// session.
+    /// session. A partition whose worker died is taken over at the first
+    /// poll after its lease expires, so takeover takes at most
+    /// [`ProjectionOptions::lease_ttl`] plus this.
     pub poll_interval: Duration,
+    /// How often the leases this worker holds are renewed besides its
+    /// steps (default `None`: a third of [`ProjectionOptions::lease_ttl`],
+    /// 10 s for the default lease), so a lease outlives a long wait or a
+    /// long step. Must be at most a third of the lease: a renewal can be late by a slow
+    /// database round trip, and a lease that lapses while its worker lives
+    /// lets another worker step the partition too (the steps stay
+    /// serialized by the partition's row lock, but the work is split for
+    /// no reason).
+    pub heartbeat_interval: Option<Duration>,
     /// How long to wait after a failed step (default 1 s).
     pub error_backoff: Duration,
     /// The most partitions this worker holds at once (default: all), so
@@ -41,6 +52,47 @@ pub struct RunnerOptions {
     pub listener: Option<Listener>,
 }
 
+impl RunnerOptions {
+    /// Checks these options against the lease they renew: a poll interval
+    /// above zero, and a heartbeat interval, when given, above zero and at
+    /// most a third of `lease_ttl`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use chronicle_projections::RunnerOptions;
+    ///
+    /// let options = RunnerOptions {
+    ///     heartbeat_interval: Some(Duration::from_secs(20)),
+    ///     ..RunnerOptions::default()
+    /// };
+    /// assert!(options.validate(Duration::from_secs(30)).is_err());
+    /// assert!(options.validate(Duration::from_secs(60)).is_ok());
+    /// ```
+    pub fn validate(&self, lease_ttl: Duration) -> Result<()> {
+        let bad = |option, reason: String| Err(crate::Error::Config { option, reason });
+        if self.poll_interval.is_zero() {
+            return bad("poll_interval", "must be more than zero".to_owned());
+        }
+        let Some(heartbeat) = self.heartbeat_interval else {
+            return Ok(());
+        };
+        if heartbeat.is_zero() {
+            return bad("heartbeat_interval", "must be more than zero".to_owned());
+        }
+        if heartbeat * 3 > lease_ttl {
+            return bad(
+                "heartbeat_interval",
+                format!(
+                    "is {:?}, but must be at most a third of the lease ({lease_ttl:?}), so that \
+                     a late renewal does not let the lease lapse; shorten it or lengthen the lease",
+                    heartbeat
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for RunnerOptions {
     fn default() -> Self {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned());
@@ -51,6 +103,7 @@ impl Default for RunnerOptions {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
             poll_interval: Duration::from_millis(250),
+            heartbeat_interval: None,
             error_backoff: Duration::from_secs(1),
             max_partitions: usize::MAX,
             listener: None,
@@ -80,12 +133,15 @@ pub struct Runner {
     limit: Arc<AtomicUsize>,
     owned: Arc<AtomicUsize>,
     tasks: Vec<JoinHandle<()>>,
+    heartbeat: JoinHandle<()>,
 }
 
 impl Runner {
-    /// Registers the projection (idempotent) and starts its partition
-    /// tasks.
+    /// Checks the options ([`RunnerOptions::validate`]), registers the
+    /// projection (idempotent) and starts its partition tasks and the
+    /// heartbeat that renews the leases it holds.
     pub async fn start(projection: Arc<PgProjection>, options: RunnerOptions) -> Result<Runner> {
+        options.validate(projection.options().lease_ttl)?;
         projection.register().await?;
         let (stop, stopped) = watch::channel(false);
         let worker_id: Arc<str> = Arc::from(options.worker_id.as_str());
@@ -108,6 +164,14 @@ impl Runner {
                 tokio::spawn(task.run())
             })
             .collect();
+        let heartbeat = tokio::spawn(heartbeat(
+            projection.clone(),
+            worker_id.clone(),
+            options
+                .heartbeat_interval
+                .unwrap_or(projection.options().lease_ttl / 3),
+            stopped,
+        ));
         Ok(Runner {
             projection,
             worker_id,
@@ -115,6 +179,7 @@ impl Runner {
             limit,
             owned,
             tasks,
+            heartbeat,
         })
     }
 
@@ -146,6 +211,45 @@ impl Runner {
         for task in self.tasks {
             let _ = task.await;
         }
+        let _ = self.heartbeat.await;
+    }
+
+    /// Stops within `grace`: no partition is claimed any more, the steps
+    /// under way commit and their leases are released; steps still under
+    /// way when `grace` runs out are cancelled (their transactions roll
+    /// back: the connections are closed) and their leases released all the
+    /// same. Returns whether every step ended within `grace`.
+    ///
+    /// ```no_run
+    /// # async fn demo(runner: chronicle_projections::Runner) {
+    /// use std::time::Duration;
+    ///
+    /// if !runner.shutdown(Duration::from_secs(10)).await {
+    ///     eprintln!("a step was rolled back; its events are handled again by the next worker");
+    /// }
+    /// # }
+    /// ```
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut finished = true;
+        for mut task in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+                finished = false;
+            }
+        }
+        let _ = self.heartbeat.await;
+        if !finished {
+            // The cancelled tasks did not release their partitions.
+            for partition in 0..self.projection.options().partitions {
+                if let Err(e) = self.projection.release(partition, &self.worker_id).await {
+                    tracing::warn!(partition, error = %e, "could not release a lease; it expires on its own");
+                }
+            }
+        }
+        finished
     }
 
     /// Stops at once without releasing anything, as a crashed worker
@@ -154,6 +258,47 @@ impl Runner {
     pub fn abort(self) {
         for task in &self.tasks {
             task.abort();
+        }
+        self.heartbeat.abort();
+    }
+}
+
+/// Renews every live lease `worker` holds on `projection` each `interval`
+/// until stopped. A partition whose step is under way is skipped (its row
+/// is locked, and its commit renews the lease).
+async fn heartbeat(
+    projection: Arc<PgProjection>,
+    worker: Arc<str>,
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let ttl = projection.options().lease_ttl.as_secs_f64();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            changed = stopped.changed() => if changed.is_err() || *stopped.borrow() { return },
+        }
+        let renewed = async {
+            let client = projection.pool().get().await?;
+            client
+                .execute_typed(
+                    "UPDATE projection_state s
+                        SET heartbeat = now(), lease_expires_at = now() + make_interval(secs => $3)
+                       FROM (SELECT projection, partition FROM projection_state
+                              WHERE projection = $1 AND owner = $2 AND lease_expires_at > now()
+                                FOR UPDATE SKIP LOCKED) c
+                      WHERE s.projection = c.projection AND s.partition = c.partition",
+                    &[
+                        (&projection.name(), tokio_postgres::types::Type::TEXT),
+                        (&&*worker, tokio_postgres::types::Type::TEXT),
+                        (&ttl, tokio_postgres::types::Type::FLOAT8),
+                    ],
+                )
+                .await?;
+            Ok::<_, crate::Error>(())
+        };
+        if let Err(e) = renewed.await {
+            tracing::warn!(projection = projection.name(), error = %e, "could not renew the leases; retrying at the next heartbeat");
         }
     }
 }

@@ -21,6 +21,7 @@ fn runner(worker: &str, max_partitions: usize) -> RunnerOptions {
         poll_interval: Duration::from_millis(20),
         error_backoff: Duration::from_millis(100),
         max_partitions,
+        heartbeat_interval: None,
         listener: None,
     }
 }
@@ -178,4 +179,66 @@ async fn a_killed_runners_lease_is_taken_over_after_expiry() {
         expected_model(&db).await,
         "no loss, no double effect"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_partitions_show_live_lag_and_stall() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    let accounts = deposit(&db, 4, 5).await; // 20 events
+    let ledger = Ledger::new("stalls");
+    let options = ProjectionOptions {
+        partitions: 2,
+        lease_ttl: Duration::from_secs(1),
+        ..ProjectionOptions::default()
+    };
+    let projection = Arc::new(PgProjection::new(db.pool.clone(), ledger.clone(), options).unwrap());
+    let doomed = Runner::start(projection.clone(), runner("doomed", usize::MAX))
+        .await
+        .unwrap();
+    wait_until_processed(&db, "stalls", 20, Duration::from_secs(60)).await;
+    let health = projection.health().await.unwrap();
+    assert!(health.healthy, "{health:#?}");
+    assert!(
+        health
+            .partitions
+            .iter()
+            .all(|p| !p.stalled && p.lag_events == 0)
+    );
+
+    doomed.abort();
+    append_more(&db, &accounts, 5).await; // 20 more, nobody to handle them
+    // While the dead worker's leases live, nothing is stalled yet, but the
+    // lag already counts what waits.
+    let state = load_state(&db.pool, Some("stalls")).await.unwrap();
+    assert_eq!(
+        state.iter().map(|p| p.lag_events).sum::<u64>(),
+        20,
+        "{state:#?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let health = projection.health().await.unwrap();
+    assert!(!health.healthy, "{health:#?}");
+    assert!(health.lag_events > 0);
+    assert!(health.lag_seconds > 1.0, "{health:#?}");
+    assert!(
+        health.partitions.iter().all(|p| p.stalled),
+        "every partition of the dead worker is stalled: {health:#?}"
+    );
+    let metrics = chronicle_projections::render_metrics(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("chronicle_projection_stalled{projection=\"stalls\",partition=\"0\"} 1"),
+        "{metrics}"
+    );
+
+    // A new worker takes over: caught up, nothing stalled.
+    let rescuer = Runner::start(projection.clone(), runner("rescuer", usize::MAX))
+        .await
+        .unwrap();
+    wait_until_processed(&db, "stalls", 40, Duration::from_secs(60)).await;
+    let health = projection.health().await.unwrap();
+    assert!(health.healthy, "{health:#?}");
+    rescuer.stop().await;
 }

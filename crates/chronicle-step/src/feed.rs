@@ -91,6 +91,14 @@ UPDATE projection_state
  WHERE projection = $1 AND partition = $2
 RETURNING lag_events, lag_seconds";
 
+/// A partition's lag now, with the checkpoint statement's own subqueries
+/// and parameter numbers: the backlog among the next `$12` events (the
+/// partition's own when there are several, `$11 > 1`) and the age of its
+/// oldest pending event. `$1` and `$5`..`$10` are not read.
+const LAG: &str = "\
+SELECT CASE WHEN $11 > 1 THEN ({COUNT_MINE}) ELSE ({COUNT_ALL}) END,
+       coalesce(({OLDEST}), 0)";
+
 /// Every event: the backlog among the next `$12` rows of the feed; the
 /// share of all partitions is counted from the feed index alone.
 const COUNT_MINE_ALL: &str = "\
@@ -127,6 +135,7 @@ pub(crate) struct Feed {
     stored: Option<serde_json::Value>,
     window: String,
     finish: String,
+    lag: String,
 }
 
 /// How a step checks that each aggregate's events come in version order.
@@ -281,7 +290,7 @@ impl Feed {
             }
             (None, None) => (None, None, None),
         };
-        let (window, finish) = match &index {
+        let (window, [finish, lag]) = match &index {
             Some(index) => {
                 let many = indexed.as_ref().is_some_and(|t| t.len() > 1);
                 (
@@ -295,11 +304,12 @@ impl Feed {
                 } else {
                     WINDOW_PARTITION
                 };
-                let finish = FINISH
-                    .replace("{COUNT_MINE}", COUNT_MINE_ALL)
-                    .replace("{COUNT_ALL}", COUNT_ALL_ALL)
-                    .replace("{OLDEST}", OLDEST_ALL);
-                (window.to_owned(), finish)
+                let statements = [FINISH, LAG].map(|sql| {
+                    sql.replace("{COUNT_MINE}", COUNT_MINE_ALL)
+                        .replace("{COUNT_ALL}", COUNT_ALL_ALL)
+                        .replace("{OLDEST}", OLDEST_ALL)
+                });
+                (window.to_owned(), statements)
             }
         };
         Feed {
@@ -317,6 +327,7 @@ impl Feed {
             other,
             window,
             finish,
+            lag,
         }
     }
 
@@ -377,7 +388,7 @@ impl Feed {
     /// The checkpoint statement of a subscription: its lag among the next
     /// `$12` subscribed events of each listed type (`$13`, the other
     /// column's types `$14`).
-    fn finish_subscribed(index: &Index, many: bool) -> String {
+    fn finish_subscribed(index: &Index, many: bool) -> [String; 2] {
         let at = |name: &'static str| Bounds {
             name,
             after: "$3, $4",
@@ -431,10 +442,11 @@ impl Feed {
                FROM {oldest_from}
               ORDER BY o.transaction_id, o.global_position LIMIT 1"
         );
-        FINISH
-            .replace("{COUNT_MINE}", &count_mine)
-            .replace("{COUNT_ALL}", &count_all)
-            .replace("{OLDEST}", &oldest)
+        [FINISH, LAG].map(|sql| {
+            sql.replace("{COUNT_MINE}", &count_mine)
+                .replace("{COUNT_ALL}", &count_all)
+                .replace("{OLDEST}", &oldest)
+        })
     }
 
     /// The subscription.
@@ -479,6 +491,12 @@ impl Feed {
     /// [`Feed::type_params`].
     pub(crate) fn finish_sql(&self) -> &str {
         &self.finish
+    }
+
+    /// The live lag statement ([`LAG`]): `$1..$12` as the checkpoint
+    /// statement binds them, then [`Feed::type_params`].
+    pub(crate) fn lag_sql(&self) -> &str {
+        &self.lag
     }
 
     /// What a subscription's statements bind after the common parameters:
