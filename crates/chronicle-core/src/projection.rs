@@ -375,6 +375,20 @@ pub enum Alert {
         /// The last error.
         error: String,
     },
+    /// No worker holds a running partition's lease while its last
+    /// owner's lease has expired or events wait behind it: the workers
+    /// died, none runs, or all are full. Raised by a worker that sees it
+    /// on two heartbeats in a row.
+    Stalled {
+        /// The projection.
+        projection: String,
+        /// The partition.
+        partition: u32,
+        /// Events waiting behind it.
+        lag_events: u64,
+        /// The worker that held it last, if any.
+        last_owner: Option<String>,
+    },
     /// A projection partition is further behind than the threshold.
     Lagging {
         /// The projection.

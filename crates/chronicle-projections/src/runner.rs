@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chronicle_core::{
-    BoxError, DeploymentResult, HealthStatus, ProjectionAdapter, ProjectionHandler,
+    Alert, BoxError, DeploymentResult, HealthStatus, ProjectionAdapter, ProjectionHandler,
 };
 use chronicle_postgres::{Listener, PgPool};
 use tokio::sync::watch;
@@ -273,6 +273,7 @@ async fn heartbeat(
     mut stopped: watch::Receiver<bool>,
 ) {
     let ttl = projection.options().lease_ttl.as_secs_f64();
+    let mut stalled_before: Vec<u32> = Vec::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -300,7 +301,34 @@ async fn heartbeat(
         if let Err(e) = renewed.await {
             tracing::warn!(projection = projection.name(), error = %e, "could not renew the leases; retrying at the next heartbeat");
         }
+        stalled_before = alert_stalled(&projection, &stalled_before).await;
     }
+}
+
+/// Raises [`Alert::Stalled`] for each partition of `projection` that is
+/// stalled now and was at the last heartbeat too (a takeover within one
+/// beat raises nothing); returns the partitions stalled now.
+async fn alert_stalled(projection: &PgProjection, before: &[u32]) -> Vec<u32> {
+    let states = match projection.state().await {
+        Ok(states) => states,
+        Err(e) => {
+            tracing::debug!(projection = projection.name(), error = %e, "could not read the partitions' state");
+            return Vec::new();
+        }
+    };
+    let stalled: Vec<_> = states.into_iter().filter(|p| p.stalled).collect();
+    let alerts: Vec<Alert> = stalled
+        .iter()
+        .filter(|p| before.contains(&p.partition))
+        .map(|p| Alert::Stalled {
+            projection: p.projection.clone(),
+            partition: p.partition,
+            lag_events: p.lag_events,
+            last_owner: p.owner.clone(),
+        })
+        .collect();
+    projection.portable().send_alerts(&alerts).await;
+    stalled.iter().map(|p| p.partition).collect()
 }
 
 struct PartitionTask {

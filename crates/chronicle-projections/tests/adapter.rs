@@ -153,6 +153,77 @@ async fn a_lagging_partition_raises_one_alert() {
     );
 }
 
+/// A partition no worker takes (this one is full) while events wait
+/// behind it is reported by the worker's heartbeat, once it has stayed so
+/// for two beats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_nobody_runs_raises_a_stalled_alert() {
+    let db = fresh_db().await;
+    create_read_model(&db).await;
+    deposit(&db, 20, 2).await;
+    let alerts = Alerts::default();
+    let projection = Arc::new(
+        PgProjection::new(
+            db.pool.clone(),
+            Ledger::new("stalling"),
+            ProjectionOptions {
+                partitions: 2,
+                lease_ttl: Duration::from_millis(600),
+                ..ProjectionOptions::default()
+            },
+        )
+        .unwrap()
+        .with_alerts(alerts.clone()),
+    );
+    let runner = Runner::start(
+        projection.clone(),
+        RunnerOptions {
+            poll_interval: Duration::from_millis(20),
+            heartbeat_interval: Some(Duration::from_millis(100)),
+            max_partitions: 1,
+            ..RunnerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let stalled = loop {
+        let stalled: Vec<u32> = alerts
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|a| match a {
+                Alert::Stalled {
+                    partition,
+                    lag_events,
+                    ..
+                } if *lag_events > 0 => Some(*partition),
+                _ => None,
+            })
+            .collect();
+        if !stalled.is_empty() {
+            break stalled;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no stalled alert"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let owners: Vec<Option<String>> = projection
+        .state()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.owner)
+        .collect();
+    for partition in &stalled {
+        assert_eq!(owners[*partition as usize], None, "{owners:?}");
+    }
+    runner.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_runner_stops_it_and_releases_its_leases() {
     let db = fresh_db().await;
