@@ -15,7 +15,7 @@ pub struct Database {
     /// Whether it is the embedded default cluster.
     pub embedded: bool,
     /// `--connect-timeout`: how long connecting may take (default: the
-    /// URL's `connect_timeout`, else [`INTERACTIVE_CONNECT_TIMEOUT`], or 30 s
+    /// URL's `connect_timeout`, else 5 s for a command, or 30 s
     /// for a [`Database::worker`]).
     pub connect_timeout: Option<Duration>,
     /// Whether a long-running worker uses it (`projections run`): then
