@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
+use chronicle_core::{Aggregate, CommandError, DomainEvent, Repository};
 use chronicle_core::{
     AggregateId, AppendOutcome, EventAppender, EventEnvelope, EventReader, ExpectedVersion,
     FeedBatch, NewEvent, Position, TimeRange,
 };
-use chronicle_core::{Aggregate, CommandError, DomainEvent, Repository};
 use chronicle_postgres::PgEventStore;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
