@@ -28,6 +28,7 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::Database;
+use crate::bench_commands::command_case;
 use crate::output::{OutputFormat, write_record, write_table};
 use crate::ui::notice;
 
@@ -43,6 +44,9 @@ pub struct AppendBenchArgs {
     /// Events in the feed-read case.
     #[arg(long, default_value_t = 100_000)]
     feed_events: usize,
+    /// Commands per command case (split across 16 tasks).
+    #[arg(long, default_value_t = 16_000)]
+    commands: usize,
     /// Run only the `synchronous_commit` setting given (default: both).
     #[arg(long)]
     synchronous_commit: Option<bool>,
@@ -1047,6 +1051,17 @@ async fn run_cases(
         None,
     )?);
 
+    // The command path: 16 tasks, each on aggregates of its own, sync off
+    // (the software, not the disk).
+    let tasks = 16;
+    let commands_pool = scratch.pool(false, tasks, None)?;
+    for cache in [0, 100_000] {
+        progress.set_message(format!("executing commands, cache of {cache}"));
+        cases.push(command_case(&commands_pool, tasks, args.commands, cache).await?);
+    }
+    drop(commands_pool);
+    scratch.truncate().await?;
+
     progress.set_message(format!("filling the feed with {} events", args.feed_events));
     let writers = 4;
     appends(&store, writers, args.feed_events.div_ceil(100), 100).await?;
@@ -1123,7 +1138,7 @@ async fn run_cases(
 
 /// Runs `work` (which returns a rate), with the rows it added to
 /// `events`.
-async fn rows_added(
+pub(crate) async fn rows_added(
     pool: &PgPool,
     work: impl std::future::Future<Output = Result<f64>>,
 ) -> Result<Side> {

@@ -14,6 +14,7 @@
 
 mod audit;
 mod bench;
+mod bench_commands;
 mod bench_projections;
 mod bench_upcast;
 mod commands;

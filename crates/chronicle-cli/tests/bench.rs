@@ -54,6 +54,8 @@ fn append_cases_touch_the_same_rows_on_both_sides() {
             "8",
             "--feed-events",
             "1000",
+            "--commands",
+            "64",
             "--synchronous-commit",
             "false",
         ],
@@ -63,6 +65,8 @@ fn append_cases_touch_the_same_rows_on_both_sides() {
         "append 1 event, 1 writers",
         "append 100-event batch, 4 writers",
         "load a 1,000-event aggregate (vs raw prepared SELECT, rows streamed and decoded)",
+        "execute a command (load + decide + append), 16 tasks (vs hand-written prepared SELECT + INSERT)",
+        "execute a command (load + decide + append), 16 tasks, aggregate cache (vs hand-written prepared SELECT + INSERT)",
         "read the global feed",
     ] {
         assert!(
@@ -80,6 +84,15 @@ fn append_cases_touch_the_same_rows_on_both_sides() {
         })
         .unwrap();
     assert_eq!(load["rows"], 50_000, "50 loads of 1,000 events: {load}");
+    let commands: Vec<_> = cases
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("execute a command"))
+        .collect();
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    assert!(
+        commands.iter().all(|c| c["rows"] == 64),
+        "one event per command: {commands:?}"
+    );
 }
 
 #[test]

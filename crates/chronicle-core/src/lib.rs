@@ -22,6 +22,7 @@
 #![deny(missing_docs)]
 
 mod aggregate;
+mod cache;
 mod error;
 mod event;
 mod position;
@@ -35,6 +36,7 @@ pub mod testing;
 mod version;
 
 pub use aggregate::{Aggregate, DecodeError, DomainEvent};
+pub use cache::AggregateCache;
 pub use error::{Error, Result, Validation};
 pub use event::{EventEnvelope, Metadata, NewEvent};
 pub use position::{Position, PositionParseError};

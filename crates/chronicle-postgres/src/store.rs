@@ -443,24 +443,34 @@ impl PgEventStore {
     }
 
     /// Runs a read and decodes rows as they stream in, so decoding on the
-    /// client overlaps the server producing the rest.
+    /// client overlaps the server producing the rest. The statement is
+    /// prepared once per connection and kept, as appends' are (unnamed
+    /// when the statement cache is off): a stream load is one Bind and
+    /// Execute, not a Parse and plan each time.
     async fn query(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<EventEnvelope>, Error> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query_typed_raw(
-                sql,
-                params.iter().map(|(v, t)| (*v as &dyn ToSql, t.clone())),
-            )
-            .await?;
+        let (client, rows) = loop {
+            let client = self.pool.get().await?;
+            let cached = self.caches_statements();
+            match crate::Statements::new(cached)
+                .query_raw(&client, sql, params)
+                .await
+            {
+                Ok(rows) => break (client, rows),
+                // Not executed: send it again unnamed.
+                Err(e) if cached && self.lost_prepared_statement(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
         futures_util::pin_mut!(rows);
         let mut events = Vec::new();
         while let Some(row) = rows.try_next().await? {
             events.push(decode_event(&row)?);
         }
+        drop(client);
         Ok(events)
     }
 }
