@@ -921,7 +921,7 @@ impl AuditReport {
 /// assert!(report.is_intact());
 /// assert_eq!(report.chains.len(), 2);
 /// records.remove(2); // the second row of chain 0
-/// assert_eq!(verify_log(&records, None).problems[0].to_string(), "chain 0: row 2 was deleted");
+/// assert_eq!(verify_log(&records, None).problems[0].to_string(), "row 0:2 was deleted");
 /// ```
 pub fn verify_log(
     records: &[AuditRecord],
