@@ -589,15 +589,15 @@ fn deployment_keys_and_flags_are_honoured_or_refused() {
 
 #[test]
 fn snapshots_list_drop_and_rebuild() {
-    let url = fresh_database();
-    let url = Some(url.as_str());
+    let database = fresh_database();
+    let url = Some(database.as_str());
     ok(&chronicle(url, &["migrate"], None));
     let (a, b) = (
         "0193a1b2-0000-7000-8000-00000000000a",
         "0193a1b2-0000-7000-8000-00000000000b",
     );
     psql_value(
-        url.unwrap(),
+        &database,
         &format!(
             "INSERT INTO snapshots (aggregate_id, aggregate_type, version, schema_version, \
                                     upcaster_version, state) \
@@ -650,8 +650,5 @@ fn snapshots_list_drop_and_rebuild() {
         None,
     )));
     assert_eq!(rebuilt[0]["dropped"], 1);
-    assert_eq!(
-        psql_value(url.unwrap(), "SELECT count(*) FROM snapshots"),
-        "0"
-    );
+    assert_eq!(psql_value(&database, "SELECT count(*) FROM snapshots"), "0");
 }
