@@ -134,6 +134,12 @@ pub enum Command {
   chronicle upcast run --check
   chronicle upcast rollback --all")]
     Upcast(crate::upcast::UpcastArgs),
+    /// Aggregate snapshots: list them, drop them, or have the application
+    /// rebuild them.
+    #[command(after_help = "Examples:
+  chronicle snapshots list --aggregate-type account
+  chronicle snapshots drop --aggregate-type account --output json")]
+    Snapshots(crate::snapshots::SnapshotsArgs),
     /// Field encryption keys: list, rotate the key-encryption key, rotate
     /// or shred a subject's data keys.
     #[command(after_help = "Examples:
@@ -484,6 +490,13 @@ pub enum BenchCommand {
     #[command(after_help = "Examples:
   chronicle bench projections --events 100000")]
     Projections(crate::bench_projections::ProjectionsBenchArgs),
+    /// Loading a long-lived aggregate through its snapshot against a raw
+    /// prepared SELECT of the snapshot row plus the tail, and against
+    /// loading it without a snapshot.
+    #[command(after_help = "Examples:
+  chronicle bench snapshots
+  chronicle bench snapshots --events 100000 --tail 50 --output json")]
+    Snapshots(crate::bench_snapshots::SnapshotsBenchArgs),
 }
 
 /// The name of `command` when it opens no database (so `--database-url`
@@ -528,6 +541,9 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
                 BenchCommand::Upcast(args) => crate::bench_upcast::upcast(&db, args, format).await,
                 BenchCommand::Projections(args) => {
                     crate::bench_projections::projections(&db, args, format).await
+                }
+                BenchCommand::Snapshots(args) => {
+                    crate::bench_snapshots::snapshots(&db, args, format).await
                 }
             };
         }
@@ -577,6 +593,7 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
             crate::audit::seal_written(&db).await;
         }
         Command::Audit(args) => crate::audit::run(&db, args, format).await?,
+        Command::Snapshots(args) => crate::snapshots::run(&db, args, format).await?,
         Command::Deploy(args) => crate::deploy::deploy(&db, args, registry, format).await?,
         Command::Scale(args) => crate::deploy::scale(&db, args, format).await?,
         Command::Monitor(args) => crate::deploy::monitor(&db, args, format).await?,

@@ -16,6 +16,7 @@ mod audit;
 mod bench;
 mod bench_commands;
 mod bench_projections;
+mod bench_snapshots;
 mod bench_upcast;
 mod commands;
 mod database;
@@ -27,6 +28,7 @@ mod import;
 mod keys;
 mod output;
 mod registry;
+mod snapshots;
 mod ui;
 mod upcast;
 
@@ -62,8 +64,8 @@ Chronicle: an event store on PostgreSQL.
 Set up and inspect the store (migrate, status), write and read events
 (append, read, state), run and inspect projections (projections, dlq),
 deploy them to a serverless provider and watch them there (deploy, scale,
-monitor, undeploy), evolve stored events (upcast), manage field-encryption
-keys and their audit log (keys, audit), drive the embedded development
+monitor, undeploy), evolve stored events (upcast), list and drop aggregate
+snapshots (snapshots), manage field-encryption keys and their audit log (keys, audit), drive the embedded development
 cluster (dev), measure against raw PostgreSQL (bench), take the guided tour
 (demo), and set up your shell (completions, man).
 

@@ -1,5 +1,5 @@
-//! The benchmarks, small: every case of `bench append`, `bench projections`
-//! and `bench upcast` runs, and both sides of each touched the same rows
+//! The benchmarks, small: every case of `bench append`, `bench projections`,
+//! `bench upcast` and `bench snapshots` runs, and both sides of each touched the same rows
 //! (a baseline that did less, or more, would fail the run).
 
 mod support;
@@ -131,4 +131,16 @@ fn upcast_cases_touch_the_same_rows_on_both_sides() {
     );
     assert_eq!(cases.len(), 2, "{cases:?}");
     assert!(cases.iter().all(|c| c["rows"] == 2000), "{cases:?}");
+}
+
+#[test]
+fn snapshot_cases_touch_the_same_rows_on_both_sides() {
+    let cases = cases(
+        "snapshots",
+        &["--events", "2000", "--tail", "20", "--seconds", "0.2"],
+    );
+    let names = names(&cases);
+    assert_eq!(cases.len(), 3, "{names:?}");
+    assert!(names[0].contains("snapshot + 20-event tail"), "{names:?}");
+    assert!(names[1].contains("without a snapshot"), "{names:?}");
 }

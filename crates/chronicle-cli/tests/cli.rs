@@ -596,3 +596,69 @@ fn deployment_keys_and_flags_are_honoured_or_refused() {
         String::from_utf8_lossy(&status.stderr)
     );
 }
+
+#[test]
+fn snapshots_list_drop_and_rebuild() {
+    let database = fresh_database();
+    let url = Some(database.as_str());
+    ok(&chronicle(url, &["migrate"], None));
+    let (a, b) = (
+        "0193a1b2-0000-7000-8000-00000000000a",
+        "0193a1b2-0000-7000-8000-00000000000b",
+    );
+    psql_value(
+        &database,
+        &format!(
+            "INSERT INTO snapshots (aggregate_id, aggregate_type, version, schema_version, \
+                                    upcaster_version, state) \
+             VALUES ('{a}', 'account', 3, 1, 0, '{{\"balance\": 5}}'), \
+                    ('{b}', 'ledger', 7, 2, 9, '{{}}') RETURNING 1"
+        ),
+    );
+    let listed = json_lines(&ok(&chronicle(
+        url,
+        &["snapshots", "list", "--output", "json"],
+        None,
+    )));
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["aggregate_id"], a);
+    assert_eq!(listed[0]["version"], 3);
+    assert_eq!(listed[0]["aggregate_version"], 0);
+    assert_eq!(listed[1]["upcaster_version"], 9);
+    let only = json_lines(&ok(&chronicle(
+        url,
+        &[
+            "snapshots",
+            "list",
+            "--aggregate-type",
+            "ledger",
+            "--output",
+            "json",
+        ],
+        None,
+    )));
+    assert_eq!(only.len(), 1);
+
+    let dropped = json_lines(&ok(&chronicle(
+        url,
+        &["snapshots", "drop", a, "--output", "json"],
+        None,
+    )));
+    assert_eq!(dropped[0]["dropped"], 1);
+    support::fails(&chronicle(url, &["snapshots", "drop", a], None), 4);
+    support::fails(&chronicle(url, &["snapshots", "drop"], None), 2);
+    let rebuilt = json_lines(&ok(&chronicle(
+        url,
+        &[
+            "snapshots",
+            "rebuild",
+            "--aggregate-type",
+            "ledger",
+            "--output",
+            "json",
+        ],
+        None,
+    )));
+    assert_eq!(rebuilt[0]["dropped"], 1);
+    assert_eq!(psql_value(&database, "SELECT count(*) FROM snapshots"), "0");
+}

@@ -5,6 +5,7 @@
 //! expectation ([`ExpectedVersion`]), where a reader stands in the global feed
 //! ([`Position`]), the store traits ([`EventAppender`], [`EventReader`],
 //! [`EventStore`]), the [`Aggregate`] model that folds events into state,
+//! snapshots ([`Snapshotting`], [`SnapshotStore`]),
 //! the projection traits ([`ProjectionHandler`], [`ProjectionAdapter`],
 //! [`AlertSink`]) and the provider-agnostic [`MessageQueue`] that dead
 //! letters go through.
@@ -29,6 +30,8 @@ mod position;
 mod projection;
 mod queue;
 mod repository;
+mod snapshot;
+mod snapshot_repository;
 mod store;
 mod subscription;
 #[cfg(feature = "testing")]
@@ -46,6 +49,9 @@ pub use projection::{
 };
 pub use queue::{Delivery, MemoryQueue, Message, MessageQueue, QueueDepth, Receipt};
 pub use repository::{CommandError, Repository};
+pub use snapshot::{
+    Snapshot, SnapshotLoad, SnapshotPolicy, SnapshotStore, SnapshotTask, Snapshotting,
+};
 pub use store::{AppendOutcome, EventAppender, EventReader, EventStore, FeedBatch, TimeRange};
 pub use subscription::{Subscription, SubscriptionError};
 pub use version::ExpectedVersion;

@@ -36,12 +36,29 @@ pub enum CommandError<E: std::error::Error + 'static> {
 /// assert_eq!(v, version);
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Repository<S> {
-    store: S,
-    max_retries: u32,
-    metadata: Metadata,
-    cache: Option<AggregateCache>,
+    pub(crate) store: S,
+    pub(crate) max_retries: u32,
+    pub(crate) metadata: Metadata,
+    pub(crate) cache: Option<AggregateCache>,
+    /// Snapshots: the upcaster chain's version and the spawner of writes
+    /// (crate::snapshot_repository).
+    pub(crate) upcaster_version: u32,
+    pub(crate) spawner: Option<crate::snapshot_repository::Spawner>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Repository<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("store", &self.store)
+            .field("max_retries", &self.max_retries)
+            .field("metadata", &self.metadata)
+            .field("cache", &self.cache)
+            .field("upcaster_version", &self.upcaster_version)
+            .field("spawns_snapshots", &self.spawner.is_some())
+            .finish()
+    }
 }
 
 impl<S: EventStore> Repository<S> {
@@ -52,6 +69,8 @@ impl<S: EventStore> Repository<S> {
             max_retries: 5,
             metadata: Metadata::default(),
             cache: None,
+            upcaster_version: 0,
+            spawner: None,
         }
     }
 

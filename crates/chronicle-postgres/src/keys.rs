@@ -530,6 +530,10 @@ impl DataKeyStore for PgDataKeyStore {
         )
         .await
         .map_err(|e| backend("record the subject's tombstone", e))?;
+        let destroyed: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+        crate::snapshots::delete_for_shred(&*tx, subject.as_str(), &destroyed)
+            .await
+            .map_err(|e| backend("delete the snapshots holding the subject's fields", e))?;
         tx.commit()
             .await
             .map_err(|e| backend("commit the shredding", e))?;

@@ -9,7 +9,9 @@
 //! - [`PgEventStore`] implements [`chronicle_core::EventAppender`] and
 //!   [`chronicle_core::EventReader`]: one-round-trip appends with optimistic
 //!   concurrency and idempotency, per-aggregate reads, reads as of a time,
-//!   reads by type and time range, and the gap-safe global feed.
+//!   reads by type and time range, and the gap-safe global feed; and
+//!   [`chronicle_core::SnapshotStore`]: an aggregate's newest snapshot and
+//!   the events after it in one statement (table `snapshots`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -41,6 +43,7 @@ mod keys;
 mod listen;
 pub mod migrate;
 mod reencrypt;
+mod snapshots;
 mod status;
 mod store;
 #[cfg(feature = "testing")]
@@ -56,6 +59,7 @@ pub use keys::{DataKeyInfo, KEYS_CHANNEL, KeyListenerState, PgDataKeyStore, PgKe
 pub use listen::{EVENTS_CHANNEL, Listener};
 pub use migrate::{MigrateOptions, MigrateReport, ensure_schema, migrate};
 pub use reencrypt::{PgReencryptor, ReencryptProgress};
+pub use snapshots::SnapshotInfo;
 pub use status::{OpenTransaction, StoreStatus};
 pub use store::{DEFAULT_MAX_PAYLOAD_BYTES, MAX_JSON_DEPTH, PgEventStore};
 

@@ -93,6 +93,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "projection_subscriptions",
         sql: include_str!("../migrations/0013_projection_subscriptions.sql"),
     },
+    Migration {
+        version: 14,
+        name: "snapshots",
+        sql: include_str!("../migrations/0014_snapshots.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

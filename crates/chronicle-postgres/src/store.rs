@@ -186,7 +186,7 @@ impl PgEventStore {
     /// other prepared statements); if so, turns it off for this store and
     /// its clones, saying so once. The statement was not executed, so the
     /// caller may send it again unnamed.
-    fn lost_prepared_statement(&self, e: &tokio_postgres::Error) -> bool {
+    pub(crate) fn lost_prepared_statement(&self, e: &tokio_postgres::Error) -> bool {
         if !crate::error::is_lost_prepared_statement(e) {
             return false;
         }

@@ -11,5 +11,6 @@ mod import;
 mod json;
 mod migrations;
 mod repository;
+mod snapshots;
 mod store;
 mod tls;

@@ -496,6 +496,40 @@ impl UpcasterChain {
         self.latest(event_type).map(|l| l.schema_version)
     }
 
+    /// A version of the chain for aggregate snapshots
+    /// (`chronicle_core::Repository::upcaster_version`): a stable hash of
+    /// every upcaster's event type, version and target type. Adding,
+    /// removing or retargeting an upcaster changes it, so snapshots folded
+    /// under another chain are ignored and replaced; 0 for an empty chain.
+    ///
+    /// ```
+    /// use chronicle_upcast::UpcasterChain;
+    ///
+    /// assert_eq!(UpcasterChain::builder().build().unwrap().snapshot_version(), 0);
+    /// ```
+    pub fn snapshot_version(&self) -> u32 {
+        let migrations = self.migrations();
+        if migrations.is_empty() {
+            return 0;
+        }
+        // FNV-1a: stable across builds and platforms, unlike std's hasher.
+        let mut hash: u32 = 0x811c_9dc5;
+        for m in &migrations {
+            let from = m.from_version.to_string();
+            for part in [
+                m.event_type.as_str(),
+                from.as_str(),
+                m.target_event_type.as_str(),
+            ] {
+                for byte in part.bytes().chain([0]) {
+                    hash ^= u32::from(byte);
+                    hash = hash.wrapping_mul(0x0100_0193);
+                }
+            }
+        }
+        hash.max(1)
+    }
+
     /// The mode of `event_type`: the one set for any type of its rename
     /// chain, else the default.
     pub fn mode(&self, event_type: &str) -> Mode {

@@ -1154,6 +1154,14 @@ impl PgUpcaster {
                 ),
             });
         }
+        // Snapshots folded from the old form of these events are stale:
+        // delete them with the rewrite (chronicle_postgres's migration 14).
+        tx.execute_typed(
+            "DELETE FROM snapshots WHERE aggregate_id IN \
+                 (SELECT aggregate_id FROM events WHERE event_id = ANY($1))",
+            &[(&w.ids, Type::UUID_ARRAY)],
+        )
+        .await?;
         // Renew the lease and move the cursor, only while both are ours.
         let ttl = self.lease_ttl.as_secs_f64();
         let fenced = tx
@@ -1429,6 +1437,13 @@ impl PgUpcaster {
                 ),
             });
         }
+        // Snapshots folded from the upcast form are stale once restored.
+        tx.execute_typed(
+            "DELETE FROM snapshots WHERE aggregate_id IN \
+                 (SELECT aggregate_id FROM chronicle_upcast_backup WHERE run_id = $1)",
+            &[(&run_id, Type::UUID)],
+        )
+        .await?;
         let row = tx
             .query_typed_one(
                 &format!(
