@@ -46,6 +46,10 @@ pub struct AppendBenchArgs {
     /// Run only the `synchronous_commit` setting given (default: both).
     #[arg(long)]
     synchronous_commit: Option<bool>,
+    /// Combined batches in flight at once for the store's single-event
+    /// appends (default 0: write-combining off, the store's default).
+    #[arg(long)]
+    combined_batches_in_flight: Option<usize>,
 }
 
 /// One side of a case: its rate and the rows it touched (written, read or
@@ -1049,13 +1053,16 @@ async fn run_cases(
             // their own: the timed runs go through plain sockets on both
             // sides.
             let counter = Arc::new(Counter::default());
-            let counted = PgEventStore::new(scratch.pool(sync, writers, Some(counter.clone()))?);
+            let counted = combining(
+                PgEventStore::new(scratch.pool(sync, writers, Some(counter.clone()))?),
+                args,
+            );
             appends(&counted, writers, writers * 8, size).await?;
             counter.reset();
             appends(&counted, writers, writers * 8, size).await?;
             let trips = counter.round_trips() as f64 / (writers * 8) as f64;
             drop(counted);
-            let store = PgEventStore::new(scratch.pool(sync, writers, None)?);
+            let store = combining(PgEventStore::new(scratch.pool(sync, writers, None)?), args);
             let raw = scratch.pool(sync, writers, None)?;
             warm(&store, &raw, writers).await?;
             // Warm both sides' sessions as an application's are: each
@@ -1183,6 +1190,16 @@ async fn run_cases(
     )?);
     progress.finish_and_clear();
     Ok(cases)
+}
+
+/// `store` with write-combining as `args` say.
+fn combining(mut store: PgEventStore, args: &AppendBenchArgs) -> PgEventStore {
+    match args.combined_batches_in_flight {
+        Some(0) => store.combine_appends(false),
+        Some(n) => store.combined_batches_in_flight(n),
+        None => &mut store,
+    };
+    store
 }
 
 /// Runs `work` (a timed run of appends), with the rows it added to
