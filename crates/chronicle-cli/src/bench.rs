@@ -50,6 +50,10 @@ pub struct AppendBenchArgs {
     /// Run only the `synchronous_commit` setting given (default: both).
     #[arg(long)]
     synchronous_commit: Option<bool>,
+    /// Combined batches in flight at once for the store's single-event
+    /// appends (default 0: write-combining off, the store's default).
+    #[arg(long)]
+    combined_batches_in_flight: Option<usize>,
 }
 
 /// One side of a case: its rate and the rows it touched (written, read or
@@ -60,11 +64,51 @@ pub(crate) struct Side {
     pub rate: f64,
     /// Rows touched in the run the rate comes from.
     pub rows: u64,
+    /// Per-call latency in the run the rate comes from, where measured.
+    pub latency: Option<Latency>,
+}
+
+/// Percentiles of the time one call took, from its start to its answer, in
+/// milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Latency {
+    /// The median.
+    pub p50_ms: f64,
+    /// The 99th percentile.
+    pub p99_ms: f64,
+}
+
+impl Latency {
+    /// The percentiles of `samples` (nearest rank); none when empty.
+    pub(crate) fn of(mut samples: Vec<Duration>) -> Option<Latency> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+            samples[rank - 1].as_secs_f64() * 1000.0
+        };
+        Some(Latency {
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+        })
+    }
+}
+
+/// A timed run of calls: events per second and each call's latency.
+struct Run {
+    rate: f64,
+    latency: Option<Latency>,
 }
 
 impl Side {
     pub(crate) fn new(rate: f64, rows: u64) -> Side {
-        Side { rate, rows }
+        Side {
+            rate,
+            rows,
+            latency: None,
+        }
     }
 
     /// The faster of two runs.
@@ -92,6 +136,18 @@ pub struct Case {
     /// Protocol round trips per store call, where measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub round_trips_per_call: Option<f64>,
+    /// The store's median latency per call, in milliseconds, where measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    /// The store's 99th-percentile latency per call, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+    /// The raw side's median latency per call, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_p50_ms: Option<f64>,
+    /// The raw side's 99th-percentile latency per call, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_p99_ms: Option<f64>,
 }
 
 impl Case {
@@ -122,6 +178,10 @@ impl Case {
             rows: ours.rows,
             raw_rows: raw.rows,
             round_trips_per_call: round_trips,
+            p50_ms: ours.latency.map(|l| l.p50_ms),
+            p99_ms: ours.latency.map(|l| l.p99_ms),
+            raw_p50_ms: raw.latency.map(|l| l.p50_ms),
+            raw_p99_ms: raw.latency.map(|l| l.p99_ms),
         })
     }
 }
@@ -941,7 +1001,13 @@ pub fn write_cases(cases: &[Case]) -> crate::output::Result {
             "raw ev/s",
             "ratio",
             "round trips/call",
+            "p50 / p99 ms",
+            "raw p50 / p99 ms",
         ]);
+    let latency = |p50: Option<f64>, p99: Option<f64>| match (p50, p99) {
+        (Some(a), Some(b)) => format!("{a:.2} / {b:.2}"),
+        _ => "-".into(),
+    };
     for c in cases {
         table.add_row(vec![
             c.name.clone(),
@@ -951,6 +1017,8 @@ pub fn write_cases(cases: &[Case]) -> crate::output::Result {
             c.round_trips_per_call
                 .map(|r| format!("{r:.2}"))
                 .unwrap_or_else(|| "-".into()),
+            latency(c.p50_ms, c.p99_ms),
+            latency(c.raw_p50_ms, c.raw_p99_ms),
         ]);
     }
     write_table(&table)
@@ -989,13 +1057,16 @@ async fn run_cases(
             // their own: the timed runs go through plain sockets on both
             // sides.
             let counter = Arc::new(Counter::default());
-            let counted = PgEventStore::new(scratch.pool(sync, writers, Some(counter.clone()))?);
+            let counted = combining(
+                PgEventStore::new(scratch.pool(sync, writers, Some(counter.clone()))?),
+                args,
+            );
             appends(&counted, writers, writers * 8, size).await?;
             counter.reset();
             appends(&counted, writers, writers * 8, size).await?;
             let trips = counter.round_trips() as f64 / (writers * 8) as f64;
             drop(counted);
-            let store = PgEventStore::new(scratch.pool(sync, writers, None)?);
+            let store = combining(PgEventStore::new(scratch.pool(sync, writers, None)?), args);
             let raw = scratch.pool(sync, writers, None)?;
             warm(&store, &raw, writers).await?;
             // Warm both sides' sessions as an application's are: each
@@ -1136,16 +1207,29 @@ async fn run_cases(
     Ok(cases)
 }
 
-/// Runs `work` (which returns a rate), with the rows it added to
+/// `store` with write-combining as `args` say.
+fn combining(mut store: PgEventStore, args: &AppendBenchArgs) -> PgEventStore {
+    match args.combined_batches_in_flight {
+        Some(0) => store.combine_appends(false),
+        Some(n) => store.combined_batches_in_flight(n),
+        None => &mut store,
+    };
+    store
+}
+
+/// Runs `work` (a timed run of appends), with the rows it added to
 /// `events`.
 pub(crate) async fn rows_added(
     pool: &PgPool,
-    work: impl std::future::Future<Output = Result<f64>>,
+    work: impl std::future::Future<Output = Result<Run>>,
 ) -> Result<Side> {
     let before = count_events(pool).await?;
-    let rate = work.await?;
+    let run = work.await?;
     let rows = count_events(pool).await?.saturating_sub(before);
-    Ok(Side::new(rate, rows))
+    Ok(Side {
+        latency: run.latency,
+        ..Side::new(run.rate, rows)
+    })
 }
 
 /// `rounds` loads of aggregate `id` through the store: events/s, with
@@ -1282,16 +1366,18 @@ async fn warm(store: &PgEventStore, raw: &PgPool, writers: usize) -> Result<()> 
 }
 
 /// `calls` appends of `size` events, spread over `writers` tasks, each on
-/// its own aggregates with exact expected versions. Returns events/s.
-async fn appends(store: &PgEventStore, writers: usize, calls: usize, size: usize) -> Result<f64> {
+/// its own aggregates with exact expected versions. Returns events/s and
+/// each append's latency.
+async fn appends(store: &PgEventStore, writers: usize, calls: usize, size: usize) -> Result<Run> {
     let started = Instant::now();
-    let tasks: Vec<JoinHandle<Result<()>>> = (0..writers)
+    let tasks: Vec<JoinHandle<Result<Vec<Duration>>>> = (0..writers)
         .map(|w| {
             let store = store.clone();
             let mine = calls / writers + usize::from(w < calls % writers);
             tokio::spawn(async move {
                 let mut id = Uuid::now_v7();
                 let mut version = 0u32;
+                let mut latencies = Vec::with_capacity(mine);
                 for i in 0..mine {
                     if version >= 1000 {
                         id = Uuid::now_v7();
@@ -1303,29 +1389,46 @@ async fn appends(store: &PgEventStore, writers: usize, calls: usize, size: usize
                         ExpectedVersion::Exact(version)
                     };
                     let events = (0..size).map(|j| event(i * size + j)).collect();
+                    let call = Instant::now();
                     version = store.append(id, "bench", expected, events).await?.version;
+                    latencies.push(call.elapsed());
                 }
-                Ok(())
+                Ok(latencies)
             })
         })
         .collect();
+    finish(started, calls * size, tasks).await
+}
+
+/// Waits for `tasks` (each returning its calls' latencies): the rate of
+/// `events` since `started`, and the latency percentiles over all calls.
+async fn finish(
+    started: Instant,
+    events: usize,
+    tasks: Vec<JoinHandle<Result<Vec<Duration>>>>,
+) -> Result<Run> {
+    let mut latencies = Vec::new();
     for t in tasks {
-        t.await??;
+        latencies.extend(t.await??);
     }
-    Ok((calls * size) as f64 / started.elapsed().as_secs_f64())
+    Ok(Run {
+        rate: events as f64 / started.elapsed().as_secs_f64(),
+        latency: Latency::of(latencies),
+    })
 }
 
 /// The same rows with plain INSERTs, one statement per call: `VALUES` for
 /// one event, `INSERT … SELECT FROM unnest(…)` for a batch; prepared once
-/// per connection, as the store's appends are.
-async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -> Result<f64> {
+/// per connection, as the store's appends are. Returns events/s and each
+/// statement's latency.
+async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -> Result<Run> {
     const ONE: &str = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version) \
                        VALUES ($1, $2, 'bench', 'BenchEvent', $3, $4, $5)";
     const MANY: &str = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, event_data, metadata, version) \
                         SELECT t.id, $2, 'bench', 'BenchEvent', t.d, t.m, $3 + t.n::int \
                           FROM unnest($1::uuid[], $4::jsonb[], $5::jsonb[]) WITH ORDINALITY AS t(id, d, m, n)";
     let started = Instant::now();
-    let tasks: Vec<JoinHandle<Result<()>>> = (0..writers)
+    let tasks: Vec<JoinHandle<Result<Vec<Duration>>>> = (0..writers)
         .map(|w| {
             let pool = pool.clone();
             let mine = calls / writers + usize::from(w < calls % writers);
@@ -1351,6 +1454,7 @@ async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -
                     .await?;
                 let mut id = Uuid::now_v7();
                 let mut version = 0i32;
+                let mut latencies = Vec::with_capacity(mine);
                 for i in 0..mine {
                     if version >= 1000 {
                         id = Uuid::now_v7();
@@ -1361,9 +1465,11 @@ async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -
                         let data = event(i).data;
                         let meta = json!({ "schema_version": 1 });
                         let v = version + 1;
+                        let call = Instant::now();
                         client
                             .execute(&one, &[&Uuid::now_v7(), &id, &data, &meta, &v])
                             .await?;
+                        latencies.push(call.elapsed());
                         version = v;
                         continue;
                     }
@@ -1372,19 +1478,18 @@ async fn raw_inserts(pool: &PgPool, writers: usize, calls: usize, size: usize) -
                         (0..size).map(|j| event(i * size + j).data).collect();
                     let meta: Vec<serde_json::Value> =
                         (0..size).map(|_| json!({ "schema_version": 1 })).collect();
+                    let call = Instant::now();
                     client
                         .execute(&many, &[&ids, &id, &version, &data, &meta])
                         .await?;
+                    latencies.push(call.elapsed());
                     version += size as i32;
                 }
-                Ok(())
+                Ok(latencies)
             })
         })
         .collect();
-    for t in tasks {
-        t.await??;
-    }
-    Ok((calls * size) as f64 / started.elapsed().as_secs_f64())
+    finish(started, calls * size, tasks).await
 }
 
 /// Counts request/response round trips on the sockets it creates.
@@ -1527,5 +1632,25 @@ mod tests {
         assert!(Case::new("x".into(), Side::new(1.0, 0), Side::new(1.0, 0), None).is_err());
         let case = Case::new("x".into(), Side::new(3.0, 10), Side::new(2.0, 10), None).unwrap();
         assert_eq!((case.ratio, case.rows, case.raw_rows), (1.5, 10, 10));
+    }
+
+    #[test]
+    fn latency_percentiles_are_nearest_rank() {
+        assert_eq!(Latency::of(Vec::new()), None);
+        // 1 ms .. 200 ms, shuffled: the median is the 100th, p99 the 198th.
+        let samples: Vec<Duration> = (1..=200u64)
+            .rev()
+            .map(|ms| Duration::from_millis((ms * 37) % 200 + 1))
+            .collect();
+        let l = Latency::of(samples).unwrap();
+        assert_eq!((l.p50_ms, l.p99_ms), (100.0, 198.0));
+        let one = Latency::of(vec![Duration::from_micros(1500)]).unwrap();
+        assert_eq!((one.p50_ms, one.p99_ms), (1.5, 1.5));
+        let side = Side {
+            latency: Some(one),
+            ..Side::new(2.0, 10)
+        };
+        let case = Case::new("x".into(), side, Side::new(1.0, 10), None).unwrap();
+        assert_eq!((case.p50_ms, case.raw_p50_ms), (Some(1.5), None));
     }
 }

@@ -37,6 +37,7 @@
 mod append_all;
 mod audit;
 mod backoff;
+mod combine;
 mod connect;
 mod error;
 mod keys;
@@ -53,6 +54,7 @@ mod types;
 pub use append_all::{AppendAllError, AppendRequest};
 pub use audit::{AUDIT_CHAINS, AuditQuery, DEFAULT_VERIFY_PAGE, PgAuditSink};
 pub use chronicle_sql::Statements;
+pub use combine::CombineStats;
 pub use connect::{PgOptions, PgPool, SslMode, connections_closed};
 pub use error::{Error, Result};
 pub use keys::{DataKeyInfo, KEYS_CHANNEL, KeyListenerState, PgDataKeyStore, PgKeyListener};

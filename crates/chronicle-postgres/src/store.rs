@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use chronicle_crypto::{AuditedAppend, DataKeyId};
 
+use crate::combine::{Answer, CombineStats, Combiner, DEFAULT_IN_FLIGHT, Request};
 use crate::types::JsonbText;
 use crate::{Error, PgPool};
 use chronicle_sql::{EVENT_COLUMNS, Xid8, decode_event};
@@ -121,6 +122,9 @@ pub struct PgEventStore {
     /// Shared by the store's clones, so that a pooler found losing
     /// prepared statements turns them off for all of them at once.
     statement_cache: Arc<AtomicBool>,
+    /// The queue of single-event appends, shared by the store's clones;
+    /// `None` when combining is off.
+    combiner: Option<Arc<Combiner>>,
 }
 
 impl std::fmt::Debug for PgEventStore {
@@ -128,6 +132,10 @@ impl std::fmt::Debug for PgEventStore {
         f.debug_struct("PgEventStore")
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("statement_cache", &self.caches_statements())
+            .field(
+                "combined_batches_in_flight",
+                &self.combiner.as_ref().map(|c| c.in_flight()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -149,7 +157,75 @@ impl PgEventStore {
             pool,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             statement_cache: Arc::new(AtomicBool::new(true)),
+            combiner: None,
         }
+    }
+
+    /// Whether concurrent single-event appends are combined (default off:
+    /// measured slower than separate appends here; see
+    /// `docs/benchmarks.md`).
+    ///
+    /// With it on, appends of one event (with an expected version, or
+    /// `Any`) made by many tasks at once share round trips: while a batch
+    /// is in flight, the next appends queue, and go together as one
+    /// multi-row statement in one transaction (one commit, one WAL flush).
+    /// Each keeps its own expected-version check and its own outcome: its
+    /// version, or its own conflict, repeat or duplicate-id error (found,
+    /// for an append that did not go in, by the uncombined path, so one
+    /// append's conflict never fails another's). An append made alone is
+    /// sent at once; nothing waits for company. Durability is unchanged
+    /// (`synchronous_commit` is not touched). If a batch's connection
+    /// fails, every append of that batch gets an error (none is
+    /// acknowledged), and the batch's transaction is either whole or
+    /// absent. Appends of several events, and audited (encrypted) appends,
+    /// are never combined. Batches are single statements in autocommit, so
+    /// they work behind poolers in transaction mode and with the statement
+    /// cache off.
+    ///
+    /// Turning it off gives the store (and clones made after) the plain
+    /// one-statement-per-append path; turning it on gives them a new queue.
+    ///
+    /// ```
+    /// # fn demo(pool: chronicle_postgres::PgPool) {
+    /// let mut store = chronicle_postgres::PgEventStore::new(pool);
+    /// assert!(store.combine_stats().is_none()); // off by default
+    /// store.combine_appends(true);
+    /// assert!(store.combine_stats().is_some());
+    /// # }
+    /// ```
+    pub fn combine_appends(&mut self, on: bool) -> &mut Self {
+        self.combiner = on.then(|| Arc::new(Combiner::new(DEFAULT_IN_FLIGHT)));
+        self
+    }
+
+    /// How many combined batches may be in flight at once, each on a
+    /// connection of its own (default 2; at least 1). More lets batches
+    /// overlap on the server; fewer makes each batch larger. Turns
+    /// combining on, with a new queue.
+    ///
+    /// ```
+    /// # fn demo(pool: chronicle_postgres::PgPool) {
+    /// let mut store = chronicle_postgres::PgEventStore::new(pool);
+    /// store.combined_batches_in_flight(4);
+    /// # }
+    /// ```
+    pub fn combined_batches_in_flight(&mut self, batches: usize) -> &mut Self {
+        self.combiner = Some(Arc::new(Combiner::new(batches)));
+        self
+    }
+
+    /// How many appends were combined, in how many batches, since combining
+    /// was turned on (shared by the store's clones); `None` when it is off.
+    ///
+    /// ```no_run
+    /// # fn demo(store: chronicle_postgres::PgEventStore) {
+    /// if let Some(stats) = store.combine_stats() {
+    ///     println!("{:.1} appends per batch", stats.appends as f64 / stats.batches.max(1) as f64);
+    /// }
+    /// # }
+    /// ```
+    pub fn combine_stats(&self) -> Option<CombineStats> {
+        self.combiner.as_ref().map(|c| c.stats())
     }
 
     /// Whether appends use prepared statements kept per connection (default
@@ -627,7 +703,30 @@ impl PgEventStore {
         events: Vec<NewEvent>,
         audit: Option<&crate::audit::AppendAudit>,
     ) -> chronicle_core::Result<AuditedAppend> {
-        let p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
+        let mut p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
+        // The prepared fast path, unless a combined batch tried it already.
+        let mut fast = self.caches_statements();
+        if let (Some(combiner), None, [_]) = (&self.combiner, audit, events.as_slice()) {
+            let request = Request {
+                aggregate_id,
+                aggregate_type: aggregate_type.to_owned(),
+                expected: expected.as_option().map(|v| v as i32),
+                prepared: p,
+            };
+            match combiner.submit(self, request).await {
+                Answer::Stored(version) => {
+                    return Ok(stored(AppendOutcome {
+                        version,
+                        appended: true,
+                    }));
+                }
+                Answer::NotStored(request) => {
+                    p = request.prepared;
+                    fast = false;
+                }
+                Answer::Failed(e) => return Err(e),
+            }
+        }
         // A subject's first event, its key and the key's record: one
         // prepared statement stores all, or nothing.
         if let (true, Some(audit), Some(v), [event]) = (
@@ -650,7 +749,7 @@ impl PgEventStore {
                 });
             }
         }
-        if let (true, None, Some(v)) = (self.caches_statements(), audit, expected.as_option()) {
+        if let (true, None, Some(v)) = (fast, audit, expected.as_option()) {
             let v = v as i32;
             if self
                 .fast_append(aggregate_id, aggregate_type, v, &p, &events)

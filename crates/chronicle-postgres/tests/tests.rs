@@ -5,6 +5,7 @@
 
 mod support;
 
+mod combine;
 mod concurrency;
 mod crypto;
 mod import;
