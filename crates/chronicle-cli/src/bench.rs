@@ -97,9 +97,19 @@ impl Latency {
 }
 
 /// A timed run of calls: events per second and each call's latency.
-struct Run {
+pub(crate) struct Run {
     rate: f64,
     latency: Option<Latency>,
+}
+
+/// A run measured as a rate alone (no per-call latency).
+impl From<f64> for Run {
+    fn from(rate: f64) -> Run {
+        Run {
+            rate,
+            latency: None,
+        }
+    }
 }
 
 impl Side {
@@ -1219,12 +1229,12 @@ fn combining(mut store: PgEventStore, args: &AppendBenchArgs) -> PgEventStore {
 
 /// Runs `work` (a timed run of appends), with the rows it added to
 /// `events`.
-pub(crate) async fn rows_added(
+pub(crate) async fn rows_added<R: Into<Run>>(
     pool: &PgPool,
-    work: impl std::future::Future<Output = Result<Run>>,
+    work: impl std::future::Future<Output = Result<R>>,
 ) -> Result<Side> {
     let before = count_events(pool).await?;
-    let run = work.await?;
+    let run: Run = work.await?.into();
     let rows = count_events(pool).await?.saturating_sub(before);
     Ok(Side {
         latency: run.latency,
