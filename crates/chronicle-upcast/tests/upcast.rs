@@ -562,3 +562,81 @@ async fn a_repository_over_the_upcasting_reader_sees_and_writes_the_newest_versi
     let (cart, version) = repo.load::<Cart>(id).await.unwrap();
     assert_eq!((version, cart.cents), (3, 550));
 }
+
+/// Snapshots folded from events an eager run rewrites (or a rollback
+/// restores) are stale: the run's transactions delete them, and leave the
+/// snapshots of aggregates it did not touch.
+#[tokio::test]
+async fn an_eager_run_and_its_rollback_delete_the_snapshots_of_what_they_rewrite() {
+    use chronicle_core::{Snapshot, SnapshotStore};
+
+    let db = fresh_db().await;
+    seed(&db, 0, 20).await;
+    let carts: Vec<Uuid> = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT DISTINCT aggregate_id FROM events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(carts.len(), 2);
+    let untouched = Uuid::now_v7();
+    db.store
+        .append(
+            untouched,
+            "Cart",
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new("CartOpened", json!({ "by": "x" }))],
+        )
+        .await
+        .unwrap();
+    let save_all = |ids: Vec<Uuid>| {
+        let store = db.store.clone();
+        async move {
+            for id in ids {
+                let snapshot = Snapshot {
+                    aggregate_id: id,
+                    aggregate_type: "Cart".to_owned(),
+                    version: 1,
+                    schema_version: 1,
+                    upcaster_version: 0,
+                    state: json!({ "items": 1 }),
+                    created_at: None,
+                };
+                store.save_snapshot(&snapshot).await.unwrap();
+            }
+        }
+    };
+    let snapshotted = |db: &TestDb| {
+        let store = db.store.clone();
+        async move {
+            let mut ids: Vec<Uuid> = store
+                .list_snapshots(None)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|s| s.aggregate_id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let mut all = carts.clone();
+    all.push(untouched);
+    save_all(all).await;
+    assert_eq!(snapshotted(&db).await.len(), 3);
+
+    let upcaster = PgUpcaster::new(db.pool.clone(), chain(Arc::default()));
+    let report = upcaster.run(64, |_| {}).await.unwrap();
+    assert_eq!(snapshotted(&db).await, vec![untouched], "{report:?}");
+
+    save_all(carts).await;
+    for run in report.runs.iter().rev() {
+        upcaster.rollback(run.run_id).await.unwrap();
+    }
+    assert_eq!(snapshotted(&db).await, vec![untouched]);
+}
