@@ -1393,11 +1393,7 @@ async fn appends(store: &PgEventStore, writers: usize, calls: usize, size: usize
                         id = Uuid::now_v7();
                         version = 0;
                     }
-                    let expected = if version == 0 {
-                        ExpectedVersion::NoStream
-                    } else {
-                        ExpectedVersion::Exact(version)
-                    };
+                    let expected = ExpectedVersion::after(version);
                     let events = (0..size).map(|j| event(i * size + j)).collect();
                     let call = Instant::now();
                     version = store.append(id, "bench", expected, events).await?.version;

@@ -62,6 +62,22 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Repository<S> {
 }
 
 impl<S: EventStore> Repository<S> {
+    /// `events` as the store takes them, with this repository's
+    /// metadata.
+    pub(crate) fn to_new_events<A: Aggregate>(
+        &self,
+        events: &[A::Event],
+    ) -> Result<Vec<NewEvent>, Error> {
+        events
+            .iter()
+            .map(|e| {
+                let (ty, data) = e.to_stored()?;
+                Ok(NewEvent::new(ty, data).with_metadata(self.metadata.clone()))
+            })
+            .collect::<Result<Vec<_>, crate::DecodeError>>()
+            .map_err(Error::from)
+    }
+
     /// A repository over `store` that retries a conflicting command 5 times.
     pub fn new(store: S) -> Self {
         Repository {
@@ -197,14 +213,7 @@ impl<S: EventStore> Repository<S> {
                 self.keep(id, state, version);
                 return Ok(version);
             }
-            let new_events = events
-                .iter()
-                .map(|e| {
-                    let (ty, data) = e.to_stored()?;
-                    Ok(NewEvent::new(ty, data).with_metadata(self.metadata.clone()))
-                })
-                .collect::<Result<Vec<_>, crate::DecodeError>>()
-                .map_err(Error::from)?;
+            let new_events = self.to_new_events::<A>(&events)?;
             // What a later load would fold: the events as they read back.
             let replay = match &self.cache {
                 Some(_) => new_events
@@ -215,11 +224,7 @@ impl<S: EventStore> Repository<S> {
                 None => None,
             };
             let count = new_events.len() as u32;
-            let expected = if version == 0 {
-                ExpectedVersion::NoStream
-            } else {
-                ExpectedVersion::Exact(version)
-            };
+            let expected = ExpectedVersion::after(version);
             match self.store.append(id, A::TYPE, expected, new_events).await {
                 Ok(outcome) => {
                     // Kept only when exactly these events went in on top

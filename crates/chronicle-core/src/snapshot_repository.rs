@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use crate::snapshot::{Snapshot, SnapshotLoad, SnapshotStore, SnapshotTask, Snapshotting};
 use crate::{
-    AggregateId, CommandError, DomainEvent, Error, EventStore, ExpectedVersion, NewEvent,
-    Repository,
+    AggregateId, CommandError, DomainEvent, Error, EventStore, ExpectedVersion, Repository,
 };
 
 /// Runs snapshot writes off the command's path.
@@ -154,21 +153,10 @@ impl<S: SnapshotStore> Repository<S> {
             if events.is_empty() {
                 return Ok(version);
             }
-            let new_events = events
-                .iter()
-                .map(|e| {
-                    let (ty, data) = e.to_stored()?;
-                    Ok(NewEvent::new(ty, data).with_metadata(self.metadata.clone()))
-                })
-                .collect::<Result<Vec<_>, crate::DecodeError>>()
-                .map_err(Error::from)?;
+            let new_events = self.to_new_events::<A>(&events)?;
             let new_bytes: u64 = new_events.iter().map(|e| json_len(&e.data)).sum::<u64>();
             let count = u32::try_from(new_events.len()).unwrap_or(u32::MAX);
-            let expected = if version == 0 {
-                ExpectedVersion::NoStream
-            } else {
-                ExpectedVersion::Exact(version)
-            };
+            let expected = ExpectedVersion::after(version);
             match self.store.append(id, A::TYPE, expected, new_events).await {
                 Ok(outcome) => {
                     if outcome.appended
@@ -268,7 +256,7 @@ mod tests {
     use super::*;
     use crate::{
         Aggregate, AppendOutcome, EventAppender, EventEnvelope, EventReader, FeedBatch, Metadata,
-        Position, SnapshotPolicy, TimeRange,
+        NewEvent, Position, SnapshotPolicy, TimeRange,
     };
 
     #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -28,6 +28,23 @@ pub enum ExpectedVersion {
 }
 
 impl ExpectedVersion {
+    /// What a writer that read a stream up to `version` expects: no
+    /// stream at 0, else exactly `version`.
+    ///
+    /// ```
+    /// use chronicle_core::ExpectedVersion;
+    ///
+    /// assert_eq!(ExpectedVersion::after(0), ExpectedVersion::NoStream);
+    /// assert_eq!(ExpectedVersion::after(3), ExpectedVersion::Exact(3));
+    /// ```
+    pub fn after(version: u32) -> Self {
+        if version == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        }
+    }
+
     /// Whether an aggregate whose last version is `actual` (0 when it has no
     /// events) satisfies this expectation.
     pub fn accepts(self, actual: u32) -> bool {
