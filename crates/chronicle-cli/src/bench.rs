@@ -285,12 +285,7 @@ pub async fn append(db: &Database, args: AppendBenchArgs, format: OutputFormat) 
     let result = run_cases(&scratch, &args, format).await;
     scratch.drop_schema().await?;
     let cases = result?;
-    match format {
-        OutputFormat::Json => {
-            write_record(&json!({ "benchmark": "append", "cases": cases }), format)?
-        }
-        OutputFormat::Table => write_cases(&cases)?,
-    }
+    write_report("append", &cases, format)?;
     Ok(())
 }
 
@@ -506,12 +501,7 @@ pub async fn crypto(db: &Database, args: CryptoBenchArgs, format: OutputFormat) 
     let result = crypto_cases(&scratch, &args, format).await;
     scratch.drop_schema().await?;
     let cases = result?;
-    match format {
-        OutputFormat::Json => {
-            write_record(&json!({ "benchmark": "crypto", "cases": cases }), format)?
-        }
-        OutputFormat::Table => write_cases(&cases)?,
-    }
+    write_report("crypto", &cases, format)?;
     Ok(())
 }
 
@@ -998,6 +988,21 @@ async fn user_reads(
         }));
     }
     read_rate(started, tasks).await
+}
+
+/// A benchmark's cases: one JSON object `{"benchmark", "cases"}`, or the
+/// table of [`write_cases`].
+pub(crate) fn write_report(
+    benchmark: &str,
+    cases: &[Case],
+    format: OutputFormat,
+) -> crate::output::Result {
+    match format {
+        OutputFormat::Json => {
+            write_record(&json!({ "benchmark": benchmark, "cases": cases }), format)
+        }
+        OutputFormat::Table => write_cases(cases),
+    }
 }
 
 /// Writes cases as a table with ratios.

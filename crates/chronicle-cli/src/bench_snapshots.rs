@@ -12,13 +12,13 @@ use chronicle_core::{
 use chronicle_postgres::{PgEventStore, PgPool};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::Database;
-use crate::bench::{Case, Scratch, Side, write_cases};
+use crate::bench::{Case, Scratch, Side, write_report};
 use crate::commands::at_least_one;
-use crate::output::{OutputFormat, write_record};
+use crate::output::OutputFormat;
 
 /// `chronicle bench snapshots` arguments.
 #[derive(Debug, Args)]
@@ -98,12 +98,7 @@ pub async fn snapshots(
     let result = cases(&scratch, &args, format).await;
     scratch.drop_schema().await?;
     let cases = result?;
-    match format {
-        OutputFormat::Json => {
-            write_record(&json!({ "benchmark": "snapshots", "cases": cases }), format)?
-        }
-        OutputFormat::Table => write_cases(&cases)?,
-    }
+    write_report("snapshots", &cases, format)?;
     Ok(())
 }
 

@@ -10,12 +10,11 @@ use chronicle_core::{EventReader, Position};
 use chronicle_postgres::{PgEventStore, PgPool};
 use chronicle_upcast::{PgUpcaster, UpcastConfig, UpcasterChain, UpcastingReader};
 use clap::Args;
-use serde_json::json;
 
 use crate::Database;
-use crate::bench::{Case, Scratch, Side, write_cases};
+use crate::bench::{Case, Scratch, Side, write_report};
 use crate::commands::at_least_one;
-use crate::output::{OutputFormat, write_record};
+use crate::output::OutputFormat;
 
 /// `chronicle bench upcast` arguments.
 #[derive(Debug, Args)]
@@ -55,12 +54,7 @@ pub async fn upcast(db: &Database, args: UpcastBenchArgs, format: OutputFormat) 
     let result = cases(&scratch, &args, format).await;
     scratch.drop_schema().await?;
     let cases = result?;
-    match format {
-        OutputFormat::Json => {
-            write_record(&json!({ "benchmark": "upcast", "cases": cases }), format)?
-        }
-        OutputFormat::Table => write_cases(&cases)?,
-    }
+    write_report("upcast", &cases, format)?;
     Ok(())
 }
 
