@@ -51,7 +51,7 @@ pub struct AppendBenchArgs {
     #[arg(long)]
     synchronous_commit: Option<bool>,
     /// Combined batches in flight at once for the store's single-event
-    /// appends (default 0: write-combining off, the store's default).
+    /// appends (0: write-combining off; default: the store's, 2).
     #[arg(long)]
     combined_batches_in_flight: Option<usize>,
 }

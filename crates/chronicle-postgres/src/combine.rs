@@ -1,12 +1,13 @@
 //! Write-combining of single-event appends ([`PgEventStore::combine_appends`]).
 //!
 //! Appends of one event (with an expected version or `Any`, unaudited) are
-//! queued per store. A queue with no batch in flight starts a drain task at
-//! once (no timer waits for company); while batches are in flight (at most
-//! [`PgEventStore::combined_batches_in_flight`]), later appends queue, and
-//! the next batch takes everything queued. A batch is one statement in one
-//! autocommit transaction ([`COMBINED_APPEND`]), so it commits with one WAL
-//! flush and works behind any pooler.
+//! combined per store. An append that finds nothing in flight goes alone,
+//! at once, by the uncombined path (no timer waits for company, and a lone
+//! caller pays nothing). While appends are in flight, later ones queue, and
+//! a drain task (at most [`PgEventStore::combined_batches_in_flight`] at
+//! once) takes everything queued as the next batch. A batch is one
+//! statement in one autocommit transaction ([`COMBINED_APPEND`]), so it
+//! commits with one WAL flush and works behind any pooler.
 //!
 //! Each append keeps its own outcome. The statement inserts exactly the
 //! rows whose expected version holds in its snapshot, with `ON CONFLICT DO
@@ -42,25 +43,13 @@ use crate::store::Prepared;
 use crate::types::JsonbText;
 use crate::{Error, PgEventStore};
 
-/// The batch: the rows whose expected version holds (`$7`; NULL for any:
-/// the aggregate's last version), at that version + 1, in `aggregate_id`
-/// order; the rows that went in come back. (`OFFSET 0` keeps `base` one
-/// column computed once per row, instead of its subquery inlined into each
-/// use: half the planning time, and the plan is custom, made per batch.)
-const COMBINED_APPEND: &str = "INSERT INTO events (event_id, aggregate_id, aggregate_type, event_type, \
-     event_data, metadata, version, encrypted_fields) \
-     SELECT r.id, r.agg, r.aty, r.ety, r.d, r.m, r.base + 1, \
-            CASE WHEN r.enc IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(r.enc)) END \
-       FROM (SELECT t.*, coalesce(t.exp, (SELECT coalesce(max(e.version), 0) FROM events e \
-                                           WHERE e.aggregate_id = t.agg)) AS base \
-               FROM unnest($1::UUID[], $2::UUID[], $3::TEXT[], $4::TEXT[], $5::JSONB[], $6::JSONB[], \
-                           $7::INT4[], $8::JSONB[]) AS t(id, agg, aty, ety, d, m, exp, enc) \
-             OFFSET 0) r \
-      WHERE r.base < 2147483647 \
-        AND (r.base = 0 OR EXISTS (SELECT 1 FROM events e WHERE e.aggregate_id = r.agg AND e.version = r.base)) \
-      ORDER BY r.agg \
-     ON CONFLICT DO NOTHING \
-     RETURNING aggregate_id, version";
+/// The batch: `chronicle_append_combined` (migration 15) inserts the rows
+/// whose expected version holds (`$7`; NULL for any: the aggregate's last
+/// version), at that version + 1, in `aggregate_id` order, and returns the
+/// rows that went in. A function, so that its plan is made once per
+/// session: as a prepared statement, PostgreSQL re-planned it per batch.
+const COMBINED_APPEND: &str =
+    "SELECT aggregate_id, version FROM chronicle_append_combined($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// The most appends one batch takes.
 const MAX_BATCH: usize = 1000;
@@ -85,10 +74,16 @@ pub(crate) struct Request {
     /// `None`: any version.
     pub(crate) expected: Option<i32>,
     pub(crate) prepared: Prepared,
+    /// The event's encrypted field pointers.
+    pub(crate) encrypted_fields: Vec<String>,
 }
 
 /// What became of a combined append.
 pub(crate) enum Answer {
+    /// Nothing to combine with: the caller appends by the uncombined path,
+    /// holding the slot until it is done, so that appends arriving
+    /// meanwhile queue for a batch.
+    Alone(Request, AloneSlot),
     /// Stored at this version.
     Stored(u32),
     /// Not stored by the batch, and certainly not stored: the caller
@@ -109,6 +104,17 @@ struct State {
     queue: VecDeque<Pending>,
     /// Drain tasks running.
     running: usize,
+    /// Appends going alone ([`Answer::Alone`] with a slot).
+    alone: usize,
+}
+
+/// A lone append in flight; dropping it counts it out.
+pub(crate) struct AloneSlot(Arc<Combiner>);
+
+impl Drop for AloneSlot {
+    fn drop(&mut self) {
+        self.0.lock().alone -= 1;
+    }
 }
 
 /// A store's queue of single-event appends, shared by its clones.
@@ -146,12 +152,17 @@ impl Combiner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `request` and waits for its batch. With fewer batches in
-    /// flight than allowed, a drain task starts at once.
+    /// With nothing in flight, hands `request` back to go alone; otherwise
+    /// queues it and waits for its batch. With fewer batches in flight than
+    /// allowed, a drain task starts at once.
     pub(crate) async fn submit(self: &Arc<Self>, store: &PgEventStore, request: Request) -> Answer {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut state = self.lock();
+            if state.running == 0 && state.alone == 0 {
+                state.alone += 1;
+                return Answer::Alone(request, AloneSlot(Arc::clone(self)));
+            }
             state.queue.push_back(Pending { request, reply });
             let start = state.running < self.in_flight;
             if start {
@@ -238,7 +249,22 @@ async fn drain(store: PgEventStore, combiner: Arc<Combiner>) {
 }
 
 /// Sends one batch and answers each of its callers.
-async fn run_batch(store: &PgEventStore, batch: Vec<Pending>) {
+async fn run_batch(store: &PgEventStore, mut batch: Vec<Pending>) {
+    if let ([only], true) = (batch.as_slice(), store.caches_statements())
+        && let Some(expected) = only.request.expected
+    {
+        // No company: the prepared single-event statement costs less than
+        // the batch function for one row. The drain holds its slot
+        // meanwhile, so appends arriving now queue for the next batch.
+        let p = batch.pop().expect("one append");
+        let answer = match store.fast_append_request(&p.request, expected).await {
+            Ok(true) => Answer::Stored(u32::try_from(expected + 1).unwrap_or(0)),
+            Ok(false) => Answer::NotStored(p.request),
+            Err(e) => Answer::Failed(e.into()),
+        };
+        let _ = p.reply.send(answer);
+        return;
+    }
     let result = send(store, &batch).await;
     match result {
         Ok(rows) => {

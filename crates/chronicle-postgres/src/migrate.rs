@@ -98,6 +98,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "snapshots",
         sql: include_str!("../migrations/0014_snapshots.sql"),
     },
+    Migration {
+        version: 15,
+        name: "combined_append",
+        sql: include_str!("../migrations/0015_combined_append.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

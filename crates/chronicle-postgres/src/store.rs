@@ -157,13 +157,12 @@ impl PgEventStore {
             pool,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             statement_cache: Arc::new(AtomicBool::new(true)),
-            combiner: None,
+            combiner: Some(Arc::new(Combiner::new(DEFAULT_IN_FLIGHT))),
         }
     }
 
-    /// Whether concurrent single-event appends are combined (default off:
-    /// measured slower than separate appends here; see
-    /// `docs/benchmarks.md`).
+    /// Whether concurrent single-event appends are combined (default on;
+    /// `docs/benchmarks.md` has the figures).
     ///
     /// With it on, appends of one event (with an expected version, or
     /// `Any`) made by many tasks at once share round trips: while a batch
@@ -173,7 +172,7 @@ impl PgEventStore {
     /// version, or its own conflict, repeat or duplicate-id error (found,
     /// for an append that did not go in, by the uncombined path, so one
     /// append's conflict never fails another's). An append made alone is
-    /// sent at once; nothing waits for company. Durability is unchanged
+    /// sent at once, by the one-statement path; nothing waits for company. Durability is unchanged
     /// (`synchronous_commit` is not touched). If a batch's connection
     /// fails, every append of that batch gets an error (none is
     /// acknowledged), and the batch's transaction is either whole or
@@ -188,9 +187,9 @@ impl PgEventStore {
     /// ```
     /// # fn demo(pool: chronicle_postgres::PgPool) {
     /// let mut store = chronicle_postgres::PgEventStore::new(pool);
-    /// assert!(store.combine_stats().is_none()); // off by default
-    /// store.combine_appends(true);
-    /// assert!(store.combine_stats().is_some());
+    /// assert!(store.combine_stats().is_some()); // on by default
+    /// store.combine_appends(false);
+    /// assert!(store.combine_stats().is_none());
     /// # }
     /// ```
     pub fn combine_appends(&mut self, on: bool) -> &mut Self {
@@ -468,6 +467,28 @@ impl PgEventStore {
         }
     }
 
+    /// [`FAST_APPEND_ONE`] for a combined append that a drain took alone
+    /// (at `expected`): true when it went in, false when
+    /// `chronicle_append` must find out why not.
+    pub(crate) async fn fast_append_request(
+        &self,
+        r: &Request,
+        expected: i32,
+    ) -> Result<bool, Error> {
+        let client = self.pool.get().await?;
+        let encrypted = (!r.encrypted_fields.is_empty()).then_some(&r.encrypted_fields);
+        let aggregate_type = r.aggregate_type.as_str();
+        let params = one_event(&r.aggregate_id, &aggregate_type, &expected, &r.prepared, &encrypted);
+        match crate::Statements::new(true)
+            .execute(&client, FAST_APPEND_ONE, &params)
+            .await
+        {
+            Ok(rows) => Ok(rows == 1),
+            Err(e) if self.lost_prepared_statement(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// [`FAST_FIRST_KEY_APPEND_ONE`] with one event (`event`:
     /// [`one_event`]'s parameters) and its key and record (`rest`): true
     /// when all of it was stored; false when nothing was and
@@ -706,12 +727,14 @@ impl PgEventStore {
         let mut p = self.prepare(aggregate_id, aggregate_type, expected, &events)?;
         // The prepared fast path, unless a combined batch tried it already.
         let mut fast = self.caches_statements();
-        if let (Some(combiner), None, [_]) = (&self.combiner, audit, events.as_slice()) {
+        let mut _alone = None;
+        if let (Some(combiner), None, [event]) = (&self.combiner, audit, events.as_slice()) {
             let request = Request {
                 aggregate_id,
                 aggregate_type: aggregate_type.to_owned(),
                 expected: expected.as_option().map(|v| v as i32),
                 prepared: p,
+                encrypted_fields: event.encrypted_fields.clone(),
             };
             match combiner.submit(self, request).await {
                 Answer::Stored(version) => {
@@ -719,6 +742,10 @@ impl PgEventStore {
                         version,
                         appended: true,
                     }));
+                }
+                Answer::Alone(request, slot) => {
+                    p = request.prepared;
+                    _alone = Some(slot);
                 }
                 Answer::NotStored(request) => {
                     p = request.prepared;
