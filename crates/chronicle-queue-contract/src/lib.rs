@@ -350,7 +350,8 @@ where
     }
     let all = c
         .collect(&q, spec.wait, |all| {
-            sent.iter().all(|m| all.iter().any(|d| d.message.id == m.id))
+            sent.iter()
+                .all(|m| all.iter().any(|d| d.message.id == m.id))
         })
         .await?;
     for m in &sent {
@@ -432,7 +433,8 @@ where
         .await?;
     let more = c
         .collect(&q, spec.settle, |all| {
-            all.iter().any(|d| d.message.group == a && d.message.id != group_a[0].id)
+            all.iter()
+                .any(|d| d.message.group == a && d.message.id != group_a[0].id)
         })
         .await?;
     let seen: Vec<Delivery> = heads.into_iter().chain(more).collect();
@@ -691,9 +693,7 @@ where
         c.call("ack", q.ack(&receipts).await)?;
         if counts.get(&m.id) == Some(&expected_m) && counts.get(&other.id) == Some(&1) {
             // Keep watching for the settle time: nothing more may come.
-            let more = c
-                .collect(&q, spec.settle, |all| !all.is_empty())
-                .await?;
+            let more = c.collect(&q, spec.settle, |all| !all.is_empty()).await?;
             for d in &more {
                 *counts.entry(d.message.id.clone()).or_default() += 1;
             }
@@ -703,7 +703,10 @@ where
     let got_m = counts.get(&m.id).copied().unwrap_or(0);
     let got_other = counts.get(&other.id).copied().unwrap_or(0);
     c.ensure(got_other == 1, || {
-        format!("{} was published once and delivered {got_other} time(s)", other.id)
+        format!(
+            "{} was published once and delivered {got_other} time(s)",
+            other.id
+        )
     })?;
     match &spec.dedup {
         Dedup::ById => c.ensure(got_m == 1, || {
