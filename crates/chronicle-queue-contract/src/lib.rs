@@ -28,6 +28,10 @@
 //!   is a no-op; with [`Dedup::None`], the duplicate is delivered (so the
 //!   adapter's statement that it does not deduplicate is checked too).
 //!
+//! [`server::Server`] starts a broker the machine does not run (moto,
+//! tansu, the Pub/Sub emulator) on a free loopback port for a test
+//! process.
+//!
 //! ```no_run
 //! use chronicle_core::MemoryQueue;
 //! use chronicle_queue_contract::{Dedup, Spec, run_contract};
@@ -51,6 +55,8 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+
+pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
