@@ -306,3 +306,47 @@ async fn head_of(queue: &dyn MessageQueue, group: &str) -> Result<Option<Deliver
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// One dead letter of `queue` in full, as [`crate::dlq::show`] gives it
+/// for the PostgreSQL queue: where it stands in its group (as far as the
+/// queue can browse), the event as stored in `pool`'s events table, and
+/// what waits behind it. `None` when the queue does not hold it.
+pub async fn show(
+    queue: &dyn MessageQueue,
+    pool: &chronicle_postgres::PgPool,
+    projection: &str,
+    event_id: Uuid,
+) -> Result<Option<crate::DeadLetterDetail>, QueueDlqError> {
+    let letters = list(queue, projection, None).await?;
+    let Some(found) = letters.iter().find(|l| l.event_id == event_id) else {
+        return Ok(None);
+    };
+    let group: Vec<DeadLetter> = letters
+        .iter()
+        .filter(|l| l.aggregate_id == found.aggregate_id)
+        .cloned()
+        .collect();
+    let index = group
+        .iter()
+        .position(|l| l.event_id == event_id)
+        .expect("found in the list");
+    let client = pool.get().await.map_err(Error::from)?;
+    let event = client
+        .query_typed_opt(
+            &format!("SELECT {COLUMNS} FROM events WHERE event_id = $1"),
+            &[(&event_id, Type::UUID)],
+        )
+        .await
+        .map_err(Error::from)?
+        .map(|row| envelope(&row))
+        .transpose()
+        .map_err(Error::from)?;
+    Ok(Some(crate::DeadLetterDetail {
+        letter: group[index].clone(),
+        place: index as u32 + 1,
+        group_size: group.len() as u32,
+        blocked_by: (index > 0).then(|| group[0].clone()),
+        event,
+        parked_behind: group[index + 1..].to_vec(),
+    }))
+}
