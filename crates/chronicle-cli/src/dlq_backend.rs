@@ -28,6 +28,17 @@ pub(crate) fn feature(backend: &DeadLetterBackend) -> (&'static str, bool) {
 
 /// The dead-letter queue of `projection` on `backend` (`None` for
 /// PostgreSQL). `origin` and `line` say where the backend was chosen.
+// Without a broker feature, nothing names the queue.
+#[cfg_attr(
+    not(any(
+        feature = "nats",
+        feature = "rabbitmq",
+        feature = "sqs",
+        feature = "kafka",
+        feature = "pubsub"
+    )),
+    allow(unused_variables)
+)]
 pub(crate) async fn open(
     backend: &DeadLetterBackend,
     projection: &str,
@@ -46,9 +57,8 @@ pub(crate) async fn open(
     if !feature(backend).1 {
         return Err(not_compiled().into());
     }
-    let name = || DeadLetterBackend::queue_name(projection);
-    let queue: Arc<dyn MessageQueue> = match backend {
-        DeadLetterBackend::Postgres => return Ok(None),
+    Ok(match backend {
+        DeadLetterBackend::Postgres => None,
         #[cfg(feature = "nats")]
         DeadLetterBackend::Nats {
             url,
@@ -58,7 +68,13 @@ pub(crate) async fn open(
             if let Some(t) = visibility_timeout {
                 options.ack_wait(*t);
             }
-            Arc::new(chronicle_nats::NatsQueue::connect(&options, &name()).await?)
+            Some(Arc::new(
+                chronicle_nats::NatsQueue::connect(
+                    &options,
+                    &DeadLetterBackend::queue_name(projection),
+                )
+                .await?,
+            ))
         }
         #[cfg(feature = "rabbitmq")]
         DeadLetterBackend::RabbitMq {
@@ -73,7 +89,13 @@ pub(crate) async fn open(
             if let Some(l) = lanes {
                 options.lanes(*l);
             }
-            Arc::new(chronicle_rabbitmq::RabbitQueue::connect(&options, &name()).await?)
+            Some(Arc::new(
+                chronicle_rabbitmq::RabbitQueue::connect(
+                    &options,
+                    &DeadLetterBackend::queue_name(projection),
+                )
+                .await?,
+            ))
         }
         #[cfg(feature = "sqs")]
         DeadLetterBackend::Sqs {
@@ -92,7 +114,13 @@ pub(crate) async fn open(
                 options.visibility_timeout(*t);
             }
             options.wait(std::time::Duration::ZERO);
-            Arc::new(chronicle_sqs::SqsQueue::connect(&options, &name()).await?)
+            Some(Arc::new(
+                chronicle_sqs::SqsQueue::connect(
+                    &options,
+                    &DeadLetterBackend::queue_name(projection),
+                )
+                .await?,
+            ))
         }
         #[cfg(feature = "kafka")]
         DeadLetterBackend::Kafka {
@@ -107,7 +135,13 @@ pub(crate) async fn open(
             if let Some(t) = visibility_timeout {
                 options.session_timeout(*t);
             }
-            Arc::new(chronicle_kafka::KafkaQueue::connect(&options, &name()).await?)
+            Some(Arc::new(
+                chronicle_kafka::KafkaQueue::connect(
+                    &options,
+                    &DeadLetterBackend::queue_name(projection),
+                )
+                .await?,
+            ))
         }
         #[cfg(feature = "pubsub")]
         DeadLetterBackend::PubSub {
@@ -125,12 +159,17 @@ pub(crate) async fn open(
             if let Ok(token) = std::env::var("CHRONICLE_PUBSUB_ACCESS_TOKEN") {
                 options.access_token(token);
             }
-            Arc::new(chronicle_pubsub::PubSubQueue::connect(&options, &name()).await?)
+            Some(Arc::new(
+                chronicle_pubsub::PubSubQueue::connect(
+                    &options,
+                    &DeadLetterBackend::queue_name(projection),
+                )
+                .await?,
+            ))
         }
         #[allow(unreachable_patterns)]
         _ => return Err(not_compiled().into()),
-    };
-    Ok(Some(queue))
+    })
 }
 
 #[cfg(test)]
@@ -146,7 +185,9 @@ mod tests {
         let (name, compiled) = feature(&nats);
         assert_eq!(name, "nats");
         if !compiled {
-            let err = open(&nats, "p", "f.yaml", 3).await.unwrap_err();
+            let Err(err) = open(&nats, "p", "f.yaml", 3).await else {
+                panic!("a backend that is not compiled in was opened");
+            };
             let message = format!("{err:#}");
             assert!(
                 message.starts_with("f.yaml:3: dead_letters.backend"),

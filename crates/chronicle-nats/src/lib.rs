@@ -52,7 +52,7 @@
 //! ```
 #![deny(missing_docs)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -190,7 +190,7 @@ pub struct NatsQueue {
     stream: stream::Stream,
     options: NatsOptions,
     /// Group consumers known to exist.
-    consumers: Mutex<HashMap<String, ()>>,
+    consumers: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for NatsQueue {
@@ -265,7 +265,7 @@ impl NatsQueue {
             .consumers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(&durable);
+            .contains(&durable);
         if !known {
             self.stream
                 .get_or_create_consumer(
@@ -286,7 +286,7 @@ impl NatsQueue {
             self.consumers
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(durable.clone(), ());
+                .insert(durable.clone());
         }
         Ok(durable)
     }

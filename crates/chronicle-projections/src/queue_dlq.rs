@@ -59,8 +59,8 @@ fn queue_error(queue: &dyn MessageQueue) -> impl FnOnce(BoxError) -> QueueDlqErr
 }
 
 /// How long to keep receiving when looking for heads: a broker may take a
-/// moment to hand them out.
-const LOOK: Duration = Duration::from_secs(3);
+/// moment to hand them out (a Kafka consumer first joins its group).
+const LOOK: Duration = Duration::from_secs(8);
 
 /// Receives every head the queue hands out within [`LOOK`] (stopping
 /// early once a receive comes back empty after some came), then gives
@@ -162,11 +162,11 @@ pub async fn list(
         if aggregate_id.is_some_and(|a| a != first.aggregate_id) {
             continue;
         }
-        let rest = match queue.peek(&head.message.group, 10_000).await {
-            Ok(group) => group,
-            // Not browsable: the head alone.
-            Err(_) => Vec::new(),
-        };
+        // Not browsable: the head alone.
+        let rest: Vec<chronicle_core::Message> = queue
+            .peek(&head.message.group, 10_000)
+            .await
+            .unwrap_or_default();
         out.push(first);
         for m in rest.iter().filter(|m| m.id != head.message.id) {
             out.push(letter(queue, projection, m, false, at)?);
@@ -259,7 +259,7 @@ impl PgProjection {
                 Ok(Applied::Failed { error, .. }) => {
                     ctx.rollback().await;
                     queue
-                        .nack(&[head.receipt.clone()])
+                        .nack(std::slice::from_ref(&head.receipt))
                         .await
                         .map_err(queue_error(queue))?;
                     report.remaining = 1;
@@ -269,7 +269,7 @@ impl PgProjection {
                 Err(e) => {
                     ctx.rollback().await;
                     queue
-                        .nack(&[head.receipt.clone()])
+                        .nack(std::slice::from_ref(&head.receipt))
                         .await
                         .map_err(queue_error(queue))?;
                     return Err(e.into());

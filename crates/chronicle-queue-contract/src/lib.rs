@@ -472,7 +472,7 @@ where
             property: c.property,
             message: format!("lost track of head {}", group_a[i - 1].id),
         })?;
-        c.call("ack", q.ack(&[head.receipt.clone()]).await)?;
+        c.call("ack", q.ack(std::slice::from_ref(&head.receipt)).await)?;
         let got = c
             .collect(&q, spec.wait, |all| {
                 all.iter().any(|d| d.message.group == a)
@@ -539,7 +539,7 @@ where
         ));
     };
     let nacked = Instant::now();
-    c.call("nack", q.nack(&[head.receipt.clone()]).await)?;
+    c.call("nack", q.nack(std::slice::from_ref(&head.receipt)).await)?;
     let again = c
         .collect(&q, spec.wait, |all| {
             all.iter().any(|d| d.message.group == a)
@@ -587,7 +587,7 @@ where
     }
     let rest = c.collect(&q, spec.wait, has(&sent[1].id)).await?;
     match last_of(&rest, &sent[1].id) {
-        Some(d) => c.call("ack", q.ack(&[d.receipt.clone()]).await),
+        Some(d) => c.call("ack", q.ack(std::slice::from_ref(&d.receipt)).await),
         None => c.fail(format!(
             "after acknowledging the redelivered head, {} did not come within {:?}",
             sent[1].id, spec.wait
@@ -651,7 +651,7 @@ where
                     died.elapsed()
                 ));
             };
-            c.call("ack", heir.ack(&[next.receipt.clone()]).await)
+            c.call("ack", heir.ack(std::slice::from_ref(&next.receipt)).await)
         }
     }
 }

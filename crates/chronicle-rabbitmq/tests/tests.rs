@@ -107,7 +107,7 @@ async fn receipts_of_another_connection_are_refused_and_names_checked() {
             break d;
         }
     };
-    let err = b.ack(&[d.receipt.clone()]).await.unwrap_err();
+    let err = b.ack(std::slice::from_ref(&d.receipt)).await.unwrap_err();
     assert!(
         matches!(err.downcast_ref::<Error>(), Some(Error::InvalidReceipt(_))),
         "{err}"
