@@ -111,11 +111,16 @@ pub enum Command {
     /// The projections' dead-letter queue: list, show, retry, discard.
     #[command(after_help = "Examples:
   chronicle dlq list user-profile
-  chronicle dlq retry user-profile 0193a1b2-0000-7000-8000-000000000001")]
+  chronicle dlq retry user-profile 0193a1b2-0000-7000-8000-000000000001
+  chronicle dlq --config chronicle.yaml list user-profile   # the broker in dead_letters:")]
     Dlq {
         /// What to do.
         #[command(subcommand)]
         action: DlqCommand,
+        /// The deployment YAML whose `dead_letters:` names the queue's
+        /// backend (default: PostgreSQL, the event store's database).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
     },
     /// Manage the embedded development cluster.
     #[command(after_help = "Examples:
@@ -587,7 +592,9 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
             write_record(&value, format)?;
         }
         Command::Projections { action } => projections(&db, registry, action, format).await?,
-        Command::Dlq { action } => dlq(&db, registry, action, format).await?,
+        Command::Dlq { action, config } => {
+            dlq(&db, registry, action, config.as_deref(), format).await?
+        }
         Command::Keys(args) => {
             crate::keys::run(&db, args, format).await?;
             crate::audit::seal_written(&db).await;
@@ -1214,14 +1221,40 @@ fn list_projections(registry: &Registry, format: OutputFormat) -> Result<()> {
     Ok(())
 }
 
+/// The broker `config`'s `dead_letters:` names for `projection`'s queue
+/// (`None`: PostgreSQL).
+async fn dlq_queue(
+    config: Option<&std::path::Path>,
+    projection: &str,
+) -> Result<Option<std::sync::Arc<dyn chronicle_core::MessageQueue>>> {
+    let Some(path) = config else {
+        return Ok(None);
+    };
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UsageError(format!("cannot read {origin}: {e}")))?;
+    let deployment = chronicle_projections::DeploymentConfig::from_yaml(&origin, &text)
+        .map_err(|e| UsageError(e.to_string()))?;
+    let d = &deployment.dead_letters;
+    crate::dlq_backend::open(&d.backend, projection, &origin, d.line).await
+}
+
 async fn dlq(
     db: &Database,
     registry: &Registry,
     action: DlqCommand,
+    config: Option<&std::path::Path>,
     format: OutputFormat,
 ) -> Result<()> {
     let store = db.store().await?;
     let pool = store.pool().clone();
+    let projection_name = match &action {
+        DlqCommand::List { projection, .. }
+        | DlqCommand::Show { projection, .. }
+        | DlqCommand::Retry { projection, .. }
+        | DlqCommand::Discard { projection, .. } => projection.clone(),
+    };
+    let broker = dlq_queue(config, &projection_name).await?;
     let discard = matches!(action, DlqCommand::Discard { .. });
     let (projection, aggregate_id) = match action {
         DlqCommand::List {
@@ -1231,7 +1264,15 @@ async fn dlq(
         DlqCommand::Show {
             projection,
             event_id,
-        } => return crate::dlq_show::show(&pool, &projection, event_id, format).await,
+        } => {
+            return match &broker {
+                None => crate::dlq_show::show(&pool, &projection, event_id, format).await,
+                Some(queue) => {
+                    crate::dlq_show::show_from_queue(&**queue, &pool, &projection, event_id, format)
+                        .await
+                }
+            };
+        }
         DlqCommand::Retry {
             projection,
             aggregate_id,
@@ -1241,10 +1282,11 @@ async fn dlq(
             aggregate_id,
         } => {
             let p = open_projection(&store, registry, &projection, Deployed::default()).await?;
-            let report = if discard {
-                p.dlq_discard(aggregate_id).await?
-            } else {
-                p.dlq_retry(aggregate_id).await?
+            let report = match (&broker, discard) {
+                (None, true) => p.dlq_discard(aggregate_id).await?,
+                (None, false) => p.dlq_retry(aggregate_id).await?,
+                (Some(queue), true) => p.dlq_discard_from(&**queue, aggregate_id).await?,
+                (Some(queue), false) => p.dlq_retry_from(&**queue, aggregate_id).await?,
             };
             write_record(&serde_json::to_value(&report)?, format)?;
             if let Some(error) = report.error {
@@ -1255,7 +1297,12 @@ async fn dlq(
             return Ok(());
         }
     };
-    let letters = chronicle_projections::dlq::list(&pool, &projection, aggregate_id).await?;
+    let letters = match &broker {
+        None => chronicle_projections::dlq::list(&pool, &projection, aggregate_id).await?,
+        Some(queue) => {
+            chronicle_projections::queue_dlq::list(&**queue, &projection, aggregate_id).await?
+        }
+    };
     match format {
         OutputFormat::Json => {
             let rows = letters

@@ -56,6 +56,32 @@ pub(crate) async fn show(
              `chronicle dlq list {projection}` shows what is queued"
         )));
     };
+    print(&detail, format)
+}
+
+/// [`show`] for a broker's dead-letter queue (`dead_letters:` in the
+/// deployment YAML). Exits 4 when the queue does not hold the event.
+pub(crate) async fn show_from_queue(
+    queue: &dyn chronicle_core::MessageQueue,
+    pool: &PgPool,
+    projection: &str,
+    event_id: Uuid,
+    format: OutputFormat,
+) -> Result<()> {
+    let Some(detail) =
+        chronicle_projections::queue_dlq::show(queue, pool, projection, event_id).await?
+    else {
+        bail!(NotFound(format!(
+            "event {event_id} is not in the dead-letter queue `{}` of `{projection}` \
+             (never dead-lettered, already retried or discarded, or behind a head on a broker \
+             that cannot browse); `chronicle dlq list {projection}` shows what is queued",
+            queue.name()
+        )));
+    };
+    print(&detail, format)
+}
+
+fn print(detail: &chronicle_projections::DeadLetterDetail, format: OutputFormat) -> Result<()> {
     let letter = &detail.letter;
     let event = detail.event.as_ref().map(event_json);
     match format {

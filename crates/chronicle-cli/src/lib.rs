@@ -22,6 +22,7 @@ mod commands;
 mod database;
 mod demo;
 mod deploy;
+mod dlq_backend;
 mod dlq_show;
 mod generate;
 mod import;

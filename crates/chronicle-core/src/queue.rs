@@ -1,7 +1,8 @@
 //! The provider-agnostic message queue: what the dead-letter queue (and later
 //! event streaming) is built on. No I/O: implementations live elsewhere
 //! (`PgDeadLetterQueue` in `chronicle-projections`, the broker adapters in
-//! `chronicle-queues`).
+//! `chronicle-nats`, `chronicle-rabbitmq`, `chronicle-sqs`, `chronicle-kafka`
+//! and `chronicle-pubsub`; docs/brokers.md compares them).
 //!
 //! The model is the common ground of the FIFO brokers:
 //!
@@ -15,11 +16,25 @@
 //!
 //! Order holds within a group, and a group's head that is not acknowledged
 //! blocks the rest of its group while other groups flow.
+//!
+//! **Redelivery.** A head handed out by [`MessageQueue::receive`] is in
+//! flight until it is acknowledged ([`MessageQueue::ack`]: gone), given
+//! back ([`MessageQueue::nack`]: deliverable again at once, still the head
+//! of its group), or its queue's *visibility timeout* runs out. That
+//! timeout is how "a consumer died without acknowledging" is defined: a
+//! consumer that stops (crashes, loses its connection, hangs) simply never
+//! acknowledges, and once the timeout the queue was configured with has
+//! passed, its heads are delivered again, to any consumer. The timeout is
+//! each queue's setting (SQS's visibility timeout, JetStream's `ack_wait`,
+//! Pub/Sub's ack deadline, Kafka's session timeout, AMQP's connection
+//! heartbeat); [`MemoryQueue`] and the PostgreSQL dead-letter queue default
+//! to zero, handing an unacknowledged head out again at the next receive.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -136,8 +151,10 @@ pub struct QueueDepth {
 /// - **Head-of-group blocking**: [`receive`](MessageQueue::receive) hands
 ///   out at most the head of each group; until the head is acknowledged
 ///   the rest of its group waits, while other groups flow. A head received
-///   and not acknowledged is delivered again (at once, or after the
-///   broker's visibility timeout).
+///   and not acknowledged is delivered again: at once after
+///   [`nack`](MessageQueue::nack), else once the queue's visibility timeout
+///   has passed (a consumer that died without acknowledging; see the
+///   module documentation).
 /// - **At least once**: a consumer may see a message more than once; make
 ///   its effect idempotent with the message id.
 ///
@@ -191,6 +208,37 @@ pub trait MessageQueue: Send + Sync {
     /// is already gone is a no-op.
     async fn ack(&self, receipts: &[Receipt]) -> Result<(), BoxError>;
 
+    /// Gives deliveries back without processing them (a negative
+    /// acknowledgement): each message becomes deliverable again at once,
+    /// still the head of its group, without waiting for the visibility
+    /// timeout; the rest of its group keeps waiting behind it. Giving back
+    /// a message that is already gone (or already redelivered) is a no-op.
+    ///
+    /// ```
+    /// use chronicle_core::{Message, MemoryQueue, MessageQueue};
+    /// use serde_json::json;
+    /// use std::time::Duration;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// // Received heads stay in flight for a minute unless given back.
+    /// let queue = MemoryQueue::new("q").with_visibility_timeout(Duration::from_secs(60));
+    /// queue.publish(&[
+    ///     Message::new("e1", "account-a", json!(1)),
+    ///     Message::new("e2", "account-a", json!(2)),
+    /// ]).await?;
+    /// let heads = queue.receive(10).await?;
+    /// assert_eq!(heads[0].message.id, "e1");
+    /// assert!(queue.receive(10).await?.is_empty()); // e1 in flight, e2 waits
+    ///
+    /// queue.nack(&[heads[0].receipt.clone()]).await?;
+    /// let again = queue.receive(10).await?;
+    /// assert_eq!(again[0].message.id, "e1"); // still the head
+    /// assert_eq!(again[0].delivery_count, 2);
+    /// # Ok::<(), chronicle_core::BoxError>(())
+    /// # }).unwrap();
+    /// ```
+    async fn nack(&self, receipts: &[Receipt]) -> Result<(), BoxError>;
+
     /// How many messages (and groups) are queued.
     async fn depth(&self) -> Result<QueueDepth, BoxError>;
 
@@ -221,6 +269,10 @@ impl<Q: MessageQueue + ?Sized> MessageQueue for Arc<Q> {
         (**self).ack(receipts).await
     }
 
+    async fn nack(&self, receipts: &[Receipt]) -> Result<(), BoxError> {
+        (**self).nack(receipts).await
+    }
+
     async fn depth(&self) -> Result<QueueDepth, BoxError> {
         (**self).depth().await
     }
@@ -233,6 +285,10 @@ impl<Q: MessageQueue + ?Sized> MessageQueue for Arc<Q> {
 /// A [`MessageQueue`] in this process's memory: the reference semantics,
 /// for tests and examples. Nothing survives the process.
 ///
+/// Its visibility timeout is zero unless set
+/// ([`MemoryQueue::with_visibility_timeout`]): a head received and not
+/// acknowledged is handed out again at the next receive.
+///
 /// ```
 /// use chronicle_core::{MemoryQueue, MessageQueue};
 ///
@@ -242,14 +298,25 @@ impl<Q: MessageQueue + ?Sized> MessageQueue for Arc<Q> {
 #[derive(Debug, Default)]
 pub struct MemoryQueue {
     name: String,
+    visibility_timeout: Duration,
     state: Mutex<MemoryState>,
+}
+
+/// One queued message.
+#[derive(Debug)]
+struct Queued {
+    message: Message,
+    published: DateTime<Utc>,
+    deliveries: u32,
+    /// In flight until then (received, not acknowledged nor given back).
+    invisible_until: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Default)]
 struct MemoryState {
     next: u64,
-    /// seq -> (message, published at, deliveries).
-    messages: BTreeMap<u64, (Message, DateTime<Utc>, u32)>,
+    /// seq -> message.
+    messages: BTreeMap<u64, Queued>,
     /// id -> seq, for deduplication.
     ids: BTreeMap<String, u64>,
 }
@@ -259,8 +326,32 @@ impl MemoryQueue {
     pub fn new(name: impl Into<String>) -> Self {
         MemoryQueue {
             name: name.into(),
+            visibility_timeout: Duration::ZERO,
             state: Mutex::default(),
         }
+    }
+
+    /// Keeps a received head in flight (not handed out again, its group
+    /// blocked) for `timeout` unless it is acknowledged or given back
+    /// first: how long a consumer that dies holding it delays it. Default
+    /// zero: handed out again at the next receive.
+    ///
+    /// ```
+    /// use chronicle_core::MemoryQueue;
+    /// use std::time::Duration;
+    ///
+    /// let queue = MemoryQueue::new("q").with_visibility_timeout(Duration::from_secs(30));
+    /// ```
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.visibility_timeout = timeout;
+        self
+    }
+
+    fn seq(&self, receipt: &Receipt) -> Result<u64, BoxError> {
+        receipt
+            .as_str()
+            .parse()
+            .map_err(|_| format!("`{receipt}` is not a receipt of queue `{}`", self.name).into())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, MemoryState> {
@@ -285,7 +376,15 @@ impl MessageQueue for MemoryQueue {
             if let Entry::Vacant(slot) = state.ids.entry(message.id.clone()) {
                 slot.insert(seq);
                 state.next += 1;
-                state.messages.insert(seq, (message.clone(), Utc::now(), 0));
+                state.messages.insert(
+                    seq,
+                    Queued {
+                        message: message.clone(),
+                        published: Utc::now(),
+                        deliveries: 0,
+                        invisible_until: None,
+                    },
+                );
             }
         }
         Ok(())
@@ -293,34 +392,60 @@ impl MessageQueue for MemoryQueue {
 
     async fn receive(&self, max: usize) -> Result<Vec<Delivery>, BoxError> {
         let mut state = self.state();
+        let now = Utc::now();
+        let until = (!self.visibility_timeout.is_zero()).then(|| {
+            now + chrono::Duration::from_std(self.visibility_timeout)
+                .unwrap_or(chrono::Duration::MAX)
+        });
         let mut seen = std::collections::BTreeSet::new();
         let mut out = Vec::new();
-        for (seq, (message, at, count)) in state.messages.iter_mut() {
+        for (seq, queued) in state.messages.iter_mut() {
             if out.len() >= max {
                 break;
             }
-            if seen.insert(message.group.clone()) {
-                *count += 1;
-                out.push(Delivery {
-                    message: message.clone(),
-                    receipt: Receipt::new(seq.to_string()),
-                    delivery_count: *count,
-                    enqueued_at: Some(*at),
-                });
+            // Only a group's first message is its head; an in-flight head
+            // blocks its group.
+            if !seen.insert(queued.message.group.clone()) {
+                continue;
             }
+            if queued.invisible_until.is_some_and(|t| t > now) {
+                continue;
+            }
+            queued.deliveries += 1;
+            queued.invisible_until = until;
+            out.push(Delivery {
+                message: queued.message.clone(),
+                receipt: Receipt::new(seq.to_string()),
+                delivery_count: queued.deliveries,
+                enqueued_at: Some(queued.published),
+            });
         }
         Ok(out)
     }
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<(), BoxError> {
+        let seqs = receipts
+            .iter()
+            .map(|r| self.seq(r))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut state = self.state();
-        for receipt in receipts {
-            let seq: u64 = receipt
-                .as_str()
-                .parse()
-                .map_err(|_| format!("`{receipt}` is not a receipt of queue `{}`", self.name))?;
-            if let Some((message, _, _)) = state.messages.remove(&seq) {
-                state.ids.remove(&message.id);
+        for seq in seqs {
+            if let Some(queued) = state.messages.remove(&seq) {
+                state.ids.remove(&queued.message.id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn nack(&self, receipts: &[Receipt]) -> Result<(), BoxError> {
+        let seqs = receipts
+            .iter()
+            .map(|r| self.seq(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut state = self.state();
+        for seq in seqs {
+            if let Some(queued) = state.messages.get_mut(&seq) {
+                queued.invisible_until = None;
             }
         }
         Ok(())
@@ -331,12 +456,12 @@ impl MessageQueue for MemoryQueue {
         let groups: std::collections::BTreeSet<&str> = state
             .messages
             .values()
-            .map(|(m, _, _)| m.group.as_str())
+            .map(|q| q.message.group.as_str())
             .collect();
         Ok(QueueDepth {
             messages: state.messages.len() as u64,
             groups: Some(groups.len() as u64),
-            oldest: state.messages.values().map(|(_, at, _)| *at).min(),
+            oldest: state.messages.values().map(|q| q.published).min(),
         })
     }
 
@@ -345,9 +470,9 @@ impl MessageQueue for MemoryQueue {
             .state()
             .messages
             .values()
-            .filter(|(m, _, _)| m.group == group)
+            .filter(|q| q.message.group == group)
             .take(limit)
-            .map(|(m, _, _)| m.clone())
+            .map(|q| q.message.clone())
             .collect())
     }
 }
@@ -398,6 +523,35 @@ mod tests {
         // Acknowledging twice is a no-op; a bad receipt is refused.
         q.ack(&[again[0].receipt.clone()]).await.unwrap();
         assert!(q.ack(&[Receipt::new("x")]).await.is_err());
+        assert!(q.nack(&[Receipt::new("x")]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_in_flight_head_blocks_its_group_until_nack_or_timeout() {
+        let q = MemoryQueue::new("q").with_visibility_timeout(Duration::from_millis(50));
+        q.publish(&[
+            Message::new("a1", "a", json!(1)),
+            Message::new("a2", "a", json!(2)),
+        ])
+        .await
+        .unwrap();
+        let first = q.receive(10).await.unwrap();
+        assert_eq!(ids(&first), ["a1"]);
+        assert!(q.receive(10).await.unwrap().is_empty());
+        q.nack(&first.iter().map(|d| d.receipt.clone()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let second = q.receive(10).await.unwrap();
+        assert_eq!(ids(&second), ["a1"]);
+        assert_eq!(second[0].delivery_count, 2);
+        // Nobody acknowledges: after the timeout it is handed out again.
+        std::thread::sleep(Duration::from_millis(80));
+        let third = q.receive(10).await.unwrap();
+        assert_eq!((ids(&third), third[0].delivery_count), (vec!["a1"], 3));
+        // A nack of an acknowledged message is a no-op.
+        q.ack(&[third[0].receipt.clone()]).await.unwrap();
+        q.nack(&[third[0].receipt.clone()]).await.unwrap();
+        assert_eq!(ids(&q.receive(10).await.unwrap()), ["a2"]);
     }
 
     #[test]

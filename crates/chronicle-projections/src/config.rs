@@ -56,6 +56,9 @@
 //!   [`ProjectionHandler::subscription`]: the events it lists are the ones
 //!   the projection reads (either list may be left out; one of them is
 //!   needed). Changing it later needs a rebuild.
+//! - `dead_letters` (top level) chooses where dead letters are kept:
+//!   PostgreSQL (the default) or a broker; see [`crate::DeadLetterBackend`]
+//!   for its keys.
 //!
 //! Unknown keys are refused with a hint to check their spelling.
 
@@ -223,11 +226,14 @@ impl ProjectionConfig {
     }
 }
 
-/// The deployment configuration: every projection, by name.
+/// The deployment configuration: every projection, by name, and where
+/// their dead letters are kept.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeploymentConfig {
     /// The projections, ordered by name.
     pub projections: BTreeMap<String, ProjectionConfig>,
+    /// `dead_letters:` (default: PostgreSQL); see [`crate::DeadLetterBackend`].
+    pub dead_letters: crate::DeadLetterConfig,
 }
 
 /// The handlers compiled into a binary, by name.
@@ -270,6 +276,8 @@ impl HandlerRegistry {
 #[serde(deny_unknown_fields)]
 struct RawFile {
     projections: Spanned<BTreeMap<String, Spanned<RawProjection>>>,
+    #[serde(default)]
+    dead_letters: Option<Spanned<crate::dlq_config::RawDeadLetters>>,
 }
 
 #[derive(Deserialize)]
@@ -367,6 +375,9 @@ impl DeploymentConfig {
             at(&loc, "", hint(&e.to_string()))
         })?;
         let mut config = DeploymentConfig::default();
+        if let Some(d) = raw.dead_letters {
+            config.dead_letters = d.value.resolve(&d.referenced, &at)?;
+        }
         if raw.projections.value.is_empty() {
             return Err(at(
                 &raw.projections.referenced,
@@ -759,7 +770,7 @@ const LEASE: Duration = Duration::from_secs(30);
 /// [`RunnerOptions::poll_interval`].
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 30s, 500ms, 2m, 1m 30s"))?;

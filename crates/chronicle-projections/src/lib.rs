@@ -60,9 +60,11 @@
 
 mod config;
 pub mod dlq;
+mod dlq_config;
 mod metrics;
 mod projection;
 mod queue;
+pub mod queue_dlq;
 mod runner;
 mod sql;
 mod state;
@@ -78,6 +80,7 @@ pub use config::{
     DeploymentConfig, HandlerRegistry, ProjectionConfig, Provider,
 };
 pub use dlq::{DeadLetter, DeadLetterDetail, DeadLetterState, ReplayReport};
+pub use dlq_config::{DeadLetterBackend, DeadLetterConfig};
 pub use metrics::{install_metrics_recorder, render_metrics, serve_metrics};
 pub use projection::{BlueGreenReport, PgProjection, PoolSource, TokioRuntime};
 pub use queue::{PgDeadLetterQueue, QueueError};

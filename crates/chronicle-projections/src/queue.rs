@@ -92,8 +92,10 @@ impl From<deadpool_postgres::PoolError> for QueueError {
 ///   group that has one parks the event behind it.
 /// - **Receive** returns the heads, oldest first, and never removes
 ///   anything: a head stays until it is acknowledged (a visibility timeout
-///   of zero). **Ack** removes a head, and the next event of its group
-///   becomes the head (still `parked`: it has not been tried yet).
+///   of zero: a consumer that dies holding a head delays nobody, and
+///   **nack** has nothing to undo). **Ack** removes a head, and the next
+///   event of its group becomes the head (still `parked`: it has not been
+///   tried yet).
 ///   [`Delivery::delivery_count`] is the handler attempts made on the event
 ///   (0 for a released head not tried yet), since receiving changes
 ///   nothing.
@@ -380,6 +382,17 @@ impl MessageQueue for PgDeadLetterQueue {
         }
         .await;
         Ok(finish(ctx, result).await?)
+    }
+
+    /// Receiving changes nothing (a visibility timeout of zero), so a head
+    /// is deliverable again already: this only checks the receipts.
+    async fn nack(&self, receipts: &[Receipt]) -> Result<(), BoxError> {
+        for r in receipts {
+            r.as_str()
+                .parse::<i64>()
+                .map_err(|_| QueueError::InvalidReceipt(r.to_string()))?;
+        }
+        Ok(())
     }
 
     async fn depth(&self) -> Result<QueueDepth, BoxError> {
