@@ -1,11 +1,13 @@
 //! Write-combining of single-event appends ([`PgEventStore::combine_appends`]).
 //!
 //! Appends of one event (with an expected version or `Any`, unaudited) are
-//! combined per store. An append that finds nothing in flight goes alone,
-//! at once, by the uncombined path (no timer waits for company, and a lone
-//! caller pays nothing). While appends are in flight, later ones queue, and
-//! a drain task (at most [`PgEventStore::combined_batches_in_flight`] at
-//! once) takes everything queued as the next batch. A batch is one
+//! combined per store. An append that finds no queue and fewer than
+//! [`PgEventStore::combined_batches_in_flight`] appends going alone goes
+//! alone, at once, by the uncombined path (no timer waits for company, and
+//! a lone caller pays nothing). Beyond that, appends queue, and a drain
+//! task (at most `combined_batches_in_flight` at once) takes everything
+//! queued as the next batch; a drain that finds one append sends it by the
+//! one-statement path too. A batch is one
 //! statement in one autocommit transaction ([`COMBINED_APPEND`]), so it
 //! commits with one WAL flush and works behind any pooler.
 //!
@@ -152,14 +154,15 @@ impl Combiner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// With nothing in flight, hands `request` back to go alone; otherwise
+    /// With no queue and a lone slot free, hands `request` back to go
+    /// alone; otherwise
     /// queues it and waits for its batch. With fewer batches in flight than
     /// allowed, a drain task starts at once.
     pub(crate) async fn submit(self: &Arc<Self>, store: &PgEventStore, request: Request) -> Answer {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut state = self.lock();
-            if state.running == 0 && state.alone == 0 {
+            if state.queue.is_empty() && state.alone < self.in_flight {
                 state.alone += 1;
                 return Answer::Alone(request, AloneSlot(Arc::clone(self)));
             }
