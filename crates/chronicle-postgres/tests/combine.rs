@@ -202,9 +202,9 @@ async fn sixty_four_tasks(db: TestDb) {
 #[tokio::test]
 async fn a_lone_append_goes_at_once_and_combining_can_be_turned_off() {
     let db = fresh_db().await;
-    assert_eq!(db.store.combine_stats(), None, "off by default");
-    let mut store = db.store.clone();
-    store.combine_appends(true);
+    let store = db.store.clone();
+    let stats = store.combine_stats().expect("on by default");
+    assert_eq!((stats.appends, stats.batches), (0, 0));
     let id = Uuid::now_v7();
     let out = store
         .append(id, "lone", ExpectedVersion::NoStream, vec![ev(0, 0)])
@@ -212,7 +212,11 @@ async fn a_lone_append_goes_at_once_and_combining_can_be_turned_off() {
         .unwrap();
     assert_eq!(out.version, 1);
     let stats = store.combine_stats().unwrap();
-    assert_eq!((stats.appends, stats.batches), (1, 1));
+    assert_eq!(
+        (stats.appends, stats.batches),
+        (0, 0),
+        "a lone append goes by the one-statement path, in no batch"
+    );
     // Several events are never combined: the plain path.
     store
         .append(
@@ -223,7 +227,7 @@ async fn a_lone_append_goes_at_once_and_combining_can_be_turned_off() {
         )
         .await
         .unwrap();
-    assert_eq!(store.combine_stats().unwrap().appends, 1);
+    assert_eq!(store.combine_stats().unwrap().appends, 0);
 
     let mut plain = store.clone();
     plain.combine_appends(false);
@@ -253,13 +257,33 @@ async fn hold_version_one(client: &tokio_postgres::Client, aggregate: Uuid) {
         .unwrap();
 }
 
+/// Waits until `n` backends wait for a lock.
+async fn lock_waiters(client: &tokio_postgres::Client, n: i64) {
+    for _ in 0..500 {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                  WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("fewer than {n} backends wait for a lock");
+}
+
 /// The pid of the backend running a combined batch that waits for a lock.
 async fn waiting_batch(client: &tokio_postgres::Client) -> i32 {
     for _ in 0..500 {
         let row = client
             .query_opt(
                 "SELECT pid FROM pg_stat_activity \
-                  WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO events%unnest%' \
+                  WHERE wait_event_type = 'Lock' AND query LIKE '%chronicle_append_combined%' \
                     AND datname = current_database()",
                 &[],
             )
@@ -285,14 +309,22 @@ async fn a_connection_killed_mid_batch_fails_every_caller_of_that_batch_and_stor
         tokio::spawn(conn);
         client
     };
-    // S1 and S2 hold rows in open transactions; the monitor watches (in
-    // autocommit: a transaction would keep one view of pg_stat_activity).
-    let (s1, s2, monitor) = (connect().await, connect().await, connect().await);
-    let (k1, k2) = (Uuid::now_v7(), Uuid::now_v7());
+    // S1, S2 and S3 hold rows in open transactions; the monitor watches
+    // (in autocommit: a transaction would keep one view of
+    // pg_stat_activity).
+    let (s1, s2, s3, monitor) = (
+        connect().await,
+        connect().await,
+        connect().await,
+        connect().await,
+    );
+    let (k1, k2, k3) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     hold_version_one(&s1, k1).await;
     hold_version_one(&s2, k2).await;
+    hold_version_one(&s3, k3).await;
 
-    // Batch 1: A alone, waiting for S1's row.
+    // A goes alone (the one lone slot), B is the drain's first batch (the
+    // one drain): both wait for a held row.
     let append = |aggregate: Uuid| {
         let store = store.clone();
         let event = ev(0, 0);
@@ -307,14 +339,18 @@ async fn a_connection_killed_mid_batch_fails_every_caller_of_that_batch_and_stor
         )
     };
     let (_, a) = append(k1);
-    waiting_batch(&monitor).await;
-    // Queued behind it: 20 appends on fresh aggregates, and C, which will
+    lock_waiters(&monitor, 1).await;
+    let (_, b) = append(k3);
+    lock_waiters(&monitor, 2).await;
+    // Queued behind B: 20 appends on fresh aggregates, and C, which will
     // wait for S2's row.
     let victims: Vec<_> = (0..20).map(|_| append(Uuid::now_v7())).collect();
     let (c_id, c) = append(k2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     s1.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(a.await.unwrap().unwrap().version, 1, "A went in");
+    s3.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(b.await.unwrap().unwrap().version, 1, "B went in");
 
     // Batch 2 (the 20 and C) waits for S2's row: kill its connection.
     let pid = waiting_batch(&monitor).await;
