@@ -98,11 +98,7 @@ pub(crate) async fn open_named(
                 options.ack_wait(*t);
             }
             Some(Arc::new(
-                chronicle_nats::NatsQueue::connect(
-                    &options,
-                    name,
-                )
-                .await?,
+                chronicle_nats::NatsQueue::connect(&options, name).await?,
             ))
         }
         #[cfg(feature = "rabbitmq")]
@@ -119,11 +115,7 @@ pub(crate) async fn open_named(
                 options.lanes(*l);
             }
             Some(Arc::new(
-                chronicle_rabbitmq::RabbitQueue::connect(
-                    &options,
-                    name,
-                )
-                .await?,
+                chronicle_rabbitmq::RabbitQueue::connect(&options, name).await?,
             ))
         }
         #[cfg(feature = "sqs")]
@@ -144,11 +136,7 @@ pub(crate) async fn open_named(
             }
             options.wait(std::time::Duration::ZERO);
             Some(Arc::new(
-                chronicle_sqs::SqsQueue::connect(
-                    &options,
-                    name,
-                )
-                .await?,
+                chronicle_sqs::SqsQueue::connect(&options, name).await?,
             ))
         }
         #[cfg(feature = "kafka")]
@@ -165,11 +153,7 @@ pub(crate) async fn open_named(
                 options.session_timeout(*t);
             }
             Some(Arc::new(
-                chronicle_kafka::KafkaQueue::connect(
-                    &options,
-                    name,
-                )
-                .await?,
+                chronicle_kafka::KafkaQueue::connect(&options, name).await?,
             ))
         }
         #[cfg(feature = "pubsub")]
@@ -189,11 +173,7 @@ pub(crate) async fn open_named(
                 options.access_token(token);
             }
             Some(Arc::new(
-                chronicle_pubsub::PubSubQueue::connect(
-                    &options,
-                    name,
-                )
-                .await?,
+                chronicle_pubsub::PubSubQueue::connect(&options, name).await?,
             ))
         }
         #[allow(unreachable_patterns)]

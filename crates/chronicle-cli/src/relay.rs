@@ -11,11 +11,11 @@ use chronicle_relay::{Relay, RelayConfig};
 use clap::Subcommand;
 use serde_json::json;
 
+use crate::Database;
 use crate::commands::UsageError;
 use crate::output::OutputFormat;
-use crate::ui::{note, notice};
-use crate::Database;
 use crate::output::write_record;
+use crate::ui::{note, notice};
 
 /// `chronicle relay …`.
 #[derive(Debug, Subcommand)]
@@ -160,7 +160,7 @@ async fn relay_status(db: &Database, path: &Path, format: OutputFormat) -> Resul
     let published = partitions.iter().map(|p| p.checkpoint).max();
     let value = json!({
         "relay": config.name,
-        "running": !partitions.is_empty(),
+        "registered": !partitions.is_empty(),
         "lag_events": lag,
         "last_checkpoint": published.map(|p| p.to_string()),
         "partitions": partitions.iter().map(|p| json!({

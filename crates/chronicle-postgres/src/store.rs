@@ -478,7 +478,13 @@ impl PgEventStore {
         let client = self.pool.get().await?;
         let encrypted = (!r.encrypted_fields.is_empty()).then_some(&r.encrypted_fields);
         let aggregate_type = r.aggregate_type.as_str();
-        let params = one_event(&r.aggregate_id, &aggregate_type, &expected, &r.prepared, &encrypted);
+        let params = one_event(
+            &r.aggregate_id,
+            &aggregate_type,
+            &expected,
+            &r.prepared,
+            &encrypted,
+        );
         match crate::Statements::new(true)
             .execute(&client, FAST_APPEND_ONE, &params)
             .await

@@ -20,6 +20,7 @@ fn fast_retries() -> RetryPolicy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_is_dead_lettered_and_its_aggregate_parked_behind_it_on_nats() {
+    let _nats = NATS_LOCK.read().await;
     let db = fresh_db().await;
     let mut orders = Appended::new();
     append(&db, "order", 4, 5, &mut orders).await;

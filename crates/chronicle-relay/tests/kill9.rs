@@ -89,6 +89,7 @@ impl Drop for RelayProcess {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_with_sigkill_mid_batch_loses_nothing() {
+    let _nats = NATS_LOCK.read().await;
     let db = fresh_db().await;
     let orders = append_chunked(&db, 120, 100, 10).await; // 12,000 events
     let events = total(&orders) as u64;

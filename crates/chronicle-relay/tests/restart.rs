@@ -58,6 +58,7 @@ impl Drop for Restore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_resumes_with_no_gap_after_nats_restarts() {
+    let _nats = NATS_LOCK.write().await;
     let _restore = Restore;
     let db = fresh_db().await;
     let qname = unique("restart");

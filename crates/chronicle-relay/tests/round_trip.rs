@@ -70,6 +70,7 @@ async fn round_trip(queue: Arc<dyn MessageQueue>, dlq: Arc<dyn MessageQueue>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_relay_round_trip() {
+    let _nats = NATS_LOCK.read().await;
     let name = unique("rt");
     round_trip(nats(&name).await, nats(&format!("{name}-dlq")).await).await;
 }
@@ -82,6 +83,7 @@ async fn rabbitmq_relay_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_message_carries_ids_attributes_and_headers() {
+    let _nats = NATS_LOCK.read().await;
     let db = fresh_db().await;
     let mut orders = Appended::new();
     append(&db, "order", 1, 1, &mut orders).await;

@@ -177,3 +177,8 @@ pub fn by_aggregate(seen: &[EventEnvelope]) -> Appended {
     }
     out
 }
+
+/// Tests that use NATS hold this for reading; the test that restarts NATS
+/// holds it for writing, so it never pulls the server from under another
+/// test of this binary.
+pub static NATS_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
