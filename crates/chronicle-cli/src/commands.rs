@@ -122,6 +122,16 @@ pub enum Command {
         #[arg(long, global = true)]
         config: Option<PathBuf>,
     },
+    /// The event relay: publish the store's events to brokers (NATS,
+    /// RabbitMQ, SQS, Kafka, Pub/Sub) as a projection, and its status.
+    #[command(after_help = "Examples:
+  chronicle relay run --config relay.yaml
+  chronicle relay status --config relay.yaml --output json")]
+    Relay {
+        /// What to do.
+        #[command(subcommand)]
+        action: crate::relay::RelayCommand,
+    },
     /// Manage the embedded development cluster.
     #[command(after_help = "Examples:
   chronicle dev status
@@ -560,6 +570,8 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         cli.command,
         Command::Projections {
             action: ProjectionsCommand::Run { .. }
+        } | Command::Relay {
+            action: crate::relay::RelayCommand::Run { .. }
         }
     );
     tracing::info!("database: {}", db.describe());
@@ -595,6 +607,7 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
         Command::Dlq { action, config } => {
             dlq(&db, registry, action, config.as_deref(), format).await?
         }
+        Command::Relay { action } => crate::relay::run(&db, action, format).await?,
         Command::Keys(args) => {
             crate::keys::run(&db, args, format).await?;
             crate::audit::seal_written(&db).await;
@@ -887,7 +900,7 @@ struct Timing {
 
 /// Waits for SIGTERM (what systemd, Docker and Kubernetes send) or SIGINT
 /// (Ctrl-C); returns the signal's name.
-async fn termination() -> Result<&'static str> {
+pub(crate) async fn termination() -> Result<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;

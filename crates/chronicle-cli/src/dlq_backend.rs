@@ -45,10 +45,39 @@ pub(crate) async fn open(
     origin: &str,
     line: u64,
 ) -> Result<Option<Arc<dyn MessageQueue>>> {
+    open_named(
+        backend,
+        &DeadLetterBackend::queue_name(projection),
+        origin,
+        line,
+        "dead_letters.backend",
+    )
+    .await
+}
+
+/// The queue `name` on `backend` (`None` for PostgreSQL); `key` is the
+/// YAML key that chose the backend, for errors.
+#[cfg_attr(
+    not(any(
+        feature = "nats",
+        feature = "rabbitmq",
+        feature = "sqs",
+        feature = "kafka",
+        feature = "pubsub"
+    )),
+    allow(unused_variables)
+)]
+pub(crate) async fn open_named(
+    backend: &DeadLetterBackend,
+    name: &str,
+    origin: &str,
+    line: u64,
+    key: &str,
+) -> Result<Option<Arc<dyn MessageQueue>>> {
     let not_compiled = || {
         let (feature, _) = feature(backend);
         UsageError(format!(
-            "{origin}:{line}: dead_letters.backend: `{}` is not compiled into this chronicle; \
+            "{origin}:{line}: {key}: `{}` is not compiled into this chronicle; \
              build it with the cargo feature `{feature}` (or `brokers` for every broker), e.g. \
              `cargo install --path crates/chronicle-cli --features {feature}`",
             backend.as_str()
@@ -69,11 +98,7 @@ pub(crate) async fn open(
                 options.ack_wait(*t);
             }
             Some(Arc::new(
-                chronicle_nats::NatsQueue::connect(
-                    &options,
-                    &DeadLetterBackend::queue_name(projection),
-                )
-                .await?,
+                chronicle_nats::NatsQueue::connect(&options, name).await?,
             ))
         }
         #[cfg(feature = "rabbitmq")]
@@ -90,11 +115,7 @@ pub(crate) async fn open(
                 options.lanes(*l);
             }
             Some(Arc::new(
-                chronicle_rabbitmq::RabbitQueue::connect(
-                    &options,
-                    &DeadLetterBackend::queue_name(projection),
-                )
-                .await?,
+                chronicle_rabbitmq::RabbitQueue::connect(&options, name).await?,
             ))
         }
         #[cfg(feature = "sqs")]
@@ -115,11 +136,7 @@ pub(crate) async fn open(
             }
             options.wait(std::time::Duration::ZERO);
             Some(Arc::new(
-                chronicle_sqs::SqsQueue::connect(
-                    &options,
-                    &DeadLetterBackend::queue_name(projection),
-                )
-                .await?,
+                chronicle_sqs::SqsQueue::connect(&options, name).await?,
             ))
         }
         #[cfg(feature = "kafka")]
@@ -136,11 +153,7 @@ pub(crate) async fn open(
                 options.session_timeout(*t);
             }
             Some(Arc::new(
-                chronicle_kafka::KafkaQueue::connect(
-                    &options,
-                    &DeadLetterBackend::queue_name(projection),
-                )
-                .await?,
+                chronicle_kafka::KafkaQueue::connect(&options, name).await?,
             ))
         }
         #[cfg(feature = "pubsub")]
@@ -160,11 +173,7 @@ pub(crate) async fn open(
                 options.access_token(token);
             }
             Some(Arc::new(
-                chronicle_pubsub::PubSubQueue::connect(
-                    &options,
-                    &DeadLetterBackend::queue_name(projection),
-                )
-                .await?,
+                chronicle_pubsub::PubSubQueue::connect(&options, name).await?,
             ))
         }
         #[allow(unreachable_patterns)]

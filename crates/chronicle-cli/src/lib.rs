@@ -29,6 +29,7 @@ mod import;
 mod keys;
 mod output;
 mod registry;
+mod relay;
 mod snapshots;
 mod ui;
 mod upcast;

@@ -141,14 +141,46 @@ pub(crate) struct RawDeadLetters {
 
 type At<'a> = &'a dyn Fn(&Location, &str, String) -> ConfigError;
 
+/// A broker block as written in YAML (`backend:`, `url:`, …, the keys of
+/// `dead_letters:`), for other configurations that name a broker (the
+/// event relay's `brokers:`). Read it with serde, then
+/// [`BrokerBlock::resolve`] it with the key it was written under.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct BrokerBlock(RawDeadLetters);
+
+impl BrokerBlock {
+    /// Validates the block written under `prefix` (errors name
+    /// `<prefix>.<key>` and its line through `at`); `whole` is where the
+    /// block starts.
+    pub fn resolve(
+        self,
+        prefix: &str,
+        whole: &Location,
+        at: &dyn Fn(&Location, &str, String) -> ConfigError,
+    ) -> Result<DeadLetterConfig, ConfigError> {
+        self.0.resolve_under(prefix, whole, at)
+    }
+}
+
 impl RawDeadLetters {
     pub(crate) fn resolve(
         self,
         whole: &Location,
         at: At<'_>,
     ) -> Result<DeadLetterConfig, ConfigError> {
+        self.resolve_under("dead_letters", whole, at)
+    }
+
+    fn resolve_under(
+        self,
+        prefix: &str,
+        whole: &Location,
+        at: At<'_>,
+    ) -> Result<DeadLetterConfig, ConfigError> {
         let backend = self.backend.value.trim().to_owned();
-        let key = |k: &str| format!("dead_letters.{k}");
+        let key = |k: &str| format!("{prefix}.{k}");
+        let at_key = |loc: &Location, k: &str, m: String| at(loc, &key(k), m);
         const BACKENDS: &str = "postgres, nats, rabbitmq, sqs, kafka or pubsub";
         if !["postgres", "nats", "rabbitmq", "sqs", "kafka", "pubsub"].contains(&backend.as_str()) {
             return Err(at(
@@ -282,7 +314,7 @@ impl RawDeadLetters {
                 lanes: self
                     .lanes
                     .as_ref()
-                    .map(|v| bounded(v, "lanes", 1, 1024, at).map(|n| n as u16))
+                    .map(|v| bounded(v, "lanes", 1, 1024, &at_key).map(|n| n as u16))
                     .transpose()?,
             },
             "sqs" => DeadLetterBackend::Sqs {
@@ -309,7 +341,7 @@ impl RawDeadLetters {
                 partitions: self
                     .partitions
                     .as_ref()
-                    .map(|v| bounded(v, "partitions", 1, 10_000, at).map(|n| n as i32))
+                    .map(|v| bounded(v, "partitions", 1, 10_000, &at_key).map(|n| n as i32))
                     .transpose()?,
                 visibility_timeout: visibility,
             },
@@ -344,7 +376,7 @@ fn bounded(v: &Spanned<i64>, k: &str, min: i64, max: i64, at: At<'_>) -> Result<
     } else {
         Err(at(
             &v.referenced,
-            &format!("dead_letters.{k}"),
+            k,
             format!("is {}; it must be between {min} and {max}", v.value),
         ))
     }

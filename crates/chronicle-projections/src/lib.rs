@@ -80,7 +80,7 @@ pub use config::{
     DeploymentConfig, HandlerRegistry, ProjectionConfig, Provider,
 };
 pub use dlq::{DeadLetter, DeadLetterDetail, DeadLetterState, ReplayReport};
-pub use dlq_config::{DeadLetterBackend, DeadLetterConfig};
+pub use dlq_config::{BrokerBlock, DeadLetterBackend, DeadLetterConfig};
 pub use metrics::{install_metrics_recorder, render_metrics, serve_metrics};
 pub use projection::{BlueGreenReport, PgProjection, PoolSource, TokioRuntime};
 pub use queue::{PgDeadLetterQueue, QueueError};
