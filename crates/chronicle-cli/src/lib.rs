@@ -66,10 +66,12 @@ Chronicle: an event store on PostgreSQL.
 Set up and inspect the store (migrate, status), write and read events
 (append, read, state), run and inspect projections (projections, dlq),
 deploy them to a serverless provider and watch them there (deploy, scale,
-monitor, undeploy), evolve stored events (upcast), list and drop aggregate
-snapshots (snapshots), manage field-encryption keys and their audit log (keys, audit), drive the embedded development
-cluster (dev), measure against raw PostgreSQL (bench), take the guided tour
-(demo), and set up your shell (completions, man).
+monitor, undeploy), publish events to message brokers (relay), evolve
+stored events (upcast), list and drop aggregate snapshots (snapshots),
+manage field-encryption keys and their audit log (keys, audit), drive the
+embedded development cluster (dev), measure against raw PostgreSQL
+(bench), take the guided tour (demo), and set up your shell (completions,
+man).
 
 Without --database-url (or DATABASE_URL) a private PostgreSQL is started
 in ./.chronicle/postgres (or $CHRONICLE_HOME) and used.";
