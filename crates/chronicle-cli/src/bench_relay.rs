@@ -14,12 +14,22 @@
 //!   publish futures, `lapin` publisher confirms.
 //!
 //! Both sides' rows are the messages found on their destination afterwards.
+//!
+//! A first case runs the relay to a queue that serializes each message as
+//! the broker queues do and acknowledges at once: the store, the runtime
+//! and the relay alone, the ceiling any broker case can reach (its raw
+//! side is the first broker's).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use chronicle_core::{EventEnvelope, Message, MessageQueue, Metadata, Position};
+use async_trait::async_trait;
+use chronicle_core::{
+    BoxError, Delivery, EventEnvelope, Message, MessageQueue, Metadata, Position, QueueDepth,
+    Receipt,
+};
 use chronicle_postgres::PgPool;
 use chronicle_projections::{PgProjection, Runner, RunnerOptions, load_state};
 use chronicle_relay::{Relay, RelayConfig, Route};
@@ -132,6 +142,9 @@ async fn cases(
         .map(|m| serde_json::to_vec(&m.payload).map_or(0, |b| b.len()))
         .sum::<usize>()
         / messages.len();
+    progress.set_message(format!("the relay draining {n} events to no broker"));
+    let null = Arc::new(NullQueue::default());
+    let ceiling = relay_side(&pool, "none", null, args, n).await?;
     let mut cases = Vec::new();
     for &broker in brokers {
         let tag = format!("bench-relay-{}-{broker}", std::process::id());
@@ -149,6 +162,18 @@ async fn cases(
         let cleaned = cleanup(broker, args, &[&tag, &raw_tag]).await;
         let (ours, raw) = (ours?, raw?);
         cleaned?;
+        if cases.is_empty() {
+            cases.push(Case::new(
+                format!(
+                    "ceiling: relay of {n} events ({} partitions, batch {}) to a queue that \
+                     serializes and acknowledges at once (no broker), vs raw {broker} below",
+                    args.partitions, args.batch_size
+                ),
+                ceiling,
+                raw,
+                None,
+            )?);
+        }
         let what = match broker {
             "nats" => {
                 "JetStream publish futures pipelined, every ack awaited (async-nats), one subject per aggregate"
@@ -373,9 +398,19 @@ async fn raw_nats(url: &str, name: &str, messages: &[Message]) -> Result<Side> {
         })
         .collect::<Result<_>>()?;
     let started = Instant::now();
-    let mut acks = Vec::with_capacity(prepared.len());
+    // The client holds at most 5,000 acks in flight (a publish beyond
+    // waits for one to be awaited): keep 4,096 in flight, awaiting the
+    // oldest before sending more.
+    let mut acks = std::collections::VecDeque::with_capacity(4096);
     for (subject, headers, body) in prepared {
-        acks.push(
+        if acks.len() >= 4096
+            && let Some(ack) = acks.pop_front()
+        {
+            let ack: async_nats::jetstream::context::PublishAckFuture = ack;
+            ack.await
+                .map_err(|e| anyhow::anyhow!("NATS publish ack: {e}"))?;
+        }
+        acks.push_back(
             js.publish_with_headers(subject, headers, body)
                 .await
                 .map_err(|e| anyhow::anyhow!("NATS publish: {e}"))?,
@@ -526,5 +561,48 @@ async fn cleanup(broker: &str, args: &RelayBenchArgs, names: &[&str]) -> Result<
             Ok(())
         }
         other => bail!("`{other}` is not compiled in"),
+    }
+}
+
+/// A queue that serializes each message as the broker queues do (body
+/// and attributes to JSON) and acknowledges at once, counting them.
+#[derive(Default)]
+struct NullQueue {
+    published: AtomicU64,
+}
+
+#[async_trait]
+impl MessageQueue for NullQueue {
+    fn name(&self) -> &str {
+        "none"
+    }
+
+    async fn publish(&self, messages: &[Message]) -> Result<(), BoxError> {
+        for m in messages {
+            std::hint::black_box(serde_json::to_vec(&m.payload)?);
+            std::hint::black_box(serde_json::to_string(&m.attributes)?);
+        }
+        self.published
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn receive(&self, _: usize) -> Result<Vec<Delivery>, BoxError> {
+        Ok(Vec::new())
+    }
+
+    async fn ack(&self, _: &[Receipt]) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    async fn nack(&self, _: &[Receipt]) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    async fn depth(&self) -> Result<QueueDepth, BoxError> {
+        Ok(QueueDepth {
+            messages: self.published.load(Ordering::Relaxed),
+            ..QueueDepth::default()
+        })
     }
 }
