@@ -512,6 +512,13 @@ pub enum BenchCommand {
   chronicle bench snapshots
   chronicle bench snapshots --events 100000 --tail 50 --output json")]
     Snapshots(crate::bench_snapshots::SnapshotsBenchArgs),
+    /// The relay draining the store's events to each broker against that
+    /// broker's client library publishing the same messages (pipelined,
+    /// with publisher acknowledgements). Needs the broker features.
+    #[command(after_help = "Examples:
+  chronicle bench relay
+  chronicle bench relay --events 20000 --payload-bytes 256 --brokers nats,rabbitmq --output json")]
+    Relay(crate::bench_relay::RelayBenchArgs),
 }
 
 /// The name of `command` when it opens no database (so `--database-url`
@@ -560,6 +567,7 @@ pub async fn run(cli: Cli, registry: &Registry) -> Result<()> {
                 BenchCommand::Snapshots(args) => {
                     crate::bench_snapshots::snapshots(&db, args, format).await
                 }
+                BenchCommand::Relay(args) => crate::bench_relay::relay(&db, args, format).await,
             };
         }
         _ => {}

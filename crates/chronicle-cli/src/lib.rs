@@ -16,6 +16,7 @@ mod audit;
 mod bench;
 mod bench_commands;
 mod bench_projections;
+mod bench_relay;
 mod bench_snapshots;
 mod bench_upcast;
 mod commands;

@@ -67,6 +67,14 @@ use futures_util::{StreamExt, TryStreamExt};
 /// How long a pull request may take to be answered.
 const PULL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Publish acks one `publish` call awaits at most at once (older ones are
+/// awaited before more are sent).
+const PUBLISH_WINDOW: usize = 1024;
+
+/// Publish acks in flight on one handle, over all its callers: room for
+/// 64 concurrent callers' windows.
+const MAX_ACKS_IN_FLIGHT: usize = 64 * PUBLISH_WINDOW;
+
 /// The header carrying [`Message::attributes`] as a JSON object.
 pub const ATTRIBUTES_HEADER: &str = "Chronicle-Attributes";
 
@@ -223,7 +231,14 @@ impl NatsQueue {
         let client = async_nats::connect(options.url.as_str())
             .await
             .map_err(nats("connect"))?;
-        let js = jetstream::new(client.clone());
+        // Each publish holds one of these until its ack is awaited: with
+        // the client's default (5,000), callers publishing concurrently
+        // (relay partitions) could together hold every permit while each
+        // waits for one more, and hang. `publish` keeps at most
+        // PUBLISH_WINDOW per call in flight.
+        let js = jetstream::context::ContextBuilder::new()
+            .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
+            .build(client.clone());
         let stream_name = format!("CHRONICLE_{name}");
         let stream = js
             .get_or_create_stream(stream::Config {
@@ -466,8 +481,15 @@ impl MessageQueue for NatsQueue {
             .iter()
             .map(|m| self.subject(&m.group))
             .collect::<Result<Vec<_>>>()?;
-        let mut acks = Vec::with_capacity(messages.len());
+        let mut acks =
+            std::collections::VecDeque::with_capacity(messages.len().min(PUBLISH_WINDOW));
         for (m, subject) in messages.iter().zip(subjects) {
+            if acks.len() >= PUBLISH_WINDOW
+                && let Some(ack) = acks.pop_front()
+            {
+                let ack: jetstream::context::PublishAckFuture = ack;
+                ack.await.map_err(nats("publish"))?;
+            }
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", m.id.as_str());
             if !m.attributes.is_empty() {
@@ -475,7 +497,7 @@ impl MessageQueue for NatsQueue {
                 headers.insert(ATTRIBUTES_HEADER, attributes.as_str());
             }
             let body = serde_json::to_vec(&m.payload)?;
-            acks.push(
+            acks.push_back(
                 self.js
                     .publish_with_headers(subject, headers, body.into())
                     .await

@@ -480,6 +480,10 @@ impl MessageQueue for RabbitQueue {
                 .map_err(amqp("publish"))?;
             confirms.push((m.id.clone(), confirm));
         }
+        // Every message is sent: the confirms are awaited without the
+        // channel, so another caller (another relay partition) publishes
+        // meanwhile instead of waiting for this batch's round trip.
+        drop(channel);
         for (id, confirm) in confirms {
             let confirmation = confirm.await.map_err(amqp("publish"))?;
             if !confirmation.is_ack() {
