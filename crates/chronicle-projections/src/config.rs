@@ -367,13 +367,7 @@ impl DeploymentConfig {
             key: key.to_owned(),
             message,
         };
-        let mut options = serde_saphyr::Options::default();
-        options.strict_booleans = true;
-        options.with_snippet = false;
-        let raw: RawFile = serde_saphyr::from_str_with_options(yaml, options).map_err(|e| {
-            let loc = e.location().unwrap_or(Location::UNKNOWN);
-            at(&loc, "", hint(&e.to_string()))
-        })?;
+        let raw: RawFile = parse_yaml(origin, yaml)?;
         let mut config = DeploymentConfig::default();
         if let Some(d) = raw.dead_letters {
             config.dead_letters = d.value.resolve(&d.referenced, &at)?;
@@ -780,6 +774,43 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// Reads `yaml` as every Chronicle YAML file is read: strict booleans
+/// (only `true` and `false`), unknown keys refused where the type says so,
+/// and a syntax or shape error returned as a [`ConfigError`] at its line
+/// with a hint.
+///
+/// ```
+/// use chronicle_projections::parse_yaml;
+///
+/// #[derive(serde::Deserialize)]
+/// #[serde(deny_unknown_fields)]
+/// struct File { name: String }
+///
+/// let file: File = parse_yaml("f.yaml", "name: relay\n").unwrap();
+/// assert_eq!(file.name, "relay");
+/// let err = parse_yaml::<File>("f.yaml", "nmae: relay\n").err().unwrap();
+/// assert_eq!(err.line, 1);
+/// assert!(err.message.contains("check the spelling"), "{}", err.message);
+/// ```
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    origin: &str,
+    yaml: &str,
+) -> Result<T, ConfigError> {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.with_snippet = false;
+    serde_saphyr::from_str_with_options(yaml, options).map_err(|e| {
+        let loc = e.location().unwrap_or(Location::UNKNOWN);
+        ConfigError {
+            origin: origin.to_owned(),
+            line: loc.line(),
+            column: loc.column(),
+            key: String::new(),
+            message: hint(&e.to_string()),
+        }
+    })
 }
 
 fn hint(message: &str) -> String {

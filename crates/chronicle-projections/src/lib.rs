@@ -77,7 +77,7 @@ pub use chronicle_step::{
 };
 pub use config::{
     CLOUDFLARE_CRON_CPU, CLOUDFLARE_MAX_CONCURRENCY, CLOUDFLARE_MEMORY_MB, ConfigError,
-    DeploymentConfig, HandlerRegistry, ProjectionConfig, Provider,
+    DeploymentConfig, HandlerRegistry, ProjectionConfig, Provider, parse_yaml,
 };
 pub use dlq::{DeadLetter, DeadLetterDetail, DeadLetterState, ReplayReport};
 pub use dlq_config::{BrokerBlock, DeadLetterBackend, DeadLetterConfig};

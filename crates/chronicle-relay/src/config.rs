@@ -143,18 +143,7 @@ impl RelayConfig {
             key: key.to_owned(),
             message,
         };
-        let mut options = serde_saphyr::Options::default();
-        options.strict_booleans = true;
-        options.with_snippet = false;
-        let raw: RawFile = serde_saphyr::from_str_with_options(yaml, options).map_err(|e| {
-            let loc = e.location().unwrap_or(Location::UNKNOWN);
-            let message = e.to_string();
-            let message = message
-                .rfind(" at line ")
-                .map_or(message.as_str(), |i| &message[..i])
-                .to_owned();
-            at(&loc, "", message)
-        })?;
+        let raw: RawFile = chronicle_projections::parse_yaml(origin, yaml)?;
         let r = raw.relay.value;
         let mut config = RelayConfig::default();
         if let Some(n) = &r.name {
