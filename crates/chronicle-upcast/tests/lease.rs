@@ -119,7 +119,8 @@ async fn an_interrupted_run_resumes_at_once_after_release_or_after_expiry() {
 
     // A crash: the lease stays until it expires.
     let mut second = runner(&db, "runner B");
-    second.lease_ttl(Duration::from_millis(1500));
+    // Long enough that a slow machine's crash comes well within it.
+    second.lease_ttl(Duration::from_secs(5));
     let b = second.clone();
     let crashed = tokio::spawn(async move {
         b.run(20, |p| {
@@ -138,7 +139,7 @@ async fn an_interrupted_run_resumes_at_once_after_release_or_after_expiry() {
         matches!(&err, RunError::LeaseHeld { owner, .. } if owner == "runner B"),
         "{err}"
     );
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    tokio::time::sleep(Duration::from_millis(5100)).await;
     let report = third.run(20, |_| {}).await.unwrap();
     assert_eq!(report.runs[0].run_id, interrupted.run_id, "the same run");
     assert_eq!(report.events_upcast(), 203);
